@@ -1,0 +1,393 @@
+"""Triton kernels of `torchopt.kernels.preprocess`: frames to model-ready tensors in one launch.
+
+Imported on the first Triton launch only (`import torchopt.kernels` must not import triton).
+
+Math (per output pixel (y, x) of image n, in fp32; matches `preprocess_ref` / `F.interpolate`):
+
+    ry, rx = y + off_y, x + off_x                     # position in the resized image (letterbox: off < 0)
+    inside = 0 <= ry < nh and 0 <= rx < nw            # outside: the normalized pad value
+    rgb    = resample(source, ry, rx)                 # nearest | bilinear | antialiased bilinear, fp32 0..255
+    out[c] = rgb[c] * scale[c] + bias[c]              # scale = 1/(255 std), bias = -mean/std (host-rounded)
+
+* nearest:   ``src = min(floor(dst * in/out), in - 1)``, PyTorch's legacy "nearest" (same fp32 product).
+* bilinear:  ``src = max((dst + 0.5) * in/out - 0.5, 0)``, i0 = floor, i1 = min(i0 + 1, in - 1), then
+  ``(1-ly)((1-lx) p00 + lx p01) + ly((1-lx) p10 + lx p11)``: F.interpolate(align_corners=False) to ~1e-5.
+* antialias: PyTorch's `_upsample_bilinear2d_aa` (PIL's triangle filter): support = max(in/out, 1),
+  center = (dst + 0.5) in/out, taps ``[trunc(center - support + .5), trunc(center + support + .5))``,
+  weight ``max(0, 1 - |(j - center + .5) / max(in/out, 1)|)`` normalized to sum 1; horizontal sum first.
+* copy: every image already has the resized size (normalize + layout only); one tap, exact for all three.
+* YUV 4:2:0 (nv12 / i420): each tap converts its own pixel with the chroma sample (y//2, x//2) (nearest
+  chroma, like OpenCV), ``R = cy (Y - yo) + crv (V-128)`` etc., clamped to 0..255, then resampling.
+
+Shapes, dtypes: source uint8 at ``src_ptr + frame + y*stride_h + x*stride_w (+ channel)``, any strides; one
+int64 descriptor row per image (a batch tensor shares row 0 and adds ``n * stride_src_n``; a list of images
+of different sizes has one row each, with its byte offset from the first image), so a list is one launch.
+Output fp32/fp16/bf16 at arbitrary (n, c, y, x) strides (NCHW, NHWC or the caller's `out=`); bf16 is rounded
+to nearest even by hand, which the GPU cast does anyway and Triton's interpreter (it truncates) does not.
+
+Performance design (H100 SXM, ~3.0 TB/s copy bandwidth; not measured in this session, no GPU):
+
+* One program = one BLOCK_Y x BLOCK_X output tile of one image, all 3 channels: source coordinates and
+  weights are computed once per pixel (not per channel as in a flattened NCHW kernel), the 3 channel loads
+  of a tap hit the same L1 lines, and the 3 stores are contiguous along x (vectorized for NCHW).
+* Bytes: a bilinear downscale touches only the source rows it samples. 1080p -> 224: 448 of 1080 rows, and in
+  those rows every 32-byte sector (taps 25.7 bytes apart), 2.58 MB per frame; batch 32 = 82.6 MB read +
+  9.6 MB fp16 written = 92 MB -> ~31 us at 3.0 TB/s, the floor the benchmark reports. L1: 12 byte loads per
+  output pixel (4 taps x 3 channels), a warp of 32 consecutive outputs spans ~7 128-byte lines per load:
+  ~2.6 L1 wavefronts per pixel, ~17 us of LSU time per 132 SMs, which hides under the DRAM time. Expected
+  ~35 us (torch.compile: 50.7 us, target <= 38 us and <= 1.25x floor).
+* 480p -> 224 b64: ~78 MB, expected ~28 us. 4K -> 640 letterbox b8 (640x360 inside): ~86 MB, ~30 us
+  (target <= 55 us); the pad rows load nothing. 224 -> 224 b256 normalize + layout (copy path): 38.5 MB read
+  + 77 MB written, ~40 us. NV12 1080p -> 640 b8: Y and UV rows are read once, ~1.3x the RGB case's bytes per
+  output pixel but at stride 1 (fewer sectors per warp).
+* Antialias reads every tap (KH x KW ~ 11 x 19 for 1080p -> 224): compute-bound, ~10x the bilinear time. Not
+  a benchmark target; a separable two-pass version would be the next step if it matters.
+* Launch overhead (batch 1): descriptors are cached per (config, size, shape, strides, device), so a call is
+  a dict lookup, `torch.empty` and the Triton launch (12 runtime args); the grid is 3-D, no host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# Output tile. 32 columns: 64-byte fp16 / 128-byte fp32 rows per store (full sectors), and 224 = 7 x 32 and
+# 640 = 20 x 32 tile without waste; 16 rows -> 512 pixels = 4 per thread at 4 warps, 12 independent byte
+# loads in flight per pixel. Chosen from the sector/L1 arithmetic above; retune with the benchmark on the H100.
+BLOCK_Y = 16
+BLOCK_X = 32
+NUM_WARPS = 4
+# The interpreter runs programs one after another (cost grows with their number): larger tiles there.
+INTERP_BLOCK_Y = 32
+INTERP_BLOCK_X = 64
+
+# Resampling modes (the INTERP constexpr) and pixel formats (FORMAT).
+COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
+PACKED_RGB, YUV420 = 0, 1
+
+# Descriptor row: int64 fields, fp32 values stored as their bit pattern (sign-extended int32).
+_D_FRAME = tl.constexpr(0)  # byte offset of the image from src_ptr
+_D_H = tl.constexpr(1)  # source luma height, width
+_D_W = tl.constexpr(2)
+_D_SH = tl.constexpr(3)  # strides of a row, a pixel
+_D_SW = tl.constexpr(4)
+_D_A = tl.constexpr(5)  # RGB: offset of R in a pixel; YUV: U plane offset from the frame
+_D_B = tl.constexpr(6)  # RGB: channel stride (negative for BGR input); YUV: V plane offset
+_D_CPITCH = tl.constexpr(7)  # YUV: chroma row pitch, chroma sample step
+_D_CSTEP = tl.constexpr(8)
+_D_NH = tl.constexpr(9)  # resized size
+_D_NW = tl.constexpr(10)
+_D_OFFY = tl.constexpr(11)  # resized = output + off
+_D_OFFX = tl.constexpr(12)
+_D_SCALEY = tl.constexpr(13)  # f32 in/out per axis (PyTorch's scale)
+_D_SCALEX = tl.constexpr(14)
+_D_SUPY = tl.constexpr(15)  # f32 antialias support = max(scale, 1), and its reciprocal
+_D_SUPX = tl.constexpr(16)
+_D_INVY = tl.constexpr(17)
+_D_INVX = tl.constexpr(18)
+_D_TAPSY = tl.constexpr(19)  # antialias taps = 2 ceil(support) + 1
+_D_TAPSX = tl.constexpr(20)
+_D_NORM = tl.constexpr(21)  # f32 scale[3], bias[3], pad[3]
+_D_YUV = tl.constexpr(30)  # f32 y_off, cy, crv, cgu, cgv, cbu
+DESC_FIELDS = 36
+
+
+@triton.jit
+def _f32(bits):
+    """An fp32 stored in a descriptor field."""
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _field_f32(d, k):
+    return _f32(tl.load(d + k))
+
+
+@triton.jit
+def _clamp255(v):
+    return tl.minimum(tl.maximum(v, 0.0), 255.0)
+
+
+@triton.jit
+def _sample(src_ptr, d, frame, yy, xx, mask, FORMAT: tl.constexpr):
+    """(r, g, b) fp32 0..255 of source pixels (yy, xx) (int32, in bounds) of the image described at `d`."""
+    sh = tl.load(d + _D_SH)
+    sw = tl.load(d + _D_SW)
+    a = tl.load(d + _D_A)
+    b = tl.load(d + _D_B)
+    # 64-bit: row * stride can pass 2**31 in a batch of 4K frames.
+    pix = frame + yy.to(tl.int64) * sh + xx.to(tl.int64) * sw
+    if FORMAT == 0:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
+        p = src_ptr + pix + a
+        r = tl.load(p, mask=mask, other=0).to(tl.float32)
+        g = tl.load(p + b, mask=mask, other=0).to(tl.float32)
+        bl = tl.load(p + 2 * b, mask=mask, other=0).to(tl.float32)
+    else:  # YUV 4:2:0, nearest chroma: a / b = U / V plane offsets
+        cpix = frame + (yy >> 1).to(tl.int64) * tl.load(d + _D_CPITCH) + (xx >> 1).to(tl.int64) * tl.load(
+            d + _D_CSTEP
+        )
+        yv = tl.load(src_ptr + pix, mask=mask, other=0).to(tl.float32)
+        u = tl.load(src_ptr + cpix + a, mask=mask, other=128).to(tl.float32) - 128.0
+        v = tl.load(src_ptr + cpix + b, mask=mask, other=128).to(tl.float32) - 128.0
+        luma = (yv - _field_f32(d, _D_YUV)) * _field_f32(d, _D_YUV + 1)
+        r = _clamp255(luma + _field_f32(d, _D_YUV + 2) * v)
+        g = _clamp255(luma + _field_f32(d, _D_YUV + 3) * u + _field_f32(d, _D_YUV + 4) * v)
+        bl = _clamp255(luma + _field_f32(d, _D_YUV + 5) * u)
+    return r, g, bl
+
+
+@triton.jit
+def _linear_taps(r, scale, size):
+    """PyTorch's area_pixel_compute_source_index(align_corners=False) + guard_index_and_lambda."""
+    s = tl.maximum((r.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(s.to(tl.int32), size - 1)  # s >= 0: truncation is floor
+    lam = tl.minimum(tl.maximum(s - i0.to(tl.float32), 0.0), 1.0)
+    return i0, tl.minimum(i0 + 1, size - 1), lam
+
+
+@triton.jit
+def _aa_window(r, scale, support, size, taps):
+    """Center, first tap and tap count of PyTorch's _compute_weights_aa (C++ casts truncate)."""
+    center = scale * (r.to(tl.float32) + 0.5)
+    lo = tl.maximum((center - support + 0.5).to(tl.int32), 0)
+    n = tl.minimum((center + support + 0.5).to(tl.int32), size) - lo
+    return center, lo, tl.minimum(tl.maximum(n, 0), taps)
+
+
+@triton.jit
+def _aa_weight(j, center, lo, n, inv):
+    w = tl.maximum(1.0 - tl.abs(((j + lo).to(tl.float32) - center + 0.5) * inv), 0.0)
+    return tl.where(j < n, w, 0.0)
+
+
+@triton.jit
+def _store(ptr, v, mask):
+    """Cast fp32 `v` to the output dtype and store; bf16 rounds to nearest even on every backend."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)  # now exactly representable: the cast below is exact
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _preprocess_kernel(
+    src_ptr,  # uint8: the batch tensor, or the first image of a list
+    desc_ptr,  # int64 [rows, DESC_FIELDS]
+    out_ptr,  # fp32 / fp16 / bf16
+    desc_row_stride,  # 0 for a batch tensor (one shared row), DESC_FIELDS for a list
+    stride_src_n,  # batch stride of the source tensor (0 for a list)
+    stride_out_n,
+    stride_out_c,  # negative for BGR output (then out_c0 = 2 * |stride_out_c|)
+    stride_out_y,
+    stride_out_x,
+    out_c0,
+    out_h,
+    out_w,
+    FORMAT: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK_Y: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
+    pid_x = tl.program_id(0)
+    pid_y = tl.program_id(1)
+    n = tl.program_id(2)
+    d = desc_ptr + n * desc_row_stride
+    frame = tl.load(d + _D_FRAME) + n.to(tl.int64) * stride_src_n
+    H = tl.load(d + _D_H).to(tl.int32)
+    W = tl.load(d + _D_W).to(tl.int32)
+    nh = tl.load(d + _D_NH).to(tl.int32)
+    nw = tl.load(d + _D_NW).to(tl.int32)
+
+    oy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
+    ox = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
+    in_tile = (oy < out_h) & (ox < out_w)
+    ry = oy + tl.load(d + _D_OFFY).to(tl.int32)
+    rx = ox + tl.load(d + _D_OFFX).to(tl.int32)
+    inside = (ry >= 0) & (ry < nh) & (rx >= 0) & (rx < nw)
+    # Clamped so every address is in bounds even where the mask is off; the pad region loads nothing.
+    ry = tl.minimum(tl.maximum(ry, 0), nh - 1)
+    rx = tl.minimum(tl.maximum(rx, 0), nw - 1)
+    m = in_tile & inside
+
+    if INTERP == 0:  # copy: resized size == source size
+        r, g, b = _sample(src_ptr, d, frame, ry, rx, m, FORMAT)
+    elif INTERP == 1:  # nearest: the same fp32 product as PyTorch, then floor
+        iy = tl.minimum((ry.to(tl.float32) * _field_f32(d, _D_SCALEY)).to(tl.int32), H - 1)
+        ix = tl.minimum((rx.to(tl.float32) * _field_f32(d, _D_SCALEX)).to(tl.int32), W - 1)
+        r, g, b = _sample(src_ptr, d, frame, iy, ix, m, FORMAT)
+    elif INTERP == 2:  # bilinear
+        y0, y1, ly = _linear_taps(ry, _field_f32(d, _D_SCALEY), H)
+        x0, x1, lx = _linear_taps(rx, _field_f32(d, _D_SCALEX), W)
+        r00, g00, b00 = _sample(src_ptr, d, frame, y0, x0, m, FORMAT)
+        r01, g01, b01 = _sample(src_ptr, d, frame, y0, x1, m, FORMAT)
+        r10, g10, b10 = _sample(src_ptr, d, frame, y1, x0, m, FORMAT)
+        r11, g11, b11 = _sample(src_ptr, d, frame, y1, x1, m, FORMAT)
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        r = hy * (hx * r00 + lx * r01) + ly * (hx * r10 + lx * r11)
+        g = hy * (hx * g00 + lx * g01) + ly * (hx * g10 + lx * g11)
+        b = hy * (hx * b00 + lx * b01) + ly * (hx * b10 + lx * b11)
+    else:  # antialiased bilinear: sum over the triangle filter's taps, rows of horizontal sums
+        scale_y = _field_f32(d, _D_SCALEY)
+        scale_x = _field_f32(d, _D_SCALEX)
+        inv_y = _field_f32(d, _D_INVY)
+        inv_x = _field_f32(d, _D_INVX)
+        taps_y = tl.load(d + _D_TAPSY).to(tl.int32)
+        taps_x = tl.load(d + _D_TAPSX).to(tl.int32)
+        cy, ylo, yn = _aa_window(ry, scale_y, _field_f32(d, _D_SUPY), H, taps_y)
+        cx, xlo, xn = _aa_window(rx, scale_x, _field_f32(d, _D_SUPX), W, taps_x)
+        ty = tl.zeros_like(cy)
+        for k in range(0, taps_y):
+            ty += _aa_weight(k, cy, ylo, yn, inv_y)
+        tx = tl.zeros_like(cx)
+        for k in range(0, taps_x):
+            tx += _aa_weight(k, cx, xlo, xn, inv_x)
+        # PyTorch divides each weight by the total; div_rn rounds like the CPU (GPU `/` is approximate).
+        ty = tl.where(ty != 0.0, ty, 1.0)  # all-zero weights stay zero, as in PyTorch
+        tx = tl.where(tx != 0.0, tx, 1.0)
+        r = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+        g = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+        b = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+        for ky in range(0, taps_y):
+            wy = tl.math.div_rn(_aa_weight(ky, cy, ylo, yn, inv_y), ty)
+            yy = tl.minimum(ylo + ky, H - 1)
+            hr = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+            hg = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+            hb = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+            for kx in range(0, taps_x):
+                wx = tl.math.div_rn(_aa_weight(kx, cx, xlo, xn, inv_x), tx)
+                xx = tl.minimum(xlo + kx, W - 1)
+                pr, pg, pb = _sample(src_ptr, d, frame, yy, xx, m & (ky < yn) & (kx < xn), FORMAT)
+                hr += wx * pr
+                hg += wx * pg
+                hb += wx * pb
+            r += wy * hr
+            g += wy * hg
+            b += wy * hb
+
+    # Normalize with host-rounded reciprocals; the letterbox border gets the normalized pad value.
+    r = tl.where(inside, r * _field_f32(d, _D_NORM) + _field_f32(d, _D_NORM + 3), _field_f32(d, _D_NORM + 6))
+    g = tl.where(inside, g * _field_f32(d, _D_NORM + 1) + _field_f32(d, _D_NORM + 4), _field_f32(d, _D_NORM + 7))
+    b = tl.where(inside, b * _field_f32(d, _D_NORM + 2) + _field_f32(d, _D_NORM + 5), _field_f32(d, _D_NORM + 8))
+    o = out_ptr + n.to(tl.int64) * stride_out_n + out_c0 + oy * stride_out_y + ox * stride_out_x
+    _store(o, r, in_tile)
+    _store(o + stride_out_c, g, in_tile)
+    _store(o + 2 * stride_out_c, b, in_tile)
+
+
+# --------------------------------------------------------------------------------------------- host side
+
+INTERPRETED = type(_preprocess_kernel).__name__ == "InterpretedFunction"
+
+
+def _bits(x: float) -> int:
+    """The fp32 bit pattern of x as a signed int (what the kernel's _f32 reads back)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _f32_div(a: float, b: float) -> float:
+    """a / b rounded once to fp32, as C++ computes `(float)a / b`."""
+    return float(np.float32(a) / np.float32(b))
+
+
+def descriptor_row(
+    frame: int,
+    hw: tuple[int, int],
+    strides: tuple[int, ...],
+    geometry,
+    config,
+    consts: tuple[tuple[float, ...], ...],
+    yuv: tuple[float, ...],
+) -> list[int]:
+    """One image's descriptor: source layout, resize geometry and the config's constants.
+
+    strides: (stride_h, stride_w, stride_c) of an RGB image, (stride_h, stride_w) of a YUV frame.
+    """
+    H, W = hw
+    (nh, nw), (top, left) = geometry.resized_size, geometry.offset
+    sh, sw = strides[0], strides[1]
+    if config.is_yuv:
+        if config.format == "nv12":  # interleaved UV rows after the luma rows
+            a, b, cpitch, cstep = H * sh, H * sh + sw, sh, 2 * sw
+        else:  # i420: U plane then V plane, half-pitch rows (stride_w == 1, checked)
+            a, b, cpitch, cstep = H * sh, H * sh + (H // 2) * (sh // 2), sh // 2, 1
+    else:
+        sc = strides[2]
+        a, b = (2 * sc, -sc) if config.format == "bgr" else (0, sc)
+        cpitch = cstep = 0
+    # PyTorch computes in/out in fp32 (area_pixel_compute_scale); so do we, once, here.
+    scale_y, scale_x = _f32_div(H, nh), _f32_div(W, nw)
+    sup_y, sup_x = max(scale_y, 1.0), max(scale_x, 1.0)
+    row = [frame, H, W, sh, sw, a, b, cpitch, cstep, nh, nw, -top, -left]
+    row += [_bits(scale_y), _bits(scale_x), _bits(sup_y), _bits(sup_x)]
+    row += [_bits(_f32_div(1.0, sup_y)), _bits(_f32_div(1.0, sup_x))]
+    row += [2 * math.ceil(sup_y) + 1, 2 * math.ceil(sup_x) + 1]  # PyTorch's max_interp_size
+    row += [_bits(v) for group in consts for v in group]
+    row += [_bits(v) for v in yuv]
+    assert len(row) == DESC_FIELDS
+    return row
+
+
+def interp_code(config, sizes, geometries) -> int:
+    if all(g.resized_size == hw for g, hw in zip(geometries, sizes, strict=True)):
+        return COPY  # exact for all three modes at scale 1
+    if config.interpolation == "nearest":
+        return NEAREST
+    return ANTIALIAS if config.antialias else BILINEAR
+
+
+def to_device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The descriptor rows as an int64 tensor on `device`, uploaded without blocking the host."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    # Pinned + non_blocking: a pageable copy would wait for all work queued on the stream.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def launch(
+    src: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor,
+    out_strides: tuple[int, int, int, int],
+    out_hw: tuple[int, int],
+    *,
+    n: int,
+    per_image_rows: bool,
+    stride_src_n: int,
+    fmt: int,
+    interp: int,
+    bgr_out: bool,
+) -> None:
+    """Launch the kernel over `n` images into `out`, whose (n, c, y, x) strides are `out_strides`."""
+    son, soc, soy, sox = out_strides
+    c0 = 0
+    if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
+        c0, soc = 2 * soc, -soc
+    by, bx = (INTERP_BLOCK_Y, INTERP_BLOCK_X) if INTERPRETED else (BLOCK_Y, BLOCK_X)
+    grid = (triton.cdiv(out_hw[1], bx), triton.cdiv(out_hw[0], by), n)
+    _preprocess_kernel[grid](
+        src,
+        table,
+        out,
+        DESC_FIELDS if per_image_rows else 0,
+        stride_src_n,
+        son,
+        soc,
+        soy,
+        sox,
+        c0,
+        out_hw[0],
+        out_hw[1],
+        FORMAT=fmt,
+        INTERP=interp,
+        BLOCK_Y=by,
+        BLOCK_X=bx,
+        num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,384 @@
+"""Fused preprocessing: uint8 frames to model-ready tensors in one launch.
+
+``preprocess(images, size, **options)`` = colour conversion (RGB/BGR, NV12/I420 with BT.601/BT.709 and
+limited/full range) -> resize (nearest, bilinear, antialiased bilinear) with stretch / letterbox / center-crop
+geometry -> ``(x / 255 - mean) / std`` -> NCHW or NHWC, fp32/fp16/bf16, optionally into ``out=``.
+
+Reference: `preprocess_ref` runs the same chain in plain torch, fp32 math: ``F.interpolate(x.float(), size,
+mode, align_corners=False, antialias=...)``, then the normalization, then the cast. The Triton kernel
+(`_preprocess_triton`, math and performance notes there) matches it within 1e-3 (fp32), 2e-3 (fp16), 1 ulp
+(bf16); nearest picks exactly the same source pixels; the letterbox border is the same bits.
+
+Inputs: uint8 HWC ``(H, W, 3)`` / ``(N, H, W, 3)`` with any strides (crops, channel slices of RGBA, ...) or a
+list of differently sized images, processed in one launch; YUV 4:2:0 frames as one ``(H*3/2, W)`` buffer
+(``(N, H*3/2, W)`` batched): luma rows, then interleaved UV rows (NV12) or the U then V plane (I420).
+Output: ``(N, 3, h, w)`` (NCHW) or ``(N, h, w, 3)`` (NHWC); a single image gives ``(3, h, w)`` / ``(h, w, 3)``.
+
+Where it runs: CUDA tensors -> the Triton kernel; CPU tensors -> the reference, or Triton's interpreter when
+TRITON_INTERPRET=1 was set when this module was imported (how the tests run the kernel without a GPU);
+``backend="triton"|"reference"`` forces one. Launch plans (the descriptor table on the device) are cached per
+(config, size, shape, strides, device): after the first call a batch call allocates only its output (none
+with ``out=``) and does no host-device synchronization. Warm up once before capturing a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from torchopt.kernels._preprocess_common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ParsedImages,
+    PreprocessConfig,
+    PreprocessParams,
+    check_out,
+    check_size,
+    normalization_constants,
+    output_shape,
+    parse_images,
+    plan_geometry,
+    resolve_config,
+    yuv_coefficients,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PreprocessConfig",
+    "PreprocessParams",
+    "preprocess",
+    "preprocess_params",
+    "preprocess_ref",
+]
+
+# Read once, like Triton reads it when the kernels are decorated (on first launch).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PLAN_CACHE_SIZE = 64  # distinct (config, size, input layout, device) combinations kept
+
+Images = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def _pixels_to_rgb(x: torch.Tensor, fmt: str, hw: tuple[int, int], yuv: tuple[float, ...]) -> torch.Tensor:
+    """(N, 3, H, W) fp32 RGB in 0..255 from a uint8 batch (N, H, W, 3) or a YUV 4:2:0 batch (N, H*3/2, W)."""
+    if fmt in ("rgb", "bgr"):
+        t = x.permute(0, 3, 1, 2).float()
+        return t.flip(1) if fmt == "bgr" else t
+    (H, W), n = hw, x.shape[0]
+    sn, sh, sw = x.stride()
+    if fmt == "nv12":
+        uv = x[:, H:]
+        u, v = uv[..., 0::2], uv[..., 1::2]
+    else:  # i420: U then V plane, rows of half the luma pitch
+        base, cp = x.storage_offset() + H * sh, sh // 2
+        u = x.as_strided((n, H // 2, W // 2), (sn, cp, sw), base)
+        v = x.as_strided((n, H // 2, W // 2), (sn, cp, sw), base + (H // 2) * cp)
+
+    def up(c: torch.Tensor) -> torch.Tensor:  # nearest chroma upsampling, like OpenCV
+        return c[:, :, None, :, None].expand(n, H // 2, 2, W // 2, 2).reshape(n, H, W).float() - 128
+
+    u, v = up(u), up(v)
+    y_off, cy, crv, cgu, cgv, cbu = yuv
+    luma = (x[:, :H].float() - y_off) * cy
+    rgb = torch.stack([luma + crv * v, luma + cgu * u + cgv * v, luma + cbu * u], dim=1)
+    return rgb.clamp_(0, 255)
+
+
+def _reference_chain(
+    x: torch.Tensor,
+    *,
+    fmt: str,
+    hw: tuple[int, int],
+    geometry: PreprocessParams,
+    interpolation: str,
+    antialias: bool,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    pad: torch.Tensor,
+    yuv: tuple[float, ...],
+    output_order: str,
+    layout: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The eager chain for a batch of same-size images; `torch.compile`-friendly (the benchmark compiles it)."""
+    rgb = _pixels_to_rgb(x, fmt, hw, yuv)
+    nh, nw = geometry.resized_size
+    if (nh, nw) != tuple(hw):
+        if interpolation == "nearest":
+            rgb = F.interpolate(rgb, size=(nh, nw), mode="nearest")
+        else:
+            rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", align_corners=False, antialias=antialias)
+    y = (rgb / 255 - mean) / std
+    (oh, ow), (top, left) = geometry.output_size, geometry.offset
+    if (nh, nw) != (oh, ow):
+        if nh <= oh and nw <= ow:  # letterbox: the image inside a normalized pad border
+            canvas = pad.expand(x.shape[0], 3, oh, ow).clone()
+            canvas[:, :, top : top + nh, left : left + nw] = y
+            y = canvas
+        else:  # center crop (offsets <= 0)
+            y = y[:, :, -top : -top + oh, -left : -left + ow]
+    if output_order == "bgr":
+        y = y.flip(1)
+    if layout == "NHWC":
+        y = y.permute(0, 2, 3, 1)
+    return y.to(dtype)
+
+
+def _chain_kwargs(config: PreprocessConfig, hw: tuple[int, int], size: tuple[int, int], device) -> dict[str, Any]:
+    """Arguments of `_reference_chain` for images of luma size `hw`."""
+    view = (1, 3, 1, 1)
+    _, _, pad = normalization_constants(config)
+    return {
+        "fmt": config.format,
+        "hw": hw,
+        "geometry": plan_geometry(hw, size, config.fit, config.crop_pct),
+        "interpolation": config.interpolation,
+        "antialias": config.antialias,
+        "mean": torch.tensor(config.mean, dtype=torch.float32, device=device).view(view),
+        "std": torch.tensor(config.std, dtype=torch.float32, device=device).view(view),
+        "pad": torch.tensor(pad, dtype=torch.float32, device=device).view(view),
+        "yuv": yuv_coefficients(config.yuv_matrix, config.yuv_range),
+        "output_order": config.output_order,
+        "layout": config.layout,
+        "dtype": config.torch_dtype,
+    }
+
+
+def _finish(result: torch.Tensor, parsed: ParsedImages, out: torch.Tensor | None, params, return_params: bool):
+    if parsed.single:
+        result = result[0]
+    if out is not None:
+        out.copy_(result)
+        result = out
+    return (result, params) if return_params else result
+
+
+def preprocess_ref(
+    images: Images,
+    size: int | tuple[int, int],
+    *,
+    config: PreprocessConfig | None = None,
+    out: torch.Tensor | None = None,
+    return_params: bool = False,
+    **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, list[PreprocessParams]]:
+    """Eager torch reference of `preprocess` (same signature and output), fp32 math, on any device.
+
+    Example::
+
+        ref = preprocess_ref(frames_u8, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float16)
+    """
+    cfg = resolve_config(config, options)
+    size = check_size(size)
+    parsed = parse_images(images, cfg.format)
+    shape = output_shape(parsed.n, size, cfg.layout)
+    if out is not None:
+        check_out(out, shape[1:] if parsed.single else shape, cfg.torch_dtype, parsed.device)
+    params = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in parsed.sizes]
+    if parsed.batch is not None:
+        result = _reference_chain(parsed.batch, **_chain_kwargs(cfg, parsed.sizes[0], size, parsed.device))
+    else:
+        parts = [
+            _reference_chain(t.unsqueeze(0), **_chain_kwargs(cfg, hw, size, parsed.device))
+            for t, hw in zip(parsed.items, parsed.sizes, strict=True)
+        ]
+        result = torch.cat(parts)
+    return _finish(result, parsed, out, params, return_params)
+
+
+def preprocess_params(
+    image_size: tuple[int, int], size: int | tuple[int, int], *, config: PreprocessConfig | None = None, **options
+) -> PreprocessParams:
+    """Where an image of `image_size` (H, W) lands in a `size` output under the config's `fit`, without
+    running anything (e.g. to map detections back: ``params.to_source(boxes)``)."""
+    cfg = resolve_config(config, options)
+    if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2):
+        raise TypeError(f"image_size must be (height, width), got {image_size!r}")
+    return plan_geometry(check_size(tuple(image_size)), check_size(size), cfg.fit, cfg.crop_pct)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+_triton_mod = None
+
+
+def _kernels():
+    """The Triton module, imported on first use (keeps `import torchopt.kernels` free of triton)."""
+    global _triton_mod
+    if _triton_mod is None:
+        from torchopt.kernels import _preprocess_triton  # noqa: PLC0415
+
+        _triton_mod = _preprocess_triton
+    return _triton_mod
+
+
+class _Plan:
+    """What a batch call needs besides the tensors: cached per (config, size, shape, strides, device)."""
+
+    __slots__ = ("fmt", "interp", "out_shape", "params", "table")
+
+    def __init__(self, table, fmt, interp, out_shape, params) -> None:
+        self.table, self.fmt, self.interp, self.out_shape, self.params = table, fmt, interp, out_shape, params
+
+
+_plans: dict = {}
+
+
+def _put_plan(key, plan) -> None:
+    if len(_plans) >= _PLAN_CACHE_SIZE:
+        _plans.pop(next(iter(_plans)))  # oldest first (insertion order)
+    _plans[key] = plan
+
+
+def _rows(k, cfg: PreprocessConfig, items: list[torch.Tensor], sizes, size) -> tuple[list[list[int]], list]:
+    """Descriptor rows (frame offset 0) and geometries of images with the given layouts."""
+    consts = normalization_constants(cfg)
+    yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
+    geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
+    rows = [
+        k.descriptor_row(0, hw, t.stride()[-3:] if not cfg.is_yuv else t.stride()[-2:], g, cfg, consts, yuv)
+        for t, hw, g in zip(items, sizes, geoms, strict=True)
+    ]
+    return rows, geoms
+
+
+def _use_triton(images: Any, cfg: PreprocessConfig) -> bool:
+    if cfg.backend == "reference":
+        return False
+    first = images[0] if isinstance(images, (list, tuple)) and images else images
+    device = first.device if isinstance(first, torch.Tensor) else None
+    on_gpu = device is not None and device.type == "cuda"
+    if cfg.backend == "auto":
+        return on_gpu or (device is not None and device.type == "cpu" and _INTERPRET)
+    if device is not None and not on_gpu and not (device.type == "cpu" and _INTERPRET):
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before torchopt.kernels is imported"
+            f" to run the kernel on CPU tensors in Triton's interpreter; images are on {device}"
+        )
+    return True
+
+
+def preprocess(
+    images: Images,
+    size: int | tuple[int, int],
+    *,
+    config: PreprocessConfig | None = None,
+    out: torch.Tensor | None = None,
+    return_params: bool = False,
+    **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, list[PreprocessParams]]:
+    """Resize, convert and normalize uint8 frames into a model-ready tensor in one kernel launch.
+
+    Args:
+        images: uint8 ``(H, W, 3)`` / ``(N, H, W, 3)`` (any strides), a list of such images of different
+            sizes (one launch), or YUV 4:2:0 ``(H*3/2, W)`` / ``(N, H*3/2, W)`` frames with format="nv12"/"i420".
+        size: output (height, width); an int is a square.
+        config: a `PreprocessConfig`; keyword `options` (its field names: mean, std, fit, dtype, layout, ...)
+            override single fields.
+        out: write into this tensor (right shape, dtype and device, any strides) instead of allocating.
+        return_params: also return one `PreprocessParams` per image (resized size, offset) to map boxes back.
+
+    Returns:
+        ``(N, 3, h, w)`` NCHW or ``(N, h, w, 3)`` NHWC (no N for a single image), or ``(tensor, params)``.
+
+    Example::
+
+        x = preprocess(frames, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float16)
+        x, params = preprocess(frame, 640, fit="letterbox", return_params=True)
+        boxes_in_frame = params[0].to_source(boxes)
+    """
+    cfg = resolve_config(config, options)
+    if not _use_triton(images, cfg):
+        return preprocess_ref(images, size, config=cfg, out=out, return_params=return_params)
+    size = check_size(size)
+    k = _kernels()
+    if isinstance(images, torch.Tensor):
+        key = (cfg, size, images.shape, images.stride(), images.dtype, images.device)
+        plan = _plans.get(key)
+        if plan is None:  # first call with this layout: check everything and build the descriptor once
+            parsed = parse_images(images, cfg.format)
+            rows, geoms = _rows(k, cfg, [parsed.batch], parsed.sizes[:1], size)
+            shape = output_shape(parsed.n, size, cfg.layout)
+            plan = _Plan(
+                k.to_device_table(rows, images.device),
+                k.YUV420 if cfg.is_yuv else k.PACKED_RGB,
+                k.interp_code(cfg, parsed.sizes[:1], geoms),
+                shape[1:] if parsed.single else shape,
+                geoms * parsed.n,
+            )
+            _put_plan(key, plan)
+        single = len(plan.out_shape) == 3
+        src, n, stride_src_n, per_image = images, plan.out_shape[0] if not single else 1, 0, False
+        if not single:
+            stride_src_n = images.stride(0)
+    else:
+        parsed = parse_images(images, cfg.format)
+        items, device = parsed.items, parsed.device
+        layout_key = tuple((t.shape, t.stride()) for t in items)
+        key = (cfg, size, layout_key, device)
+        plan = _plans.get(key)
+        if plan is None:
+            rows, geoms = _rows(k, cfg, items, parsed.sizes, size)
+            plan = _Plan(
+                torch.tensor(rows, dtype=torch.int64),  # host template; frame offsets change per call
+                k.YUV420 if cfg.is_yuv else k.PACKED_RGB,
+                k.interp_code(cfg, parsed.sizes, geoms),
+                output_shape(parsed.n, size, cfg.layout),
+                geoms,
+            )
+            _put_plan(key, plan)
+        # One launch over the list: every image is addressed from the first one's pointer.
+        base = items[0].data_ptr()
+        host = plan.table.clone()
+        host[:, 0] = torch.tensor([t.data_ptr() - base for t in items], dtype=torch.int64)
+        src, n, stride_src_n, per_image, single = items[0], parsed.n, 0, True, False
+        table = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=src.device)
+    else:
+        check_out(out, plan.out_shape, cfg.torch_dtype, src.device)
+    st = out.stride()
+    if single:
+        st = (0, *st)
+    if cfg.layout == "NCHW":
+        strides = st
+        out_hw = (plan.out_shape[-2], plan.out_shape[-1])
+    else:  # (n, y, x, c) -> (n, c, y, x)
+        strides = (st[0], st[3], st[1], st[2])
+        out_hw = (plan.out_shape[-3], plan.out_shape[-2])
+    k.launch(
+        src,
+        plan.table if not per_image else table,
+        out,
+        strides,
+        out_hw,
+        n=n,
+        per_image_rows=per_image,
+        stride_src_n=stride_src_n,
+        fmt=plan.fmt,
+        interp=plan.interp,
+        bgr_out=cfg.output_order == "bgr",
+    )
+    return (out, list(plan.params)) if return_params else out
+
+
+def _signature_from_config(fn) -> inspect.Signature:
+    """`fn`'s signature with PreprocessConfig's fields spelled out as keyword-only options (declared once, in
+    the dataclass), so `inspect.signature(preprocess).bind(...)` rejects unknown options and help() lists them."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    defaults = PreprocessConfig()
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name))
+        for name in PreprocessConfig.field_names()
+    ]
+    return sig.replace(parameters=params)
+
+
+preprocess.__signature__ = _signature_from_config(preprocess)  # type: ignore[attr-defined]
+preprocess_ref.__signature__ = _signature_from_config(preprocess_ref)  # type: ignore[attr-defined]

@@ -1,0 +1,95 @@
+"""Recipe step `compile`: hand the prepared module to a backend (auto, eager, inductor, tensorrt)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig, choose_backend
+from torchopt.config import check_choice, check_type
+from torchopt.recipe import StepConfig, register_step
+
+__all__ = ["CompileConfig", "check_profiles_run"]
+
+
+def _median_ms(fn, args) -> float:
+    from torchopt.profile import latency  # noqa: PLC0415
+
+    with torch.no_grad():
+        return latency(fn, *args, warmup=2, iters=5).p50_ms
+
+
+def check_profiles_run(ctx) -> None:
+    """Run the prepared module once at each profile's min shapes, so that a profile that does not fit the
+    model (wrong rank, wrong static dim) fails with torchopt's message instead of inside a compiler."""
+    for p, profile in enumerate(ctx.profiles):
+        args = ctx.example_inputs(profile_index=p, which="min")
+        try:
+            with torch.no_grad():
+                ctx.model(*args)
+        except Exception as exc:  # any failure of the user's forward on these shapes
+            shapes = {s.name: tuple(a.shape) for s, a in zip(profile, args, strict=True)}
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ValueError(
+                f"the model fails on profile {p}'s min shapes {shapes} ({type(exc).__name__}: {first});"
+                f" check that each InputSpec has the rank and static dims {type(ctx.model).__name__}.forward"
+                " expects"
+            ) from exc
+
+
+def _apply_compile(config: CompileConfig, ctx) -> None:
+    backend, why = choose_backend(config.backend, ctx.device)
+    ctx.set_backend(backend.name, why)
+    check_profiles_run(ctx)
+    runners = backend.build(ctx.model, config, ctx)
+    if config.backend == "auto" and ctx.device.type == "cpu" and backend.name != "eager":
+        # On CPU, oneDNN's eager convolutions often match or beat compiled code: keep what measures faster.
+        args = ctx.example_inputs(which="opt")
+        eager_ms, compiled_ms = _median_ms(ctx.model, args), _median_ms(runners[0], args)
+        ctx.details["auto_latency_ms"] = {"eager": eager_ms, backend.name: compiled_ms}
+        if compiled_ms > 0.95 * eager_ms:
+            ctx.set_backend(
+                "eager",
+                f"auto: {backend.name} measured {compiled_ms:.2f} ms vs eager {eager_ms:.2f} ms at the opt shape"
+                f" on CPU, not 5% faster; eager kept ({why.removeprefix('auto: ')})",
+            )
+            runners = [ctx.model for _ in ctx.profiles]
+    ctx.runners = runners
+
+
+@register_step("compile", _apply_compile)
+@dataclasses.dataclass
+class CompileConfig(StepConfig):
+    """Compile the module for the recipe's input profiles.
+
+    backend: "auto" (tensorrt if importable with CUDA, else inductor, else eager; the report says why),
+        or a backend name.
+    cuda_graphs: None = auto (on for CUDA with Inductor: takes the launch gaps out at small batch; off for
+        TensorRT, whose graphs re-record at every new input shape — set true to use them).
+    inductor: torch.compile settings (see InductorConfig).
+    tensorrt: Torch-TensorRT build settings (see TensorRTConfig).
+    """
+
+    backend: str = "auto"
+    cuda_graphs: bool | None = None
+    inductor: InductorConfig = dataclasses.field(default_factory=InductorConfig)
+    tensorrt: TensorRTConfig = dataclasses.field(default_factory=TensorRTConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("compile.backend", self.backend, ["auto", *sorted(BACKENDS)])
+        if self.cuda_graphs is not None:
+            check_type("compile.cuda_graphs", self.cuda_graphs, bool, "true, false or null (auto)")
+        if isinstance(self.inductor, dict):
+            self.inductor = InductorConfig.from_dict(self.inductor, where="compile.inductor")
+        check_type("compile.inductor", self.inductor, InductorConfig)
+        if isinstance(self.tensorrt, dict):
+            self.tensorrt = TensorRTConfig.from_dict(self.tensorrt, where="compile.tensorrt")
+        check_type("compile.tensorrt", self.tensorrt, TensorRTConfig)
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        if self.cuda_graphs is None:
+            return device.type == "cuda"
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"compile.cuda_graphs=True needs a CUDA device, the recipe runs on {device}")
+        return self.cuda_graphs

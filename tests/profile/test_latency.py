@@ -1,0 +1,246 @@
+"""torchopt.profile.latency and its statistics: numpy agreement, known sleeps, the stability rule, errors."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import torchopt.profile as tp
+from torchopt.profile.stats import stability_spread_pct
+
+# Statistics are exact float64 arithmetic on both sides; only summation order differs.
+STATS_RTOL = 1e-12
+
+
+def _samples(kind: str, n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    if kind == "lognormal":  # latency-like: long right tail
+        return list(rng.lognormal(mean=0.0, sigma=0.6, size=n))
+    if kind == "bimodal":
+        return list(np.concatenate([rng.normal(1.0, 0.05, n - n // 7), rng.normal(9.0, 0.5, n // 7)]))
+    return list(rng.uniform(0.1, 5.0, n))
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "bimodal", "uniform"])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1013])
+def test_summarize_matches_numpy(kind, n):
+    s = _samples(kind, n, seed=n)
+    got = tp.summarize(s)
+    want = {
+        "mean": np.mean(s),
+        "std": np.std(s, ddof=1) if n > 1 else 0.0,
+        "min": np.min(s),
+        "p50": np.percentile(s, 50),
+        "p90": np.percentile(s, 90),
+        "p95": np.percentile(s, 95),
+        "p99": np.percentile(s, 99),
+        "max": np.max(s),
+    }
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert math.isclose(got[k], v, rel_tol=STATS_RTOL, abs_tol=1e-15), f"{k}: {got[k]} vs {v}, n={n}"
+
+
+@pytest.mark.parametrize("q", [0.0, 12.5, 50.0, 99.9, 100.0])
+def test_percentile_matches_numpy(q):
+    s = sorted(_samples("lognormal", 37, seed=3))
+    assert math.isclose(tp.percentile(s, q), np.percentile(s, q), rel_tol=STATS_RTOL)
+
+
+def test_stats_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        tp.summarize([])
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        tp.percentile([1.0], 101)
+
+
+def test_stability_rule():
+    steady = [1.0, 1.02, 0.99] * 10
+    assert stability_spread_pct(steady, windows=3, window_size=10) < 5
+    drifting = [1.0] * 10 + [1.5] * 10 + [2.0] * 10  # medians 1.0, 1.5, 2.0: 100 % spread
+    assert stability_spread_pct(drifting, 3, 10) == pytest.approx(100.0)
+    # Only the last windows count: a slow start is forgiven once three windows agree.
+    assert stability_spread_pct([5.0] * 10 + steady, 3, 10) < 5
+    assert stability_spread_pct(steady[:20], 3, 10) is None  # too few samples to judge
+
+
+def _sleeper(fast_s: float, slow_s: float, every: int):
+    calls = {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+        time.sleep(slow_s if calls["n"] % every == 0 else fast_s)
+
+    return fn, calls
+
+
+def test_known_sleep_lands_in_the_right_percentile():
+    # Every 10th call sleeps 15 ms, the others 1 ms: p50 sees the fast calls, p95/p99/max the slow ones.
+    fn, calls = _sleeper(0.001, 0.015, every=10)
+    res = tp.latency(fn, warmup=1, iters=50, max_iters=50)
+    assert calls["n"] == 51 and res.iters == 50
+    assert res.min_ms >= 1.0  # sleep never returns early
+    assert res.p50_ms < 8.0, res  # generous: a loaded CI machine delays wake-ups by a few ms
+    assert res.p95_ms >= 15.0 and res.p99_ms >= 15.0 and res.max_ms >= 15.0, res
+    assert sum(s >= 15.0 for s in res.samples_ms) >= 5
+    assert res.device == "cpu"
+    assert res.throughput == pytest.approx(1000.0 / res.mean_ms)
+
+
+def test_stats_fields_agree_with_samples():
+    x = torch.randn(64, 64)
+    res = tp.latency(torch.mm, x, x, warmup=2, iters=30, batch_size=64)
+    assert res.iters == len(res.samples_ms) >= 30
+    ref = tp.summarize(res.samples_ms)
+    assert res.p50_ms == ref["p50"] and res.p99_ms == ref["p99"] and res.mean_ms == ref["mean"]
+    assert res.min_ms <= res.p50_ms <= res.p90_ms <= res.p95_ms <= res.p99_ms <= res.max_ms
+    assert res.throughput == pytest.approx(64 * 1000.0 / res.mean_ms)
+    assert res.throughput_unit == "items/s"
+
+
+def test_unstable_run_extends_until_budget():
+    # Latency that grows every call never stabilizes: more windows run until max_iters, verdict False.
+    calls = {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+        time.sleep(0.0002 * calls["n"])
+
+    res = tp.latency(fn, warmup=1, iters=9, max_iters=18, stability_pct=5.0)
+    assert not res.stable
+    assert res.iters == 18
+    assert res.stability_spread_pct > 5.0
+
+
+def test_stable_run_does_not_extend():
+    res = tp.latency(lambda: time.sleep(0.002), warmup=1, iters=9, stability_pct=50.0)
+    assert res.stable and res.iters == 9
+    assert res.stability_spread_pct <= 50.0
+
+
+def test_warmup_by_time():
+    calls = {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+
+    res = tp.latency(fn, warmup=1, warmup_s=0.05, iters=5, max_iters=5)
+    assert res.warmup == calls["n"] - 5 > 1
+
+
+def test_tiny_counts_are_cheap():
+    # The engine calls latency(model, *inputs, warmup=3, iters=10) on CPU.
+    model = torch.nn.Linear(16, 4)
+    t0 = time.perf_counter()
+    res = tp.latency(model, torch.randn(2, 16), warmup=3, iters=10)
+    assert time.perf_counter() - t0 < 2.0
+    assert 10 <= res.iters <= 100 and res.warmup == 3
+
+
+def test_cold_l2_runs_on_cpu():
+    x = torch.randn(32, 32)
+    res = tp.latency(torch.relu, x, warmup=1, iters=5, l2="cold", l2_flush_mb=1)
+    assert res.l2 == "cold" and res.iters >= 5
+
+
+def test_config_and_result_round_trip():
+    cfg = tp.LatencyConfig(warmup=2, iters=7, batch_size=3, l2="cold", device="cpu")
+    assert tp.LatencyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    res = tp.latency(torch.relu, torch.randn(4), config=cfg, iters=6)  # overrides win over the config
+    assert res.batch_size == 3 and res.iters >= 6
+    again = tp.LatencyResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert again == res
+    assert "samples_ms" not in res.to_dict(samples=False)
+    assert "p99" in str(res)
+
+
+def test_infer_device():
+    assert tp.infer_device(torch.relu, (torch.randn(2),)).type == "cpu"
+    assert tp.infer_device(torch.nn.Linear(2, 2), ()).type == "cpu"
+    assert tp.infer_device(lambda: None, ()).type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"iters": 0}, ValueError, "iters must be > 0, got 0"),
+        ({"iters": -3}, ValueError, "iters must be > 0"),
+        ({"warmup": 0}, ValueError, "warmup must be > 0, got 0"),
+        ({"iters": 2.5}, TypeError, "iters must be int, got float"),
+        ({"iters": True}, TypeError, "iters must be int"),
+        ({"l2": "warm"}, ValueError, r"l2 must be one of \['hot', 'cold'\], got 'warm'"),
+        ({"batch_size": 0}, ValueError, "batch_size must be > 0"),
+        ({"max_iters": 3, "iters": 5}, ValueError, "max_iters must be >= iters"),
+        ({"stability_pct": 0}, ValueError, "stability_pct must be > 0"),
+        ({"device": "gpu0"}, ValueError, "device must be a device string"),
+        ({"iter": 5}, ValueError, r"unknown key 'iter'.*did you mean 'iters'"),
+        ({"cuda_graph": True}, ValueError, r"cuda_graph=True needs the call to run on CUDA.*runs on cpu"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tp.latency(torch.relu, torch.randn(3), **kwargs)
+
+
+@pytest.mark.parametrize("fn", [3, "model", None, torch.randn(2)])
+def test_non_callable_fn(fn):
+    with pytest.raises(TypeError, match="fn must be callable"):
+        tp.latency(fn, torch.randn(3))
+
+
+def test_bad_config_type():
+    with pytest.raises(TypeError, match="config must be LatencyConfig"):
+        tp.latency(torch.relu, torch.randn(3), config={"iters": 3})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_cuda():
+    with pytest.raises(ValueError, match="needs CUDA"):
+        tp.latency(torch.relu, torch.randn(3), device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_events_time_the_kernel_not_the_host():
+    # torch.cuda._sleep spins the GPU; the host returns at once. CUDA-event timing must see the GPU time.
+    x = torch.randn(8, device="cuda")
+    cycles = 4_000_000  # ~2 ms at the H100's ~1.98 GHz; the reference below measures the same spin
+    ref_start, ref_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)
+    ref_start.record()
+    torch.cuda._sleep(cycles)
+    ref_end.record()
+    torch.cuda.synchronize()
+    ref_ms = ref_start.elapsed_time(ref_end)
+    res = tp.latency(lambda t: torch.cuda._sleep(cycles), x, warmup=2, iters=20)
+    assert res.device.startswith("cuda")
+    assert res.p50_ms == pytest.approx(ref_ms, rel=0.2), (res, ref_ms)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_matches_eager_on_gpu_bound_work():
+    a = torch.randn(2048, 2048, device="cuda")
+    eager = tp.latency(torch.mm, a, a, warmup=5, iters=30)
+    graph = tp.latency(torch.mm, a, a, warmup=5, iters=30, cuda_graph=True)
+    assert graph.cuda_graph
+    assert graph.p50_ms == pytest.approx(eager.p50_ms, rel=0.15)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_with_a_synchronizing_function_explains():
+    x = torch.randn(16, device="cuda")
+    with pytest.raises(ValueError, match=r"synchroniz.*cuda_graph=False"):
+        tp.latency(lambda t: (t * 2).sum().item(), x, warmup=1, iters=3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_cold_l2_is_not_faster_than_hot():
+    x = torch.randn(4 * 2**20, device="cuda")  # 16 MB: fits the H100's 50 MB L2 when hot
+    hot = tp.latency(torch.neg, x, warmup=5, iters=50)
+    cold = tp.latency(torch.neg, x, warmup=5, iters=50, l2="cold")
+    assert cold.p50_ms >= 0.95 * hot.p50_ms

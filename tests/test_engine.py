@@ -1,0 +1,162 @@
+"""optimize(): the recipe engine end to end on small models (CPU), the accuracy guard, errors, save/load."""
+
+import copy
+
+import pytest
+import torch
+
+import torchopt
+from torchopt import AccuracyError, InputSpec, Recipe
+from torchopt.recipes import CastConfig, CompileConfig, ValidateConfig
+
+QUICK = {"measure_latency": True, "warmup": 1, "iters": 3}
+
+
+class SmallConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.proj = torch.nn.Linear(16, 4)
+
+    def forward(self, ids, scale):
+        h = self.emb(ids).mean(1) * scale
+        return {"logits": self.proj(h), "hidden": h}
+
+
+def _spec(lo=1, opt=4, hi=8):
+    return [InputSpec("x", min=(lo, 3, 12, 12), opt=(opt, 3, 12, 12), max=(hi, 3, 12, 12))]
+
+
+def _recipe(backend="eager", dtype="float32", **validate):
+    return Recipe([CastConfig(dtype=dtype), CompileConfig(backend=backend), ValidateConfig(**{**QUICK, **validate})])
+
+
+@pytest.fixture
+def model(seed):
+    m = SmallConvNet()
+    m.bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial BN statistics
+    return m
+
+
+def test_eager_recipe_matches_and_reports(model):
+    fast = torchopt.optimize(model, _recipe(), inputs=_spec(), progress=False)
+    x = torch.randn(5, 3, 12, 12)
+    # channels_last (auto for convs) changes the convolution algorithm: float32 rounding differs slightly.
+    torch.testing.assert_close(fast(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    rep = fast.report
+    assert rep.backend == "eager" and rep.precision == "float32" and rep.accuracy_passed
+    assert rep.latency_before["p50_ms"] > 0 and rep.latency_after["p50_ms"] > 0 and rep.speedup > 0
+    assert [s.step for s in rep.steps] == ["cast", "compile", "validate"]
+    assert "eager" in str(rep) and rep.to_markdown().startswith("|")
+
+
+def test_user_module_left_unchanged(model):
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    torchopt.optimize(model, _recipe(dtype="bfloat16"), inputs=_spec(), progress=False)
+    assert model.training, "optimize must not flip the user's module to eval"
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+def test_accuracy_guard_refuses_and_leaves_module(model):
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(AccuracyError, match=r"misses its accuracy tolerances .*SQNR .* < 200.0 dB") as info:
+        torchopt.optimize(model, _recipe(dtype="bfloat16", min_sqnr_db=200.0), inputs=_spec(), progress=False)
+    assert info.value.report.accuracy_passed is False and info.value.report.accuracy["sqnr_db"] < 200
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bf16_cast_outputs_float32(model):
+    fast = torchopt.optimize(model, _recipe(dtype="bfloat16"), inputs=_spec(), progress=False)
+    out = fast(torch.randn(2, 3, 12, 12))
+    assert out.dtype == torch.float32
+    assert fast.report.precision == "bfloat16" and fast.report.accuracy["sqnr_db"] > 15
+
+
+def test_out_of_profile_checked_before_backend(model):
+    fast = torchopt.optimize(model, _recipe(), inputs=_spec(), progress=False)
+    with pytest.raises(ValueError, match=r"input 'x' dim 0 is 9, outside the profile range \[1, 8\]"):
+        fast(torch.randn(9, 3, 12, 12))
+    with pytest.raises(ValueError, match=r"input 'x' dim 2 is 13"):
+        fast(torch.randn(2, 3, 13, 12))
+    with pytest.raises(TypeError, match="missing inputs"):
+        fast()
+
+
+def test_multi_input_dict_output(seed):
+    m = TwoHeads()
+    specs = [
+        InputSpec("ids", dtype="int64", min=(1, 4), opt=(2, 8), max=(4, 16), value_range=(0, 50)),
+        InputSpec("scale", min=(1, 1), opt=(2, 1), max=(4, 1)),
+    ]
+    fast = torchopt.optimize(m, _recipe(), inputs=specs, progress=False)
+    ids, scale = torch.randint(0, 50, (3, 10)), torch.rand(3, 1)
+    out = fast(ids, scale=scale)
+    torch.testing.assert_close(out, m(ids, scale), rtol=0, atol=0)
+
+
+def test_auto_backend_records_why(model):
+    recipe = Recipe([CompileConfig(backend="auto"), ValidateConfig(measure_latency=False)])
+    fast = torchopt.optimize(model, recipe, inputs=_spec(), progress=False)
+    reason = fast.report.backend_reason
+    assert reason.startswith("auto:") and "tensorrt unavailable" in reason
+
+
+def test_bad_arguments(model):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        torchopt.optimize(lambda x: x, "eager-fp32", inputs=_spec())
+    with pytest.raises(ValueError, match=r"inputs\[0\] is named 'images' but SmallConvNet.forward's argument 0 is 'x'"):
+        torchopt.optimize(model, "eager-fp32", inputs=[InputSpec("images", shape=(1, 3, 12, 12))])
+    with pytest.raises(ValueError, match="unknown recipe 'fastest'"):
+        torchopt.optimize(model, "fastest", inputs=_spec())
+    with pytest.raises(TypeError, match="recipe must be"):
+        torchopt.optimize(model, 3, inputs=_spec())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            torchopt.optimize(model, "eager-fp32", inputs=_spec(), device="cuda")
+
+
+def test_calibration_batches_used_for_validation(model):
+    batches = [torch.randn(3, 3, 12, 12) for _ in range(2)] + [torch.randn(20, 3, 12, 12)]  # last is outside
+    fast = torchopt.optimize(model, _recipe(batches=2), inputs=_spec(), calib_data=batches, progress=False)
+    assert fast.report.accuracy["samples"] == 6
+
+
+def test_save_load_round_trip(model, tmp_path):
+    fast = torchopt.optimize(model, _recipe(), inputs=_spec(), progress=False)
+    fast.save(tmp_path / "m")
+    loaded = torchopt.load(tmp_path / "m")
+    x = torch.randn(3, 3, 12, 12)
+    torch.testing.assert_close(loaded(x), fast(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the profile range"):
+        loaded(torch.randn(9, 3, 12, 12))
+    with pytest.raises(ValueError, match="not a saved torchopt module"):
+        torchopt.load(tmp_path)
+
+
+def test_inductor_profile_runs_every_size_without_recompiling(seed):
+    from torch._dynamo.utils import counters
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.GELU(), torch.nn.Linear(32, 3))
+    spec = [InputSpec("input", min=(1, 6), opt=(4, 6), max=(12, 6))]
+    recipe = _recipe(backend="inductor")
+    fast = torchopt.optimize(mlp, recipe, inputs=spec, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    for b in range(1, 13):
+        x = torch.randn(b, 6)
+        torch.testing.assert_close(fast(x), mlp(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs, "a size inside the profile recompiled"
+    assert fast.report.steps[1].details["graphs"] >= 1

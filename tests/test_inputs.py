@@ -1,0 +1,131 @@
+"""InputSpec validation, profile normalization and dispatch, CLI spec parsing, forward-signature checks."""
+
+import pytest
+import torch
+
+from torchopt.inputs import (
+    InputSpec,
+    bind_call,
+    check_signature,
+    normalize_profiles,
+    parse_input_spec,
+    select_profile,
+)
+
+
+def test_static_and_dynamic():
+    s = InputSpec("x", shape=(2, 3))
+    assert not s.is_dynamic and s.min == s.opt == s.max == (2, 3)
+    d = InputSpec("x", min=(1, 16), opt=(4, 64), max=(8, 128))
+    assert d.dynamic_dims == [0, 1] and d.dim_name(1) == "x_dim1"
+
+
+def test_opt_defaults_inside_range():
+    s = InputSpec("x", min=(1, 3), max=(4, 3))
+    assert s.min[0] <= s.opt[0] <= s.max[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"min": (2, 3), "opt": (1, 3), "max": (4, 3)}, r"dim 0 needs min <= opt <= max, got min=2, opt=1, max=4"),
+        ({"min": (1, 3), "opt": (5, 3), "max": (4, 3)}, r"dim 0 needs min <= opt <= max"),
+        ({"min": (1, 3), "max": (4, 3, 5)}, r"same rank"),
+        ({"shape": (0, 3)}, r"shape\[0\] must be > 0, got 0"),
+        ({"shape": (-1, 3)}, r"must be > 0"),
+        ({"min": (1, 3)}, r"needs shape=... or both min=... and max="),
+        ({"shape": (1, 3), "min": (1, 3)}, r"either shape=... or min/opt/max"),
+        ({"shape": (1, 3), "dtype": "float8"}, r"dtype must be one of"),
+        ({"min": (1, 3), "max": (4, 3), "dim_names": {1: "b"}}, r"dim 1 is static"),
+    ],
+)
+def test_bad_specs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InputSpec("x", **kwargs)
+
+
+def test_bad_spec_types():
+    with pytest.raises(TypeError, match=r"shape\[1\] must be int"):
+        InputSpec("x", shape=(1, 2.5))
+    with pytest.raises(ValueError, match="identifier"):
+        InputSpec("my input", shape=(1,))
+
+
+def test_check_names_input_dim_value_range():
+    s = InputSpec("x", min=(1, 3), max=(8, 3))
+    with pytest.raises(ValueError, match=r"input 'x' dim 0 is 9, outside the profile range \[1, 8\]"):
+        s.check(torch.randn(9, 3))
+    with pytest.raises(ValueError, match=r"rank 3"):
+        s.check(torch.randn(2, 3, 1))
+
+
+def test_examples_seeded_and_typed():
+    s = InputSpec("ids", dtype="int64", min=(1, 4), opt=(2, 8), max=(4, 16), value_range=(0, 50))
+    a, b = s.example("max", seed=3), s.example("max", seed=3)
+    assert a.shape == (4, 16) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert int(a.max()) < 50
+    assert s.shape_at("min+1") == (2, 5) and s.shape_at("max-1") == (3, 15)
+
+
+def test_profiles_and_dispatch():
+    small = [InputSpec("x", min=(1, 3), max=(8, 3))]
+    large = [InputSpec("x", min=(9, 3), max=(64, 3))]
+    profiles = normalize_profiles([small, large])
+    assert select_profile(profiles, [torch.zeros(4, 3)]) == 0
+    assert select_profile(profiles, [torch.zeros(20, 3)]) == 1
+    with pytest.raises(ValueError, match="fit none of the 2 profiles"):
+        select_profile(profiles, [torch.zeros(65, 3)])
+
+
+def test_overlapping_profiles_rejected():
+    a = [InputSpec("x", min=(1, 3), max=(16, 3))]
+    b = [InputSpec("x", min=(8, 3), max=(64, 3))]
+    with pytest.raises(ValueError, match="profiles 0 and 1 overlap"):
+        normalize_profiles([a, b])
+
+
+def test_tied_dims_need_same_range():
+    a = InputSpec("a", min=(1, 4), max=(8, 4), dim_names={0: "batch"})
+    b = InputSpec("b", min=(1, 4), max=(16, 4), dim_names={0: "batch"})
+    with pytest.raises(ValueError, match="dim 'batch' is shared"):
+        normalize_profiles([a, b])
+
+
+def test_normalize_rejects_garbage():
+    with pytest.raises(TypeError, match="inputs"):
+        normalize_profiles(42)
+    with pytest.raises(ValueError, match="empty"):
+        normalize_profiles([])
+
+
+class TwoInputs(torch.nn.Module):
+    def forward(self, ids, mask=None):
+        return ids
+
+
+def test_signature_checks():
+    check_signature(TwoInputs(), [InputSpec("ids", shape=(1, 2))])
+    with pytest.raises(ValueError, match=r"inputs\[0\] is named 'x' but TwoInputs.forward's argument 0 is 'ids'"):
+        check_signature(TwoInputs(), [InputSpec("x", shape=(1, 2))])
+    specs = [InputSpec(n, shape=(1,)) for n in ("ids", "mask", "extra")]
+    with pytest.raises(ValueError, match="takes 2 positional arguments"):
+        check_signature(TwoInputs(), specs)
+
+
+def test_bind_call():
+    prof = [InputSpec("a", shape=(1,)), InputSpec("b", shape=(1,))]
+    assert bind_call(prof, (1,), {"b": 2}) == [1, 2]
+    with pytest.raises(TypeError, match="missing inputs"):
+        bind_call(prof, (1,), {})
+    with pytest.raises(TypeError, match="unexpected input 'c'"):
+        bind_call(prof, (1, 2), {"c": 3})
+
+
+def test_parse_input_spec():
+    s = parse_input_spec("ids:int64=1-4-8x16-128-512")
+    assert (s.min, s.opt, s.max, s.dtype) == ((1, 16), (4, 128), (8, 512), "int64")
+    assert parse_input_spec("x=2x3").shape == (2, 3)
+    with pytest.raises(ValueError, match="MIN-OPT-MAX"):
+        parse_input_spec("x=1-2-3-4x3")
+    with pytest.raises(ValueError, match="not of the form"):
+        parse_input_spec("3x224")

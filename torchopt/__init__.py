@@ -1,0 +1,34 @@
+"""torchopt: make a trained PyTorch module fast on NVIDIA GPUs.
+
+    import torchopt
+    spec = torchopt.InputSpec("x", min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
+    fast = torchopt.optimize(model, "default", inputs=[spec])
+    print(fast.report)
+
+Heavy optional dependencies (torch_tensorrt, modelopt, triton, matplotlib) are imported only by the features
+that need them.
+"""
+
+from torchopt import recipes  # noqa: E402, I001  (registers the built-in recipe steps)
+from torchopt.accuracy import AccuracyMetrics, compare_outputs
+from torchopt.config import ConfigBase
+from torchopt.engine import AccuracyError, OptimizedModule, load, optimize
+from torchopt.inputs import InputSpec
+from torchopt.recipe import Recipe
+from torchopt.report import OptimizeReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccuracyError",
+    "AccuracyMetrics",
+    "ConfigBase",
+    "InputSpec",
+    "OptimizeReport",
+    "OptimizedModule",
+    "Recipe",
+    "compare_outputs",
+    "load",
+    "optimize",
+    "recipes",
+]

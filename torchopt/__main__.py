@@ -1,0 +1,5 @@
+import sys
+
+from torchopt.cli import main
+
+sys.exit(main())

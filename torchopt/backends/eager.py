@@ -1,0 +1,14 @@
+"""The eager backend: run the prepared module as is (the reference point and the CPU fallback)."""
+
+from __future__ import annotations
+
+from torchopt.backends.base import Backend
+
+__all__ = ["EagerBackend"]
+
+
+class EagerBackend(Backend):
+    name = "eager"
+
+    def build(self, model, config, ctx):
+        return [model for _ in ctx.profiles]

@@ -1,0 +1,85 @@
+"""The Inductor backend: `torch.compile` with each profile's dynamic dims marked, warmed up per profile.
+
+Dynamo specializes sizes 0 and 1 and some kernels add their own size guards (the CPU convolution splits batch
+at 16, for example), so one profile can need more than one graph. All of them are compiled during `optimize`
+by warming up at the profile points `inputs.WHICH` (min, min+1, opt, max-1, max); the number of graphs is
+recorded, and later calls inside the profile reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import torch
+
+from torchopt.backends.base import Backend
+from torchopt.config import ConfigBase, check_choice, check_type
+from torchopt.inputs import WHICH
+
+__all__ = ["InductorBackend", "InductorConfig"]
+
+MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+@dataclasses.dataclass
+class InductorConfig(ConfigBase):
+    """torch.compile settings.
+
+    mode: torch.compile mode; "auto" is "default" (fast to build); "max-autotune*" tunes GEMM/conv kernels
+    for minutes. CUDA graphs are controlled by CompileConfig.cuda_graphs, not by the mode.
+    fullgraph: fail instead of falling back to eager at graph breaks.
+    """
+
+    mode: str = "auto"
+    fullgraph: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("inductor.mode", self.mode, ["auto", *MODES])
+        check_type("inductor.fullgraph", self.fullgraph, bool)
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class InductorBackend(Backend):
+    name = "inductor"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "Inductor on CPU needs a C++ compiler (g++/clang++), none found on PATH"
+        if device.type == "cuda":
+            from torchopt._compat import triton_status  # noqa: PLC0415
+
+            ok, why = triton_status()
+            if not ok:
+                return f"Inductor on CUDA needs Triton: {why}"
+        return None
+
+    def build(self, model, config, ctx):
+        cfg = config.inductor
+        mode = cfg.mode
+        if mode == "auto":
+            mode = "default"
+        if config.use_cuda_graphs(ctx.device):
+            mode = "reduce-overhead" if mode == "default" else "max-autotune" if mode.startswith("max") else mode
+        ctx.note(f"torch.compile(mode={mode!r}, fullgraph={cfg.fullgraph})")
+        compiled = torch.compile(model, mode=mode, fullgraph=cfg.fullgraph)
+        before = _graph_count()
+        for p, profile in enumerate(ctx.profiles):
+            ctx.log(f"compiling profile {p} with Inductor")
+            # First call: the opt shape with its dynamic dims marked (a dim of size 1 cannot be marked).
+            first = ctx.example_inputs(profile_index=p, which="opt")
+            for spec, t in zip(profile, first, strict=True):
+                for d in spec.dynamic_dims:
+                    if t.shape[d] >= 2:
+                        torch._dynamo.mark_dynamic(t, d)
+            with torch.no_grad():
+                compiled(*first)
+                for which in WHICH:
+                    compiled(*ctx.example_inputs(profile_index=p, which=which))
+        ctx.details["graphs"] = _graph_count() - before
+        return [compiled for _ in ctx.profiles]

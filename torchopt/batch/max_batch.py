@@ -1,0 +1,462 @@
+"""`find_max_batch`: the largest batch a step runs within a memory budget — predicted, verified, refined.
+
+Procedure (each "probe" runs the step at one size, `calls_per_probe` times; the last call is measured after
+the cache was emptied and the peak reset, so earlier calls absorb per-shape work such as cuDNN autotuning or
+a torch.compile recompile):
+
+1. Warm up at `start` (cuDNN autotune, compilation, lazily created optimizer state and library workspaces);
+   its last call is measured like a probe.
+2. Plan: probe sizes aimed at `plan_fraction` of the estimated maximum until the measured points span at least
+   `min_span` of the budget (one probe when the first estimate is good), then fit ``peak = a + b · batch``.
+3. Predict the largest batch within ``budget - headroom`` (conservatively) and **run it**.
+4. Refine between the largest success and the smallest failure (an OOM, or a run whose peak exceeded the
+   target): interpolate when the failure was measured, step back from it otherwise, bisect after two
+   failures in a row, until the gap is within `tolerance`.
+
+The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
+by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
+and the result says whether live memory returned to its baseline. Any other error is re-raised unchanged,
+with the batch size that triggered it noted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+from torchopt.batch._step import (
+    as_make_inputs,
+    as_step,
+    batch_device,
+    build_batch,
+    oom_text,
+    resolve_config,
+    run_guarded,
+)
+from torchopt.batch.memory import MemoryBackend, memory_backend
+from torchopt.batch.memory_model import MemoryModel, fit_memory_model
+from torchopt.config import ConfigBase, check_positive, check_type
+
+__all__ = ["MaxBatchConfig", "MaxBatchResult", "Probe", "find_max_batch"]
+
+_WHERE = "find_max_batch"
+MiB = 2**20
+
+
+@dataclasses.dataclass
+class MaxBatchConfig(ConfigBase):
+    """Every option of `find_max_batch`.
+
+    memory_budget: bytes the step's peak may reach, counted like the backend counts (CUDA: the process's
+        reserved memory, weights included). None = all this process can get now (``mem_get_info``: other
+        processes count; a per-process memory fraction too). Required on CPU (peak RSS).
+    headroom: bytes kept free below the budget; the search targets ``budget - headroom``.
+    max_batch: the search never runs a larger batch (the result says when this was the limit).
+    start: warm-up batch size; the smallest size the search can return.
+    warmup: calls at `start` before measuring (cuDNN autotune, torch.compile, optimizer state).
+    calls_per_probe: calls per probed size; the last one is measured.
+    max_probes: probes after the warm-up before the search stops with the best verified size.
+    tolerance: stop when the gap between the largest success and the smallest failure (or the predicted
+        maximum) is below this fraction of the batch size.
+    plan_fraction / min_span: planning probes aim at this fraction of the estimated maximum, until the
+        measured peaks span this fraction of the bytes left up to the target.
+    slope_margin: predictions use the steepest measured bytes/item raised by this fraction.
+    progress: tqdm bar over the probes.
+    """
+
+    memory_budget: int | None = None
+    headroom: int = 256 * MiB
+    max_batch: int = 65536
+    start: int = 2
+    warmup: int = 2
+    calls_per_probe: int = 2
+    max_probes: int = 8
+    tolerance: float = 0.02
+    plan_fraction: float = 0.4
+    min_span: float = 0.25
+    slope_margin: float = 0.01
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            check_positive("memory_budget", self.memory_budget)
+        check_positive("headroom", self.headroom, allow_zero=True)
+        check_type("max_batch", self.max_batch, int)
+        if self.max_batch < 1:
+            raise ValueError(
+                f"max_batch must be >= 1 (the largest batch the search may run), got {self.max_batch}"
+            )
+        check_positive("start", self.start)
+        if self.start > self.max_batch:
+            raise ValueError(f"start ({self.start}) must be <= max_batch ({self.max_batch})")
+        check_positive("warmup", self.warmup)
+        check_positive("calls_per_probe", self.calls_per_probe)
+        check_positive("max_probes", self.max_probes)
+        for name in ("tolerance", "plan_fraction", "min_span", "slope_margin"):
+            value = getattr(self, name)
+            check_type(name, value, (int, float))
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.plan_fraction == 0:
+            raise ValueError("plan_fraction must be > 0, got 0")
+        check_type("progress", self.progress, bool)
+
+
+@dataclasses.dataclass
+class Probe:
+    """One run of the step at one batch size."""
+
+    size: int
+    status: str  # "ok", "oom" (allocation failed) or "over_budget" (ran, but its peak exceeded the target)
+    peak_bytes: int | None  # None after an OOM: the step never finished
+    seconds: float
+    kind: str = "probe"  # "warmup" or "probe"
+    peak_allocated_bytes: int | None = None
+    message: str = ""  # the OOM message
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclasses.dataclass
+class MaxBatchResult:
+    """What `find_max_batch` found: `size` (always run successfully), the fitted model and every probe."""
+
+    size: int
+    model: MemoryModel
+    probes: list[Probe]
+    budget_bytes: int
+    target_bytes: int
+    headroom_bytes: int
+    capacity_bytes: int
+    total_bytes: int
+    limited_by: str  # "memory", "max_batch" or "max_probes"
+    baseline_bytes: int
+    final_bytes: int
+    memory_returned: bool
+    backend: str
+    seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_probes(self) -> int:
+        """Probes after the warm-up."""
+        return sum(p.kind == "probe" for p in self.probes)
+
+    @property
+    def num_ooms(self) -> int:
+        return sum(p.status == "oom" for p in self.probes)
+
+    @property
+    def tested(self) -> bool:
+        """The returned size ran with a peak within the target (always True; kept checkable)."""
+        return any(p.ok and p.size == self.size for p in self.probes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(num_probes=self.num_probes, num_ooms=self.num_ooms)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        peak = next((p.peak_bytes for p in reversed(self.probes) if p.ok and p.size == self.size), None)
+        lines = [
+            f"max batch {self.size} ({self.limited_by}-limited): peak {peak / MiB:,.0f} MiB of a"
+            f" {self.target_bytes / MiB:,.0f} MiB target (budget {self.budget_bytes / MiB:,.0f} MiB"
+            f" - headroom {self.headroom_bytes / MiB:,.0f} MiB) on {self.backend}",
+            f"memory model: {self.model}",
+            f"{self.num_probes} probes after warm-up ({self.num_ooms} OOM) in {self.seconds:.1f} s;"
+            f" memory {'returned to' if self.memory_returned else 'did NOT return to'} baseline",
+        ]
+        for p in self.probes:
+            mem = f"{p.peak_bytes / MiB:,.0f} MiB" if p.peak_bytes is not None else "-"
+            lines.append(f"  {p.kind:<6} batch {p.size:>7}  {p.status:<11} peak {mem:>12}  {p.seconds:.2f} s")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """Probes (peak memory against batch size) on the fitted line, with the budget and target."""
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        gib = 2**30
+        top = max([p.size for p in self.probes] + [self.size])
+        xs = [0, top * 1.1]
+        ax.plot(xs, [self.model.predict(x) / gib for x in xs], color="0.6", lw=1, label=f"fit: {self.model}")
+        styles = {"ok": ("o", "tab:green"), "over_budget": ("s", "tab:orange")}
+        for status, (marker, color) in styles.items():
+            pts = [p for p in self.probes if p.status == status]
+            if pts:
+                ax.scatter(
+                    [p.size for p in pts],
+                    [p.peak_bytes / gib for p in pts],
+                    marker=marker,
+                    color=color,
+                    zorder=3,
+                    label=status.replace("_", " "),
+                )
+        ooms = [p for p in self.probes if p.status == "oom"]
+        if ooms:
+            ax.scatter(
+                [p.size for p in ooms],
+                [self.budget_bytes / gib] * len(ooms),
+                marker="x",
+                color="tab:red",
+                zorder=3,
+                label="out of memory",
+            )
+        ax.axhline(self.budget_bytes / gib, color="tab:red", ls="--", lw=1, label="budget")
+        ax.axhline(self.target_bytes / gib, color="tab:orange", ls=":", lw=1, label="budget - headroom")
+        ax.axvline(self.size, color="tab:green", ls="-.", lw=1, label=f"max batch {self.size}")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"peak memory (GiB, {self.backend})")
+        ax.set_title(f"find_max_batch: {self.num_probes} probes after warm-up")
+        ax.legend(fontsize="small")
+        return fig
+
+
+class _Search:
+    """State of one search: the probes so far, the bracket, and the next size to run."""
+
+    def __init__(self, cfg: MaxBatchConfig, target: int, base_bytes: int):
+        self.cfg = cfg
+        self.target = target
+        self.base_bytes = base_bytes
+        self.probes: list[Probe] = []
+        self.failures_in_a_row = 0
+
+    @property
+    def ok(self) -> list[Probe]:
+        return [p for p in self.probes if p.ok]
+
+    @property
+    def num_probes(self) -> int:
+        return sum(p.kind == "probe" for p in self.probes)
+
+    @property
+    def lo(self) -> Probe:
+        return max(self.ok, key=lambda p: p.size)
+
+    @property
+    def hi(self) -> Probe | None:
+        failed = [p for p in self.probes if not p.ok and p.size > self.lo.size]
+        return min(failed, key=lambda p: p.size) if failed else None
+
+    def model(self) -> MemoryModel:
+        return fit_memory_model(
+            [(p.size, p.peak_bytes) for p in self.ok],
+            base_bytes=self.base_bytes,
+            margin=self.cfg.slope_margin,
+        )
+
+    def next_size(self) -> tuple[int | None, str]:
+        """The next size to run, or (None, why the search stops)."""
+        cfg, lo, hi = self.cfg, self.lo, self.hi
+        if lo.size >= cfg.max_batch:
+            return None, "max_batch"
+        model = self.model()
+        predicted = model.max_batch(self.target)
+        if hi is None:
+            first = min(self.ok, key=lambda p: p.size)
+            span = lo.peak_bytes - first.peak_bytes
+            if len(self.ok) < 2 or span < cfg.min_span * (self.target - first.peak_bytes):
+                # Planning: a fit over a narrow range extrapolates its noise; aim well below the estimate
+                # (a one-point estimate over-counts bytes/item, so this stays below the true maximum).
+                size = max(2 * lo.size, _floor(cfg.plan_fraction * predicted))
+                return min(size, cfg.max_batch), "plan"
+            if predicted >= cfg.max_batch:
+                return cfg.max_batch, "verify"
+            if predicted < lo.size * (1 + cfg.tolerance) or predicted < lo.size + 1:
+                return None, "memory"  # the model leaves less than `tolerance` to gain above a verified size
+            return _floor(predicted), "verify"
+        gap = hi.size - lo.size
+        if gap <= max(1, math.ceil(cfg.tolerance * hi.size)):
+            return None, "memory"
+        if self.failures_in_a_row >= 2:
+            size, why = lo.size + gap // 2, "bisect"
+        elif hi.peak_bytes is not None:  # ran over the target: interpolate between two measured peaks
+            frac = (self.target - lo.peak_bytes) / max(hi.peak_bytes - lo.peak_bytes, 1)
+            size, why = lo.size + _floor(frac * gap), "interpolate"
+        else:  # an OOM measures nothing: keep the prediction, but step back from the failure
+            size, why = _floor(predicted), "refine"
+        step_back = max(1, math.ceil(cfg.tolerance * hi.size))
+        return max(lo.size + 1, min(size, hi.size - step_back)), why
+
+
+def _floor(x: float) -> int:
+    return int(min(math.floor(x), 2**62)) if math.isfinite(x) else 2**62
+
+
+def find_max_batch(
+    fn_or_model: Any,
+    make_inputs: Any,
+    *,
+    memory_budget: int | None = None,
+    headroom: int | None = None,
+    max_batch: int | None = None,
+    config: MaxBatchConfig | None = None,
+    memory: MemoryBackend | None = None,
+    **overrides: Any,
+) -> MaxBatchResult:
+    """The largest batch size `fn_or_model` runs within a memory budget; always a size it has run.
+
+    Args:
+        fn_or_model: an ``nn.Module`` (run as inference, under ``no_grad``) or any callable taking one batch,
+            e.g. a training step with backward and optimizer.
+        make_inputs: ``make_inputs(batch)`` → a tensor, a tuple of inputs or a dict of keyword inputs with
+            `batch` items along dim 0; or InputSpec(s) (dim 0 is the batch, other dims at their max).
+        memory_budget / headroom / max_batch: see `MaxBatchConfig` (None = the config's value).
+        config: a `MaxBatchConfig`; other fields can be overridden as keyword arguments.
+        memory: the memory backend (default: CUDA for a CUDA step, peak RSS on CPU when a budget is given).
+
+    Example::
+
+        model = torchvision.models.resnet50().cuda().half().eval()
+        make = lambda n: torch.randn(n, 3, 224, 224, device="cuda", dtype=torch.float16)
+        res = torchopt.batch.find_max_batch(model, make)
+        print(res.size, res.num_probes)
+        res.plot().savefig("max_batch.png")
+    """
+    t_start = time.perf_counter()
+    given = {"memory_budget": memory_budget, "headroom": headroom, "max_batch": max_batch}
+    cfg = resolve_config(MaxBatchConfig, config, given, overrides, _WHERE)
+    step = as_step(fn_or_model, _WHERE)
+    make = as_make_inputs(make_inputs, fn_or_model, _WHERE, which="max")
+
+    # Check everything cheap before running anything.
+    first = build_batch(make, cfg.start, _WHERE)
+    if memory is None:
+        memory = memory_backend(batch_device(fn_or_model, first), cfg.memory_budget)
+    del first
+    for name in (
+        "free_bytes",
+        "used_bytes",
+        "allocated_bytes",
+        "total_bytes",
+        "reset_peak",
+        "peak_bytes",
+        "peak_allocated_bytes",
+        "cleanup",
+        "synchronize",
+    ):
+        if not callable(getattr(memory, name, None)):
+            raise TypeError(f"memory must be a MemoryBackend (method {name}() is missing), got {memory!r}")
+    memory.cleanup()
+    total = int(memory.total_bytes())
+    capacity = int(memory.used_bytes() + memory.free_bytes())
+    notes: list[str] = []
+    if cfg.memory_budget is not None and cfg.memory_budget > total:
+        raise ValueError(
+            f"memory_budget={cfg.memory_budget} bytes ({cfg.memory_budget / 2**30:.2f} GiB) is larger than"
+            f" the device ({total} bytes, {total / 2**30:.2f} GiB on {memory!r}); give a budget <= the device"
+            " size, or None for all the memory this process can get"
+        )
+    budget = capacity if cfg.memory_budget is None else min(cfg.memory_budget, capacity)
+    if cfg.memory_budget is not None and cfg.memory_budget > capacity:
+        notes.append(
+            f"memory_budget {cfg.memory_budget / MiB:,.0f} MiB exceeds what this process can get now"
+            f" ({capacity / MiB:,.0f} MiB; other processes hold the rest): searched within the latter"
+        )
+    target = budget - cfg.headroom
+    if target <= memory.used_bytes():
+        raise ValueError(
+            f"the search target (budget {budget} - headroom {cfg.headroom} = {target} bytes) leaves nothing"
+            f" above what is already in use ({memory.used_bytes()} bytes): lower headroom or raise"
+            " memory_budget"
+        )
+
+    def run(size: int, calls: int, kind: str) -> Probe:
+        t0 = time.perf_counter()
+
+        def attempt() -> tuple[int, int | None]:
+            args, kwargs = build_batch(make, size, _WHERE)
+            for _ in range(calls - 1):
+                step(*args, **kwargs)
+            memory.synchronize()
+            memory.cleanup()  # cached blocks of the earlier calls (e.g. autotune workspaces) must not count
+            memory.reset_peak()
+            out = step(*args, **kwargs)
+            memory.synchronize()
+            del out, args, kwargs
+            return int(memory.peak_bytes()), memory.peak_allocated_bytes()
+
+        peaks, failure = run_guarded(attempt, size, _WHERE, memory.cleanup)
+        if failure is not None:
+            return Probe(size, "oom", None, time.perf_counter() - t0, kind, message=oom_text(failure))
+        memory.cleanup()
+        peak, peak_alloc = peaks
+        status = "ok" if peak <= target else "over_budget"
+        return Probe(size, status, peak, time.perf_counter() - t0, kind, peak_alloc)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_probes + 1, desc=_WHERE, unit="probe", disable=not cfg.progress, leave=False)
+    with bar:
+        warm = run(cfg.start, cfg.warmup, "warmup")
+        bar.update(1)
+        if not warm.ok:
+            used = (
+                "ran out of memory" if warm.status == "oom" else f"peaked at {warm.peak_bytes / MiB:,.0f} MiB"
+            )
+            raise ValueError(
+                f"{_WHERE}: the step does not fit even at the warm-up batch size start={cfg.start}: it"
+                f" {used}, the target is {target / MiB:,.0f} MiB (budget {budget / MiB:,.0f} MiB - headroom"
+                f" {cfg.headroom / MiB:,.0f} MiB). Lower `start`, the headroom, or the step's memory."
+            )
+        baseline = int(memory.allocated_bytes())
+        search = _Search(cfg, target, base_bytes=int(memory.used_bytes()))
+        search.probes.append(warm)
+        limited_by = "max_probes"
+        while True:
+            size, why = search.next_size()
+            if size is None:
+                limited_by = why
+                break
+            if search.num_probes >= cfg.max_probes:
+                break
+            probe = run(size, cfg.calls_per_probe, "probe")
+            search.probes.append(probe)
+            search.failures_in_a_row = 0 if probe.ok else search.failures_in_a_row + 1
+            bar.update(1)
+            bar.set_postfix_str(f"{why} {size}: {probe.status}")
+    final = int(memory.allocated_bytes())
+    returned = final <= baseline + memory.baseline_slack
+    if not returned:
+        notes.append(
+            f"live memory did not return to its baseline: {final / MiB:,.1f} MiB after the search against"
+            f" {baseline / MiB:,.1f} MiB after warm-up (does the step keep references to its batches?)"
+        )
+    lo = search.lo
+    if limited_by == "max_probes":
+        hi = search.hi
+        notes.append(
+            f"stopped after max_probes={cfg.max_probes}; the maximum lies in [{lo.size}, "
+            f"{hi.size - 1 if hi else 'above'}]"
+        )
+    return MaxBatchResult(
+        size=lo.size,
+        model=search.model(),
+        probes=search.probes,
+        budget_bytes=int(budget),
+        target_bytes=int(target),
+        headroom_bytes=cfg.headroom,
+        capacity_bytes=capacity,
+        total_bytes=total,
+        limited_by=limited_by,
+        baseline_bytes=baseline,
+        final_bytes=final,
+        memory_returned=returned,
+        backend=getattr(memory, "name", type(memory).__name__),
+        seconds=time.perf_counter() - t_start,
+        notes=notes,
+    )

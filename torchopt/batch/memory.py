@@ -1,0 +1,249 @@
+"""Memory backends for the batch-size search, and the out-of-memory classification.
+
+A backend measures one device's memory in the units the search budgets in:
+
+- `CudaMemory`: the caching allocator's *reserved* bytes (what the driver sees, fragmentation included), its
+  peak via ``torch.cuda.max_memory_reserved`` after ``reset_peak_memory_stats``, and what this process can
+  still get from ``torch.cuda.mem_get_info`` (so other processes count) capped by
+  ``torch.cuda.set_per_process_memory_fraction`` when one is set.
+- `CpuRssMemory`: this process's resident set size (``VmRSS``), its peak (``VmHWM``, reset by writing ``5`` to
+  ``/proc/self/clear_refs``) and ``MemAvailable``. Linux only. The CPU has no allocator that fails at a
+  budget, so on CPU a size "fails" when its measured peak exceeds the budget.
+
+Any object with the same methods works (`MemoryBackend`); the tests drive the search with a simulated one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "CpuRssMemory",
+    "CudaMemory",
+    "MemoryBackend",
+    "is_out_of_memory",
+    "memory_backend",
+    "release_memory",
+]
+
+# Allocation failures that bypass the caching allocator (cuBLAS/cuDNN handles and workspaces, raw cudaMalloc,
+# the CPU allocator) surface as plain RuntimeErrors with these messages instead of torch.OutOfMemoryError.
+OOM_MESSAGES = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "DEVICE_ALLOCATION_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when `exc` (or one it was raised from, e.g. inside torch.compile) is an allocation failure.
+
+    ``torch.OutOfMemoryError`` is recognized by type; `OOM_MESSAGES` covers the library paths that raise a
+    plain RuntimeError. Any other error is a real failure of the step and must not be taken for "too large".
+    """
+    seen = 0
+    while exc is not None and seen < 8:  # the cause chain is short; the bound guards against cycles
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Free what dead tensors held: collect reference cycles, then return CUDA's cached blocks.
+
+    Call it after leaving an ``except`` block, never inside one (the traceback keeps the tensors alive).
+    """
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """What the search needs from a device: sizes in bytes, a resettable peak and a cleanup."""
+
+    name: str
+    # Bytes `allocated_bytes()` may stay above its baseline after a search and still count as returned.
+    baseline_slack: int
+
+    def free_bytes(self) -> int:
+        """Bytes this process could still obtain (other processes and limits count)."""
+
+    def used_bytes(self) -> int:
+        """Bytes this process holds now, in the units of `peak_bytes` (so capacity = used + free)."""
+
+    def allocated_bytes(self) -> int:
+        """Bytes held by live tensors now (the baseline check compares this before and after)."""
+
+    def total_bytes(self) -> int:
+        """Size of the device (a budget above it is an error)."""
+
+    def reset_peak(self) -> None: ...
+
+    def peak_bytes(self) -> int:
+        """Peak of `used_bytes()` since `reset_peak()`."""
+
+    def peak_allocated_bytes(self) -> int | None:
+        """Peak of live tensor bytes since `reset_peak()`, when it differs from `peak_bytes` (else None)."""
+
+    def cleanup(self) -> None:
+        """Return freed memory (call outside any ``except`` block: a live traceback pins the tensors)."""
+
+    def synchronize(self) -> None: ...
+
+
+class CudaMemory:
+    """One CUDA device through the caching allocator (see the module docstring)."""
+
+    name = "cuda"
+    baseline_slack = 0
+
+    def __init__(self, device: torch.device | str | int | None = None):
+        if not torch.cuda.is_available():
+            raise ValueError("CudaMemory needs a CUDA device, but torch.cuda.is_available() is False")
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"CudaMemory needs a CUDA device, got {dev}")
+        self.device = torch.device(
+            "cuda", dev.index if dev.index is not None else torch.cuda.current_device()
+        )
+
+    def __repr__(self) -> str:
+        return f"CudaMemory({self.device})"
+
+    def _limit(self, total: int) -> int:
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+        return int(get_fraction(self.device) * total) if get_fraction is not None else total
+
+    def free_bytes(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        # The allocator refuses to reserve past fraction * total even when the driver has more.
+        return max(0, min(free, self._limit(total) - reserved))
+
+    def used_bytes(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def allocated_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def total_bytes(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[1]
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def peak_allocated_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def cleanup(self) -> None:
+        release_memory(self.device)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
+
+
+def _proc_kib(path: Path, key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", path.read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{path} has no {key} line")
+    return int(match.group(1)) * 1024
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    lib = ctypes.CDLL(name) if name else None
+    return getattr(lib, "malloc_trim", None)
+
+
+class CpuRssMemory:
+    """This process's resident memory on Linux (see the module docstring)."""
+
+    name = "cpu-rss"
+    # RSS moves with the interpreter's own heap and glibc arenas; a few MiB of drift is not a leak.
+    baseline_slack = 32 * 2**20
+
+    def __init__(self) -> None:
+        try:
+            _proc_kib(_STATUS, "VmHWM")
+            _CLEAR_REFS.write_text("5")
+        except OSError as exc:
+            raise ValueError(
+                "the CPU memory search reads this process's peak RSS from /proc/self/status and resets it"
+                f" through /proc/self/clear_refs (Linux); that failed here ({exc}). Run the search on CUDA."
+            ) from None
+
+    def __repr__(self) -> str:
+        return "CpuRssMemory()"
+
+    def free_bytes(self) -> int:
+        return _proc_kib(_MEMINFO, "MemAvailable")
+
+    def used_bytes(self) -> int:
+        return _proc_kib(_STATUS, "VmRSS")
+
+    allocated_bytes = used_bytes
+
+    def total_bytes(self) -> int:
+        return _proc_kib(_MEMINFO, "MemTotal")
+
+    def reset_peak(self) -> None:
+        _CLEAR_REFS.write_text("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
+
+    def peak_bytes(self) -> int:
+        return _proc_kib(_STATUS, "VmHWM")
+
+    def peak_allocated_bytes(self) -> int | None:
+        return None
+
+    def cleanup(self) -> None:
+        release_memory()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)  # give glibc's freed arena pages back so RSS reflects live memory
+
+    def synchronize(self) -> None:
+        pass
+
+
+def memory_backend(device: torch.device, memory_budget: int | None) -> MemoryBackend:
+    """The backend for `device`; on CPU only with an explicit budget (the search is CUDA-first)."""
+    if device.type == "cuda":
+        return CudaMemory(device)
+    if device.type == "cpu":
+        if memory_budget is None:
+            cuda = "is available" if torch.cuda.is_available() else "is not available on this machine"
+            raise ValueError(
+                "the memory search measures device memory and is CUDA-only unless a budget is given: the step"
+                f" runs on cpu (CUDA {cuda}). Move the model and inputs to a CUDA device, or pass"
+                " memory_budget=<bytes> to search against this process's peak resident memory (RSS) on CPU."
+            )
+        return CpuRssMemory()
+    raise ValueError(
+        f"the memory search supports CUDA devices (and CPU with memory_budget), but the step runs on {device}"
+    )

@@ -1,0 +1,356 @@
+"""The recipe engine: `optimize(model, recipe, inputs=...)` → `OptimizedModule`.
+
+The user's module is never modified: the engine works on a deep copy, runs the recipe's steps on it in order
+(each step's handler lives next to its config in `torchopt.recipes`), compiles one runner per input profile,
+checks accuracy against the original, and measures latency before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchopt.accuracy import AccuracyMetrics, compare_outputs
+from torchopt.config import check_type
+from torchopt.inputs import InputSpec, bind_call, check_signature, normalize_profiles, select_profile
+from torchopt.recipe import Recipe, get_handler
+from torchopt.report import OptimizeReport, StepRecord
+
+__all__ = ["AccuracyError", "OptimizedModule", "StepContext", "load", "optimize", "resolve_recipe"]
+
+
+class AccuracyError(RuntimeError):
+    """The optimized module misses the recipe's accuracy tolerances; `.report` holds the figures."""
+
+    def __init__(self, message: str, report: OptimizeReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclasses.dataclass
+class StepContext:
+    """State shared by the steps of one `optimize` call. Handlers mutate `model` (a private copy)."""
+
+    model: torch.nn.Module
+    profiles: list[list[InputSpec]]
+    device: torch.device
+    calib_data: Any
+    report: OptimizeReport
+    progress: bool = True
+    dtype: torch.dtype = torch.float32
+    quantized: bool = False
+    cast_outputs: bool = True
+    runners: list[Callable[..., Any]] | None = None
+    validate_config: Any = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the current step's report entries
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)  # what steps hand to later steps
+
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            print(f"[torchopt] {text}", file=sys.stderr, flush=True)
+
+    def set_precision(self, name: str, why: str) -> None:
+        from torchopt.recipes.cast import PRECISIONS  # noqa: PLC0415
+
+        self.report.precision, self.report.precision_reason = name, why
+        if name in PRECISIONS:
+            self.dtype = PRECISIONS[name]
+
+    def set_backend(self, name: str, why: str) -> None:
+        self.report.backend, self.report.backend_reason = name, why
+
+    def adapt(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs as the prepared module expects them: on its device, floats in its compute dtype."""
+        return [
+            a.to(self.device, self.dtype) if a.is_floating_point() and not self.quantized else a.to(self.device)
+            for a in args
+        ]
+
+    def example_inputs(self, profile_index: int = 0, which: str = "opt", seed: int = 0) -> list[torch.Tensor]:
+        """Seeded random inputs at a profile point, adapted to the prepared module."""
+        specs = self.profiles[profile_index]
+        return self.adapt([s.example(which, seed=seed + i) for i, s in enumerate(specs)])
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
+    """A Recipe from a Recipe, a built-in name, a YAML path or a dict."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        text = os.fspath(recipe)
+        if text.endswith((".yaml", ".yml")) or os.sep in text:
+            return Recipe.from_yaml(text)
+        from torchopt import recipes  # noqa: PLC0415
+
+        return recipes.get(text)
+    raise TypeError(
+        f"recipe must be a Recipe, a built-in recipe name, a YAML path or a dict, got {type(recipe).__name__}"
+    )
+
+
+def _resolve_device(device: Any, model: torch.nn.Module) -> torch.device:
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    check_type("device", device, (str, torch.device), "a torch.device or a device string")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a valid device string ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def _batches(calib_data: Any, profiles: list[list[InputSpec]], n: int) -> Iterable[list[torch.Tensor]]:
+    """Validation batches: calibration batches first, then random examples at the profile points."""
+    count = 0
+    if calib_data is not None and not callable(calib_data):
+        for batch in calib_data:
+            if isinstance(batch, torch.Tensor):
+                batch = [batch]
+            elif isinstance(batch, dict):
+                batch = [batch[s.name] for s in profiles[0]]
+            elif isinstance(batch, (list, tuple)):
+                batch = list(batch)[: len(profiles[0])]
+            else:
+                continue
+            try:
+                select_profile(profiles, batch)
+            except (ValueError, TypeError):
+                continue  # a calibration batch outside the profiles cannot be run by the optimized module
+            yield batch
+            count += 1
+            if count >= n:
+                return
+    points = ["opt", "max", "min"]
+    for i, (p, which) in enumerate(itertools.product(range(len(profiles)), points)):
+        if count >= n:
+            return
+        yield [s.example(which, seed=1000 + 17 * i + j) for j, s in enumerate(profiles[p])]
+        count += 1
+
+
+class OptimizedModule(torch.nn.Module):
+    """The optimized model: a callable `nn.Module` with `.report`, `.recipe`, `.profiles` and `.save()`.
+
+    Calls are checked against the input profiles before any backend sees them, dispatched to the runner of
+    the matching profile, and floating inputs are cast to the compute precision (outputs back to float32
+    when the recipe's cast step says so).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        runners: list[Callable[..., Any]],
+        profiles: list[list[InputSpec]],
+        recipe: Recipe,
+        report: OptimizeReport,
+        ctx: StepContext,
+    ):
+        super().__init__()
+        self.module = module
+        self._runners = runners
+        self.profiles = profiles
+        self.recipe = recipe
+        self.report = report
+        self._device = ctx.device
+        self._dtype = ctx.dtype
+        self._quantized = ctx.quantized
+        self._cast_outputs = ctx.cast_outputs and ctx.dtype != torch.float32
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name!r}, backend={self.report.backend!r}, precision={self.report.precision!r}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        profile0 = self.profiles[0]
+        inputs = bind_call(profile0, args, kwargs)
+        for spec, value in zip(profile0, inputs, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+            if value.device.type != self._device.type:
+                raise ValueError(
+                    f"input {spec.name!r} is on {value.device}, the optimized module runs on {self._device};"
+                    f" move it with .to({str(self._device)!r})"
+                )
+        index = select_profile(self.profiles, inputs)
+        for spec, value in zip(self.profiles[index], inputs, strict=True):
+            if value.is_floating_point() != spec.torch_dtype.is_floating_point:
+                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
+        if not self._quantized:
+            inputs = [a.to(self._dtype) if a.is_floating_point() else a for a in inputs]
+        # Runners were compiled under no_grad; calling them with grad enabled would change dynamo's global
+        # state guard and recompile. The optimized module is for inference.
+        with torch.no_grad():
+            out = self._runners[index](*inputs)
+        return _cast_floats(out, torch.float32) if self._cast_outputs else out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the prepared module, the recipe and the profiles; `torchopt.load(path)` rebuilds it."""
+        from torchopt import saving  # noqa: PLC0415
+
+        return saving.save(self, path)
+
+
+def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):
+        return type(out)(_cast_floats(o, dtype) for o in out)
+    if isinstance(out, dict):
+        return {k: _cast_floats(v, dtype) for k, v in out.items()}
+    return out
+
+
+def _environment(device: torch.device) -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def _measure(fn: Callable[..., Any], args: list[torch.Tensor], cfg: Any) -> dict[str, Any]:
+    from torchopt.profile import latency  # noqa: PLC0415
+
+    with torch.no_grad():
+        return latency(fn, *args, warmup=cfg.warmup, iters=cfg.iters, batch_size=args[0].shape[0]).to_dict()
+
+
+def _check_accuracy(reference, optimized, ctx: StepContext, cfg: Any) -> None:
+    report = ctx.report
+    metrics = []
+    with torch.no_grad():
+        for batch in _batches(ctx.calib_data, ctx.profiles, cfg.batches):
+            ref_args = [a.to(ctx.device) for a in batch]
+            metrics.append(compare_outputs(reference(*ref_args), optimized(*ref_args)))
+    merged = AccuracyMetrics.merge(metrics)
+    precision = "quantized" if ctx.quantized else report.precision
+    limits = cfg.limits(precision)
+    report.accuracy, report.tolerances = merged.to_dict(), limits
+    failures = []
+    if "max_abs" in limits and merged.max_abs > limits["max_abs"]:
+        failures.append(f"max |Δ| {merged.max_abs:.4g} > {limits['max_abs']}")
+    if merged.cosine < limits["min_cosine"]:
+        failures.append(f"cosine {merged.cosine:.6f} < {limits['min_cosine']}")
+    if merged.sqnr_db < limits["min_sqnr_db"]:
+        failures.append(f"SQNR {merged.sqnr_db:.2f} dB < {limits['min_sqnr_db']} dB")
+    if "min_top1" in limits and merged.top1_agreement is not None and merged.top1_agreement < limits["min_top1"]:
+        failures.append(f"top-1 agreement {merged.top1_agreement:.4f} < {limits['min_top1']}")
+    report.accuracy_passed = not failures
+    if failures:
+        raise AccuracyError(
+            f"recipe {report.recipe!r} ({report.backend}, {report.precision}) misses its accuracy tolerances on"
+            f" {merged.samples} samples: {'; '.join(failures)}. The original module is unchanged; loosen the"
+            " recipe's `validate` step or keep sensitive layers in higher precision.",
+            report,
+        )
+
+
+def optimize(
+    model: torch.nn.Module,
+    recipe: Recipe | str | os.PathLike | dict = "default",
+    *,
+    inputs: Any,
+    calib_data: Any = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> OptimizedModule:
+    """Apply a recipe to a copy of `model` and return the optimized, validated module.
+
+    Args:
+        model: the trained module (left unchanged).
+        recipe: a `Recipe`, a built-in name (`torchopt.recipes.available()`), a YAML path or a dict.
+        inputs: the forward's inputs as `InputSpec`s (one profile), or a list of profiles.
+        calib_data: batches for calibration and validation (an iterable of tensors/tuples/dicts).
+        device: where to optimize and run; default CUDA when available, else CPU.
+        progress: print progress of long steps to stderr.
+
+    Example::
+
+        spec = torchopt.InputSpec("x", min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
+        fast = torchopt.optimize(model, "default", inputs=[spec])
+        print(fast.report)
+        y = fast(x)
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    recipe = resolve_recipe(recipe)
+    profiles = normalize_profiles(inputs)
+    check_signature(model, profiles[0])
+    dev = _resolve_device(device, model)
+    check_type("progress", progress, bool)
+
+    report = OptimizeReport(recipe=recipe.name, device=str(dev), environment=_environment(dev))
+    report.profiles = [[s.to_dict() for s in p] for p in profiles]
+    if model.training:
+        report.notes.append("the model was in training mode; the optimized copy runs in eval mode")
+    reference = copy.deepcopy(model).eval().to(dev)
+    work = copy.deepcopy(model).eval().to(dev)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    ctx = StepContext(
+        model=work, profiles=profiles, device=dev, calib_data=calib_data, report=report, progress=progress
+    )
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    validate_cfg = recipe.step("validate")
+    if validate_cfg is None:
+        from torchopt.recipes.validate import ValidateConfig  # noqa: PLC0415
+
+        validate_cfg = ValidateConfig()
+    if validate_cfg.measure_latency:
+        ctx.log("measuring the original module's latency")
+        report.latency_before = _measure(reference, ctx.example_inputs(which="opt"), validate_cfg)
+
+    for i, step in enumerate(recipe.steps):
+        ctx.log(f"step {i + 1}/{len(recipe.steps)}: {step.step}")
+        ctx.details = {}
+        t0 = time.perf_counter()
+        get_handler(step)(step, ctx)
+        report.steps.append(StepRecord(step.step, time.perf_counter() - t0, dict(ctx.details)))
+    runners = ctx.runners or [work for _ in profiles]
+    optimized = OptimizedModule(work, runners, profiles, recipe, report, ctx)
+
+    if validate_cfg.enabled:
+        ctx.log("checking accuracy against the original module")
+        _check_accuracy(reference, optimized, ctx, validate_cfg)
+    if validate_cfg.measure_latency:
+        ctx.log("measuring the optimized module's latency")
+        report.latency_after = _measure(
+            optimized, [s.example("opt", seed=0).to(dev) for s in profiles[0]], validate_cfg
+        )
+    if dev.type == "cuda":
+        report.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
+    report.optimize_seconds = time.perf_counter() - t_start
+    return optimized
+
+
+def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -> OptimizedModule:
+    """Load what `OptimizedModule.save` wrote, rebuilding the compiled runners.
+
+    Example::
+
+        fast.save("resnet.torchopt")
+        fast = torchopt.load("resnet.torchopt")
+    """
+    from torchopt import saving  # noqa: PLC0415
+
+    return saving.load(path, device=device)

@@ -1,0 +1,378 @@
+"""Model inputs: `InputSpec` (one input, static or with a dynamic min/opt/max profile) and shape checks.
+
+A *profile* is a list of `InputSpec`s, one per forward argument. Several profiles can cover distinct shape
+regimes (e.g. batch 1–8 and 9–64); the optimized module dispatches each call to the profile that contains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchopt.config import ConfigBase, check_choice, check_type
+
+__all__ = [
+    "DTYPES",
+    "WHICH",
+    "InputSpec",
+    "bind_call",
+    "check_signature",
+    "normalize_profiles",
+    "parse_input_spec",
+    "select_profile",
+]
+
+# Names accepted for `InputSpec.dtype`; serialized as these strings.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+# Profile points at which examples are drawn.
+WHICH = ["min", "min+1", "opt", "max-1", "max"]
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "long": "int64"}
+
+
+def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, dt in DTYPES.items():
+            if dt == dtype:
+                return name
+        raise ValueError(f"dtype {dtype} is not supported; expected one of {list(DTYPES)}")
+    check_type("dtype", dtype, (str, torch.dtype), "a torch.dtype or a dtype name")
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
+    check_choice("dtype", dtype, list(DTYPES))
+    return dtype
+
+
+def _shape(name: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    check_type(name, value, (list, tuple), "a sequence of ints")
+    for i, d in enumerate(value):
+        check_type(f"{name}[{i}]", d, int)
+        if d <= 0:
+            raise ValueError(f"{name}[{i}] must be > 0, got {d} in {tuple(value)}")
+    return tuple(value)
+
+
+@dataclasses.dataclass
+class InputSpec(ConfigBase):
+    """One model input: a name, a dtype and a static `shape` or a dynamic `min`/`opt`/`max` profile.
+
+    Dims where `min != max` are dynamic; `opt` is the size the backends tune for. `dim_names` ties dynamic
+    dims across inputs (e.g. ``{0: "batch"}`` on every input makes their batch dims one symbol).
+
+    Example::
+
+        torchopt.InputSpec("x", min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
+        torchopt.InputSpec("input_ids", dtype="int64", min=(1, 16), opt=(4, 128), max=(8, 512),
+                           value_range=(0, 30522))
+    """
+
+    name: str
+    shape: tuple[int, ...] | None = None
+    min: tuple[int, ...] | None = None
+    opt: tuple[int, ...] | None = None
+    max: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    dim_names: dict[int, str] | None = None
+    # Range of the random example values: floats are drawn uniformly, ints in [low, high).
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_type("InputSpec.name", self.name, str)
+        if not self.name.isidentifier():
+            raise ValueError(f"InputSpec.name must be a Python identifier (a forward argument), got {self.name!r}")
+        self.dtype = _dtype_name(self.dtype)
+        where = f"InputSpec {self.name!r}"
+        self.shape = _shape(f"{where}.shape", self.shape)
+        self.min = _shape(f"{where}.min", self.min)
+        self.opt = _shape(f"{where}.opt", self.opt)
+        self.max = _shape(f"{where}.max", self.max)
+        if self.shape is not None:
+            if any(v is not None for v in (self.min, self.opt, self.max)):
+                raise ValueError(f"{where}: give either shape=... or min/opt/max, not both")
+            self.min = self.opt = self.max = self.shape
+        else:
+            if self.min is None or self.max is None:
+                raise ValueError(f"{where}: needs shape=... or both min=... and max=... (opt optional)")
+            if self.opt is None:
+                # Torch-TensorRT's default (min + max) / 2 can exceed max on odd ranges; clamp explicitly.
+                self.opt = tuple(min(mx, (mn + mx + 1) // 2) for mn, mx in zip(self.min, self.max, strict=False))
+        ranks = {"min": len(self.min), "opt": len(self.opt), "max": len(self.max)}
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"{where}: min/opt/max must have the same rank, got ranks {ranks}")
+        for i, (mn, op, mx) in enumerate(zip(self.min, self.opt, self.max, strict=True)):
+            if not mn <= op <= mx:
+                raise ValueError(
+                    f"{where}: dim {i} needs min <= opt <= max, got min={mn}, opt={op}, max={mx}"
+                    f" (min={self.min}, opt={self.opt}, max={self.max})"
+                )
+        self.shape = self.min if self.min == self.max else None
+        if self.dim_names is not None:
+            check_type(f"{where}.dim_names", self.dim_names, dict)
+            self.dim_names = {int(k): v for k, v in self.dim_names.items()}
+            for d, n in self.dim_names.items():
+                if not 0 <= d < len(self.min):
+                    raise ValueError(f"{where}.dim_names: dim {d} is outside rank {len(self.min)}")
+                if d not in self.dynamic_dims:
+                    raise ValueError(f"{where}.dim_names: dim {d} is static (min == max), only dynamic dims are named")
+                check_type(f"{where}.dim_names[{d}]", n, str)
+        if self.value_range is not None:
+            check_type(f"{where}.value_range", self.value_range, (list, tuple), "a (low, high) pair")
+            lo, hi = self.value_range
+            if not lo < hi:
+                raise ValueError(f"{where}.value_range needs low < high, got {tuple(self.value_range)}")
+            self.value_range = (lo, hi)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.shape is not None:  # static: keep the compact form
+            d.update(min=None, opt=None, max=None)
+        return {k: v for k, v in d.items() if v is not None}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def rank(self) -> int:
+        return len(self.min)
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.min != self.max
+
+    @property
+    def dynamic_dims(self) -> list[int]:
+        return [i for i, (a, b) in enumerate(zip(self.min, self.max, strict=True)) if a != b]
+
+    def dim_name(self, dim: int) -> str:
+        """Symbol name of a dynamic dim: from `dim_names` or unique per input and dim."""
+        if self.dim_names and dim in self.dim_names:
+            return self.dim_names[dim]
+        return f"{self.name}_dim{dim}"
+
+    def contains(self, shape: Sequence[int]) -> bool:
+        return len(shape) == self.rank and all(
+            mn <= s <= mx for s, mn, mx in zip(shape, self.min, self.max, strict=True)
+        )
+
+    def check(self, value: Any) -> None:
+        """Raise ValueError/TypeError if `value` does not fit this spec (naming input, dim, value, range)."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"input {self.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        shape = tuple(value.shape)
+        if len(shape) != self.rank:
+            raise ValueError(
+                f"input {self.name!r} has rank {len(shape)} (shape {shape}), the profile expects rank {self.rank}"
+                f" (min {self.min}, max {self.max})"
+            )
+        for i, (s, mn, mx) in enumerate(zip(shape, self.min, self.max, strict=True)):
+            if not mn <= s <= mx:
+                raise ValueError(
+                    f"input {self.name!r} dim {i} is {s}, outside the profile range [{mn}, {mx}]"
+                    f" (shape {shape}; profile min {self.min}, max {self.max})"
+                )
+        if value.dtype.is_floating_point != self.torch_dtype.is_floating_point:
+            raise TypeError(f"input {self.name!r} has dtype {value.dtype}, the spec expects {self.dtype}")
+
+    def shape_at(self, which: str) -> tuple[int, ...]:
+        """The shape at a profile point: 'min', 'opt', 'max', or 'min+1' / 'max-1' (dynamic dims moved one
+        step inside the range, where dynamo's size specializations end)."""
+        check_choice("which", which, WHICH)
+        if which in ("min", "opt", "max"):
+            return getattr(self, which)
+        base, step = (self.min, 1) if which == "min+1" else (self.max, -1)
+        return tuple(
+            min(mx, max(mn, b + step)) if mn != mx else b for b, mn, mx in zip(base, self.min, self.max, strict=True)
+        )
+
+    def example(self, which: str = "opt", device: torch.device | str | None = None, *, seed: int | None = None):
+        """A random tensor at a profile point (see `shape_at`); seeded when `seed` is given."""
+        shape = self.shape_at(which)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        dt = self.torch_dtype
+        if dt.is_floating_point:
+            lo, hi = self.value_range or (-1.0, 1.0)
+            t = torch.rand(shape, generator=gen) * (hi - lo) + lo
+        elif dt == torch.bool:
+            t = torch.rand(shape, generator=gen) > 0.5
+        else:
+            lo, hi = self.value_range or (0, 256 if dt == torch.uint8 else 100)
+            t = torch.randint(int(lo), int(hi), shape, generator=gen)
+        return t.to(device=device, dtype=dt)
+
+
+def normalize_profiles(inputs: Any) -> list[list[InputSpec]]:
+    """Accept an InputSpec, a list of them (one profile), or a list of lists (several profiles)."""
+    if isinstance(inputs, InputSpec):
+        return [[inputs]]
+    if isinstance(inputs, Mapping):
+        inputs = [inputs]
+    check_type("inputs", inputs, (list, tuple), "an InputSpec, a list of InputSpecs or a list of profiles")
+    if not inputs:
+        raise ValueError("inputs must name at least one InputSpec, got an empty list")
+    if all(isinstance(p, (list, tuple)) for p in inputs):
+        profiles = [[_as_spec(s, f"inputs[{i}][{j}]") for j, s in enumerate(p)] for i, p in enumerate(inputs)]
+    else:
+        profiles = [[_as_spec(s, f"inputs[{j}]") for j, s in enumerate(inputs)]]
+    names = [s.name for s in profiles[0]]
+    for i, prof in enumerate(profiles):
+        if not prof:
+            raise ValueError(f"inputs profile {i} is empty")
+        pn = [s.name for s in prof]
+        if len(set(pn)) != len(pn):
+            raise ValueError(f"inputs profile {i} names an input twice: {pn}")
+        if pn != names:
+            raise ValueError(f"every profile must name the same inputs in order: profile 0 has {names}, {i} has {pn}")
+        for s, s0 in zip(prof, profiles[0], strict=True):
+            if s.rank != s0.rank or s.dtype != s0.dtype:
+                raise ValueError(f"input {s.name!r} differs in rank or dtype between profile 0 and profile {i}")
+    _check_no_overlap(profiles)
+    for i, prof in enumerate(profiles):
+        _check_tied_dims(prof, i)
+    return profiles
+
+
+def _check_tied_dims(profile: list[InputSpec], index: int) -> None:
+    """Dims that share a name must share min/opt/max, or the examples and the backends disagree."""
+    seen: dict[str, tuple[str, int, tuple[int, int, int]]] = {}
+    for s in profile:
+        for d in s.dynamic_dims:
+            rng = (s.min[d], s.opt[d], s.max[d])
+            name = s.dim_name(d)
+            if name in seen and seen[name][2] != rng:
+                other, od, orng = seen[name]
+                raise ValueError(
+                    f"profile {index}: dim {name!r} is shared by {other!r} dim {od} with min/opt/max {orng}"
+                    f" and {s.name!r} dim {d} with {rng}; shared dims need the same range"
+                )
+            seen.setdefault(name, (s.name, d, rng))
+
+
+def _as_spec(value: Any, where: str) -> InputSpec:
+    if isinstance(value, InputSpec):
+        return value
+    if isinstance(value, Mapping):
+        return InputSpec.from_dict(dict(value), where=where)
+    if isinstance(value, str):
+        return parse_input_spec(value)
+    raise TypeError(f"{where} must be an InputSpec, a dict or a spec string, got {type(value).__name__} {value!r}")
+
+
+def _check_no_overlap(profiles: list[list[InputSpec]]) -> None:
+    for i in range(len(profiles)):
+        for j in range(i + 1, len(profiles)):
+            overlap = all(
+                all(max(a0, b0) <= min(a1, b1) for a0, a1, b0, b1 in zip(a.min, a.max, b.min, b.max, strict=True))
+                for a, b in zip(profiles[i], profiles[j], strict=True)
+            )
+            if overlap:
+                ranges = [(s.name, s.min, s.max) for s in profiles[i] + profiles[j]]
+                raise ValueError(f"profiles {i} and {j} overlap (a shape would fit both): {ranges}")
+
+
+def select_profile(profiles: list[list[InputSpec]], args: Sequence[torch.Tensor]) -> int:
+    """Index of the profile that contains every argument's shape; a clear ValueError when none does."""
+    for i, prof in enumerate(profiles):
+        if all(s.contains(tuple(a.shape)) for s, a in zip(prof, args, strict=True)):
+            return i
+    if len(profiles) == 1:
+        for s, a in zip(profiles[0], args, strict=True):
+            s.check(a)  # raises with the dim, value and range
+    shapes = {s.name: tuple(a.shape) for s, a in zip(profiles[0], args, strict=True)}
+    ranges = [{s.name: (s.min, s.max) for s in p} for p in profiles]
+    raise ValueError(f"input shapes {shapes} fit none of the {len(profiles)} profiles: {ranges}")
+
+
+def _forward_params(model: torch.nn.Module) -> list[inspect.Parameter]:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return list(sig.parameters.values())
+
+
+def check_signature(model: torch.nn.Module, profile: list[InputSpec]) -> None:
+    """Check that the specs name the forward arguments in order and cover every required one."""
+    params = _forward_params(model)
+    if not params or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return  # *args forward: nothing to check by name
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    given = [s.name for s in profile]
+    if len(given) > len(names):
+        raise ValueError(
+            f"inputs name {len(given)} inputs {given}, but {type(model).__name__}.forward takes"
+            f" {len(names)} positional arguments {names}"
+        )
+    for i, (g, n) in enumerate(zip(given, names, strict=False)):
+        if g != n:
+            raise ValueError(
+                f"inputs[{i}] is named {g!r} but {type(model).__name__}.forward's argument {i} is {n!r};"
+                f" expected inputs named {names[: len(given)]}"
+            )
+    missing = [p.name for p in positional[len(given) :] if p.default is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"inputs do not cover required forward arguments {missing} of {type(model).__name__}")
+
+
+def bind_call(profile: list[InputSpec], args: tuple, kwargs: dict) -> list[Any]:
+    """Map a call's positional and keyword arguments onto the profile's input order."""
+    names = [s.name for s in profile]
+    if len(args) > len(names):
+        raise TypeError(f"expected at most {len(names)} inputs {names}, got {len(args)} positional arguments")
+    out: dict[str, Any] = dict(zip(names, args, strict=False))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"unexpected input {k!r}; the inputs are {names}")
+        if k in out:
+            raise TypeError(f"input {k!r} given twice (positionally and by name)")
+        out[k] = v
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise TypeError(f"missing inputs {missing}; the inputs are {names}")
+    return [out[n] for n in names]
+
+
+_SPEC_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(?::(?P<dtype>\w+))?=(?P<shape>.+)$")
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse a CLI spec: ``name[:dtype]=D0xD1x...`` where a dim is ``N`` or ``MIN-OPT-MAX`` / ``MIN-MAX``.
+
+    Example: ``x=1-8-32x3x224x224``, ``ids:int64=1-4-8x16-128-512``.
+    """
+    check_type("input spec", text, str)
+    m = _SPEC_RE.match(text.strip())
+    if not m:
+        raise ValueError(
+            f"input spec {text!r} is not of the form name[:dtype]=DIMxDIMx..., a DIM being N or MIN-OPT-MAX"
+            " (e.g. 'x=1-8-32x3x224x224')"
+        )
+    mins, opts, maxs = [], [], []
+    for part in m["shape"].split("x"):
+        nums = part.split("-")
+        if not all(n.isdigit() for n in nums) or len(nums) not in (1, 2, 3):
+            raise ValueError(f"input spec {text!r}: dim {part!r} must be N, MIN-MAX or MIN-OPT-MAX")
+        vals = [int(n) for n in nums]
+        lo, hi = vals[0], vals[-1]
+        mid = vals[1] if len(vals) == 3 else (lo if len(vals) == 1 else min(hi, (lo + hi + 1) // 2))
+        mins.append(lo)
+        opts.append(mid)
+        maxs.append(hi)
+    return InputSpec(m["name"], min=tuple(mins), opt=tuple(opts), max=tuple(maxs), dtype=m["dtype"] or "float32")

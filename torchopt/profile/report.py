@@ -1,0 +1,328 @@
+"""Reports: JSON and Markdown renderings of latency, trace and memory results, and the run's environment.
+
+`ProfileReport` collects named latency results (e.g. ``{"eager": ..., "optimized": ...}``), an optional trace
+summary, memory report and figure paths, and saves them as ``<stem>.json`` and ``<stem>.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchopt.config import check_type
+
+if TYPE_CHECKING:
+    from torchopt.profile.latency import LatencyResult
+    from torchopt.profile.memory import MemoryReport
+    from torchopt.profile.trace import TraceResult
+
+__all__ = [
+    "ProfileReport",
+    "check_output_dir",
+    "check_output_file",
+    "environment",
+    "fmt_bytes",
+    "latency_markdown",
+    "memory_markdown",
+    "trace_markdown",
+    "write_json",
+]
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "out_dir") -> Path:
+    """Create `path` if needed and check that files can be written in it; ValueError naming `name` if not."""
+    check_type(name, path, (str, os.PathLike), "a directory path")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{name} {os.fspath(path)!r} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name} {os.fspath(path)!r} cannot be created: {exc}") from exc
+    probe = p / f".torchopt-write-test-{os.getpid()}"
+    try:  # os.access lies for root and on some network file systems: try for real
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{name} {os.fspath(path)!r} is not writable: {exc}") from exc
+    return p
+
+
+def check_output_file(path: str | os.PathLike, name: str = "path") -> Path:
+    """Check that `path` can be written as a file (its directory is created if needed)."""
+    check_type(name, path, (str, os.PathLike), "a file path")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name} {os.fspath(path)!r} is a directory, expected a file path")
+    check_output_dir(p.parent if str(p.parent) else ".", f"the directory of {name}")
+    return p
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: dataclasses via to_dict, non-finite floats as None, paths as strings."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _plain(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    return value
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` (dicts, lists, dataclasses, results with to_dict) as indented JSON."""
+    p = check_output_file(path, "path")
+    p.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
+    return p
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and date of this run (recorded with every report and benchmark)."""
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "torchopt": _version("torchopt-infer"),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu"] = props.name
+        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+    return env
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    sign = "-" if n < 0 else ""
+    n = abs(float(n))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return f"{sign}{n:.1f} GiB"
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def latency_markdown(results: dict[str, LatencyResult] | LatencyResult) -> str:
+    """A table of latency results; with several, a p50 speed-up column against the first."""
+    from torchopt.profile.latency import LatencyResult
+
+    if isinstance(results, LatencyResult):
+        results = {"run": results}
+    base = next(iter(results.values()), None)
+    rows = []
+    for name, r in results.items():
+        speedup = base.p50_ms / r.p50_ms if base is not None and r.p50_ms > 0 else math.nan
+        rows.append(
+            [
+                name,
+                _ms(r.p50_ms),
+                _ms(r.p90_ms),
+                _ms(r.p99_ms),
+                f"{r.mean_ms:.3f} ± {r.std_ms:.3f}",
+                f"{r.throughput:,.1f} {r.throughput_unit}",
+                f"{speedup:.2f}×",
+                "yes" if r.stable else "**no**",
+                str(r.iters),
+                r.device + (" (graph)" if r.cuda_graph else "") + (" cold-L2" if r.l2 == "cold" else ""),
+            ]
+        )
+    header = ["run", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "throughput", "speed-up (p50)", "stable"]
+    return _table([*header, "iters", "device"], rows)
+
+
+def trace_markdown(res: TraceResult) -> str:
+    """Warnings first, then the overview, the stage table, the slowest stages and the top ops."""
+    out = [f"> **WARNING: {w}**" for w in res.warnings]
+    overview = [
+        f"- active steps: {res.steps}, median step {res.step_ms:.3f} ms,"
+        f" activities {', '.join(res.activities)}",
+        f"- GPU kernels captured: {res.gpu_kernels}"
+        if res.gpu_kernels is not None
+        else "- GPU: not recorded",
+    ]
+    if res.gpu_idle_pct is not None:
+        overview.append(f"- GPU idle: {res.gpu_idle_pct:.1f} % of the active wall time")
+    if res.overhead_pct is not None:
+        overview.append(
+            f"- profiler overhead: {res.overhead_pct:+.1f} % per step"
+            f" (unprofiled median {res.baseline_step_ms:.3f} ms)"
+        )
+    overview.append(f"- post-processing: {res.postprocess_s:.2f} s")
+    if res.trace_path:
+        trunc = " (truncated)" if res.trace_truncated else ""
+        overview.append(f"- Chrome trace: `{res.trace_path}` ({res.trace_mb:.2f} MB JSON{trunc})")
+    out.append("\n".join(overview))
+    if res.stages:
+        rows = [
+            [
+                s.path,
+                str(s.count),
+                _ms(s.mean_ms),
+                _ms(s.p99_ms),
+                _ms(s.total_ms),
+                f"{100 * s.share:.1f} %",
+                _ms(s.device_ms),
+            ]
+            for s in res.stages
+        ]
+        out.append(
+            "### Stages\n\n"
+            + _table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
+        )
+        out.append(
+            "Slowest stages: " + ", ".join(f"`{s.path}` ({s.total_ms:.3f} ms)" for s in res.slowest_stages)
+        )
+    if res.top_ops:
+        gpu = res.gpu_kernels is not None
+        rows = [
+            [f"`{o.name}`", str(o.count), *([_ms(o.self_device_ms)] if gpu else []), _ms(o.self_cpu_ms)]
+            for o in res.top_ops
+        ]
+        title = (
+            "self device time" if res.top_ops_by == "self_device_ms" else "self CPU time (no GPU activity)"
+        )
+        out.append(
+            f"### Top ops by {title}\n\n"
+            + _table(["op", "count", *(["self GPU ms"] if gpu else []), "self CPU ms"], rows)
+        )
+    return "\n\n".join(out)
+
+
+def memory_markdown(rep: MemoryReport) -> str:
+    """Peaks, per-stage peaks and fragmentation of a memory report."""
+    what = "CUDA caching allocator" if rep.device.startswith("cuda") else "process RSS (CPU)"
+    out = [
+        f"- device {rep.device}, measured: {what}",
+        f"- peak allocated {fmt_bytes(rep.peak_allocated_bytes)},"
+        f" peak reserved {fmt_bytes(rep.peak_reserved_bytes)}",
+    ]
+    if rep.history_path:
+        out.append(f"- allocation history: `{rep.history_path}` (open in https://pytorch.org/memory_viz)")
+    text = "\n".join(out)
+    if rep.stages:
+        rows = [
+            [
+                s.path,
+                str(s.count),
+                fmt_bytes(s.peak_allocated_bytes),
+                fmt_bytes(s.peak_reserved_bytes),
+                fmt_bytes(s.peak_increase_bytes),
+                fmt_bytes(s.retained_bytes),
+            ]
+            for s in rep.stages
+        ]
+        header = ["stage", "count", "peak allocated", "peak reserved", "peak above entry", "retained"]
+        text += "\n\n### Memory per stage\n\n" + _table(header, rows)
+    if rep.fragmentation is not None:
+        f = rep.fragmentation
+        text += (
+            f"\n\nFragmentation: reserved − allocated {fmt_bytes(f.reserved_minus_allocated_bytes)}"
+            f" ({f.fragmentation_pct:.1f} % of reserved), inactive split {fmt_bytes(f.inactive_split_bytes)},"
+            f" allocation retries {f.num_alloc_retries}, OOMs {f.num_ooms}"
+        )
+    return text
+
+
+@dataclasses.dataclass
+class ProfileReport:
+    """Everything one profiling run produced; `save` writes ``<stem>.json`` and ``<stem>.md``.
+
+    Example::
+
+        rep = ProfileReport("resnet50", latency={"eager": r0, "compiled": r1}, figures={"latency": "lat.png"})
+        json_path, md_path = rep.save("out/")
+    """
+
+    title: str
+    latency: dict[str, LatencyResult] = dataclasses.field(default_factory=dict)
+    trace: TraceResult | None = None
+    memory: MemoryReport | None = None
+    figures: dict[str, str] = dataclasses.field(default_factory=dict)
+    environment: dict[str, Any] = dataclasses.field(default_factory=environment)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(
+            {
+                "title": self.title,
+                "environment": self.environment,
+                "latency": {k: v.to_dict() for k, v in self.latency.items()},
+                "trace": self.trace.to_dict(events=True) if self.trace is not None else None,
+                "memory": self.memory.to_dict() if self.memory is not None else None,
+                "figures": self.figures,
+                "notes": self.notes,
+            }
+        )
+
+    def to_markdown(self, base_dir: str | os.PathLike | None = None) -> str:
+        env = self.environment
+        device = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('cpu_count')} cores)"
+        parts = [
+            f"# {self.title}",
+            f"{device} · torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date')}",
+        ]
+        parts += [f"> {n}" for n in self.notes]
+        if self.latency:
+            parts.append("## Latency\n\n" + latency_markdown(self.latency))
+        if self.trace is not None:
+            parts.append("## Trace\n\n" + trace_markdown(self.trace))
+        if self.memory is not None:
+            parts.append("## Memory\n\n" + memory_markdown(self.memory))
+        if self.figures:
+            figs = []
+            for name, path in self.figures.items():
+                rel = os.path.relpath(path, base_dir) if base_dir is not None else path
+                figs.append(f"![{name}]({rel})")
+            parts.append("## Figures\n\n" + "\n\n".join(figs))
+        return "\n\n".join(parts) + "\n"
+
+    def save(self, out_dir: str | os.PathLike, stem: str = "report") -> tuple[Path, Path]:
+        """Write ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.md``; returns both paths."""
+        d = check_output_dir(out_dir, "out_dir")
+        check_type("stem", stem, str)
+        json_path = write_json(self.to_dict(), d / f"{stem}.json")
+        md_path = d / f"{stem}.md"
+        md_path.write_text(self.to_markdown(base_dir=d))
+        return json_path, md_path

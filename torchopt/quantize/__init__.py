@@ -1,0 +1,1 @@
+"""torchopt.quantize"""
