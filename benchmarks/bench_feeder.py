@@ -6,7 +6,8 @@ One run measures, side by side on the same GPU:
   pageable → pinned memcpy bandwidth with 1 and N threads, and the preprocessing kernel alone;
 * naive: ``torch.from_numpy(batch).cuda()`` then `preprocess`, per batch (given contiguous batches, its best
   case: no per-frame gathering);
-* `FrameFeeder.put` (frames one by one, as a decoder delivers them) with 1, 2, 4, 8 copy threads;
+* `FrameFeeder.put` (frames one by one, as a decoder delivers them): synchronous (the default, torch's
+  intra-op threads copy each frame) and ``async_copy=True`` with 4, 8 and 16 copy threads;
 * `FrameFeeder.frame_buffer` without any host copy (frames already decoded into the pinned ring): the GPU
   side's ceiling, excluding the decode/copy cost; reported for the analysis, not as the result.
 
@@ -30,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,7 @@ def _median_wall_s(fn, reps: int = 5) -> float:
 
 
 def _host_copy_gbps(src: np.ndarray, dst: np.ndarray, threads: int) -> float:
-    """Pageable → pinned memcpy of one batch, frames split over `threads` threads (as FrameFeeder does)."""
+    """Pageable → pinned memcpy of one batch, its frames spread over `threads` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
@@ -92,7 +94,7 @@ def measure_limits(pool: np.ndarray, threads: list[int]) -> dict[str, Any]:
     pinned_ms = _median_ms(lambda: dev.copy_(pinned, non_blocking=True))
     pageable = torch.from_numpy(batch_np)
     pageable_s = _median_wall_s(lambda: (dev.copy_(pageable), torch.cuda.synchronize()))
-    host = {t: _host_copy_gbps(batch_np, pinned.numpy(), t) for t in threads}
+    host = {t: _host_copy_gbps(batch_np, pinned.numpy(), t) for t in sorted({1, *threads})}
     return {
         "batch_bytes": nbytes,
         "h2d_pinned_gbps": nbytes / pinned_ms / 1e6,
@@ -128,46 +130,51 @@ def run_naive(pool: np.ndarray, transform, batches: int) -> float:
 
 
 def run_feeder(pool: np.ndarray, cfg: FeederConfig, batches: int, mode: str, check: torch.Tensor | None):
-    """Seconds for `batches` batches through a FrameFeeder, and its stats over the timed part."""
-    warmup = 3
-    total = (warmup + batches) * BATCH
-    frames = (pool[i % len(pool)] for i in range(total))
+    """Seconds for `batches` batches through a FrameFeeder, and its stats over the timed part.
+
+    mode "put": a source thread puts pool frames one by one (pageable → pinned copy, then upload).
+    mode "frame_buffer": the first pass puts real frames into every pinned slot; afterwards the "decoder"
+    commits frames in place without writing (no host copy), so only the upload and the GPU work remain.
+    """
+    # Warm-up drains the backlog the producer built while the first batch compiled the kernel: afterwards the
+    # ring holds as much at the end of the timed window as at its start (empty when the producer is the
+    # bottleneck, full when the GPU is), so the window measures the steady state, not a prefilled ring.
+    warmup = cfg.num_slots + cfg.num_outputs + 2
+    pool_frames = (pool[i % len(pool)] for i in itertools.count())
     if mode == "put":
-        feeder = FrameFeeder(cfg, source=frames)
-    else:  # frame_buffer: the "decoder" writes nothing; the pixels put during the first pass stay there
-        feeder = FrameFeeder(cfg, source=itertools.islice(frames, cfg.num_slots * BATCH))
+        skip = 0
+        feeder = FrameFeeder(cfg, source=itertools.islice(pool_frames, (warmup + batches) * BATCH))
+    else:
+        skip = cfg.num_slots
+        feeder = FrameFeeder(cfg)
+
+        def produce():
+            try:
+                for frame in itertools.islice(pool_frames, skip * BATCH):
+                    feeder.put(frame)
+                for _ in range((warmup + batches) * BATCH):
+                    with feeder.frame_buffer():
+                        pass
+            except BaseException as exc:
+                feeder.finish(error=exc)
+            else:
+                feeder.finish()
+
+        threading.Thread(target=produce, daemon=True).start()
     with feeder:
-        if mode == "frame_buffer":
-            for _ in range(cfg.num_slots):  # fill every slot once with real frames, then recycle them
-                next(feeder)
-        for i in range(warmup):
+        for i in range(skip + warmup):
             x = next(feeder)
             if i == 0 and check is not None:  # the benchmark measures the right thing: batch 0 == naive
                 torch.testing.assert_close(x, check, atol=0, rtol=0)
-        if mode == "frame_buffer":
-            import threading
-
-            def produce():
-                for _ in range(batches * BATCH):
-                    with feeder.frame_buffer():
-                        pass
-                feeder.finish()
-
-            producer = threading.Thread(target=produce, daemon=True)
-            producer.start()
         torch.cuda.synchronize()
         before = feeder.stats
         t0 = time.perf_counter()
-        n = 0
         for _ in range(batches):
             next(feeder)
-            n += 1
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         after = feeder.stats
-    stats = {
-        k: round(getattr(after, k) - getattr(before, k), 4) for k in ("put_wait_s", "get_wait_s", "copy_s")
-    }
+    stats = {k: round(getattr(after, k) - getattr(before, k), 4) for k in ("put_wait_s", "get_wait_s", "copy_s")}
     return seconds, stats
 
 
@@ -214,12 +221,12 @@ def to_markdown(res: dict[str, Any]) -> str:
             f"| {c['name']} | {c['fps']:.0f} | {c['gbps']:.1f} | {100 * c['of_pinned']:.0f}% | "
             f"{c['vs_naive']:.2f} | {st.get('get_wait_s', '')} | {st.get('put_wait_s', '')} |"
         )
-    best = res["best_put"]
+    best, default = res["best_put"], res["default_put"]
     verdict = "met" if best["of_pinned"] >= TARGET else "NOT met"
     lines += [
         "",
         f"Target ≥ {TARGET:.0%} of pinned H2D with frames put one by one from pageable memory: {verdict} "
-        f"({best['name']}: {best['of_pinned']:.0%}).",
+        f"({best['name']}: {best['of_pinned']:.0%}; the default synchronous put: {default['of_pinned']:.0%}).",
         "",
     ]
     return "\n".join(lines)
@@ -227,8 +234,8 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=24, help="timed batches per case")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8], help="copy_threads to try")
+    parser.add_argument("--batches", type=int, default=48, help="timed batches per case")
+    parser.add_argument("--threads", type=int, nargs="+", default=[4, 8, 16], help="async copy_threads to try")
     parser.add_argument("--pool", type=int, default=64, help="distinct frames cycled (64 = 398 MB > any LLC)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
@@ -255,17 +262,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def add(name: str, seconds: float, stats: dict | None = None) -> None:
         fps = args.batches * BATCH / seconds
         gbps = fps * frame_bytes / 1e9
-        cases.append({"name": name, "seconds": seconds, "fps": fps, "gbps": gbps,
-                      "of_pinned": gbps / limits["h2d_pinned_gbps"], "stats": stats or {}})
-        print(f"{name}: {fps:.0f} frames/s, {gbps:.1f} GB/s, {gbps / limits['h2d_pinned_gbps']:.0%} of pinned H2D",
-              flush=True)
+        cases.append(
+            {
+                "name": name,
+                "seconds": seconds,
+                "fps": fps,
+                "gbps": gbps,
+                "of_pinned": gbps / limits["h2d_pinned_gbps"],
+                "stats": stats or {},
+            }
+        )
+        print(
+            f"{name}: {fps:.0f} frames/s, {gbps:.1f} GB/s, {gbps / limits['h2d_pinned_gbps']:.0%} of pinned H2D",
+            flush=True,
+        )
 
     add("naive .cuda() + preprocess", run_naive(pool, transform, args.batches))
+    add(
+        f"FrameFeeder.put, synchronous copy ({torch.get_num_threads()} torch threads)",
+        *run_feeder(pool, base, args.batches, "put", check),
+    )
     for t in threads:
-        cfg = FeederConfig.from_dict({**base.to_dict(), "copy_threads": t})
-        add(f"FrameFeeder.put, {t} copy thread(s)", *run_feeder(pool, cfg, args.batches, "put", check))
-    add("FrameFeeder.frame_buffer, no host copy (ceiling)",
-        *run_feeder(pool, base, args.batches, "frame_buffer", None))
+        cfg = FeederConfig.from_dict({**base.to_dict(), "async_copy": True, "copy_threads": t})
+        add(f"FrameFeeder.put, async_copy, {t} copy threads", *run_feeder(pool, cfg, args.batches, "put", check))
+    add(
+        "FrameFeeder.frame_buffer, no host copy (ceiling)", *run_feeder(pool, base, args.batches, "frame_buffer", check)
+    )
     naive_fps = cases[0]["fps"]
     for c in cases:
         c["vs_naive"] = c["fps"] / naive_fps
@@ -283,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preprocess_us": pre_ms * 1e3,
         "cases": cases,
         "best_put": {"name": best["name"], "of_pinned": best["of_pinned"]},
+        "default_put": {"name": cases[1]["name"], "of_pinned": cases[1]["of_pinned"]},
         "target_of_pinned": TARGET,
         "target_met": best["of_pinned"] >= TARGET,
     }

@@ -124,9 +124,7 @@ def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, iters: int, 
 
     # The trace file is written (its export is part of the measured post-processing) but not kept.
     with tempfile.TemporaryDirectory() as tmp, tp.stage_modules(model):
-        tr = tp.trace(
-            model, x, wait=1, warmup=2, active=10, trace_path=f"{tmp}/trace.json.gz", max_trace_mb=50
-        )
+        tr = tp.trace(model, x, wait=1, warmup=2, active=10, trace_path=f"{tmp}/trace.json.gz", max_trace_mb=50)
     row["trace"] = {
         "step_ms": tr.step_ms,
         "unprofiled_step_ms": tr.baseline_step_ms,
@@ -140,13 +138,10 @@ def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, iters: int, 
     }
 
     row["goals"] = {
-        f"latency wall overhead <= {GOAL_OVERHEAD_PCT}%": row["latency_hot"]["wall_overhead_pct"]
-        <= GOAL_OVERHEAD_PCT,
+        f"latency wall overhead <= {GOAL_OVERHEAD_PCT}%": row["latency_hot"]["wall_overhead_pct"] <= GOAL_OVERHEAD_PCT,
         f"latency p50 within {GOAL_P50_PCT}% of bare events": abs(row["latency_hot"]["p50_vs_bare_pct"])
         <= GOAL_P50_PCT,
-        f"cold latency p50 within {GOAL_P50_PCT}% of do_bench": abs(
-            row["latency_cold"]["p50_vs_do_bench_pct"]
-        )
+        f"cold latency p50 within {GOAL_P50_PCT}% of do_bench": abs(row["latency_cold"]["p50_vs_do_bench_pct"])
         <= GOAL_P50_PCT,
         f"trace overhead < {GOAL_TRACE_OVERHEAD_PCT}%": (tr.overhead_pct or 0.0) < GOAL_TRACE_OVERHEAD_PCT,
         "GPU kernels captured": bool(tr.gpu_kernels),
@@ -193,9 +188,7 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300, help="timed calls per measurement (default: 300)")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up calls per measurement (default: 30)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")

@@ -143,6 +143,8 @@ class PreprocessConfig(ConfigBase):
             self.dtype = str(self.dtype).removeprefix("torch.")
         self.dtype = _lower_choice("dtype", self.dtype, tuple(DTYPES))
         self.backend = _lower_choice("backend", self.backend, BACKENDS)
+        # Hashed on every launch (plan cache key): computed once.
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in self.field_names())))
         object.__setattr__(self, "_frozen", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -153,7 +155,7 @@ class PreprocessConfig(ConfigBase):
         object.__setattr__(self, name, value)
 
     def __hash__(self) -> int:
-        return hash(tuple(getattr(self, f) for f in self.field_names()))
+        return self._hash
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -342,29 +344,30 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}"
 
 
-def _check_image(where: str, t: Any, fmt: str, batched: bool) -> tuple[int, int]:
-    """Check one image tensor (or a batch when `batched`) and return its luma (H, W)."""
+def _check_image(where: str, t: Any, fmt: str, dims: tuple[int, ...]) -> tuple[int, int]:
+    """Check an image tensor (or a batch) of `fmt` with one of `dims` dimensions; return its luma (H, W)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.uint8:
         raise TypeError(
             f"{where} must be uint8 pixels (0..255), got {t.dtype}; float images: (x * 255).round().to(torch.uint8)"
         )
-    lead = 1 if batched else 0
+    batched = t.dim() == max(dims)
     if fmt in YUV_FORMATS:
-        if t.dim() != 2 + lead:
+        if t.dim() not in dims:
             hint = " (this looks like HWC RGB: use format='rgb')" if t.dim() >= 3 and t.shape[-1] == 3 else ""
+            shapes = " or ".join(("(H*3/2, W)", "(N, H*3/2, W)")[: len(dims)])
             raise ValueError(
-                f"{where} must be {'(N, H*3/2, W)' if batched else '(H*3/2, W)'} {fmt} frames (luma rows, then"
-                f" chroma rows), got {_describe(t)}{hint}"
+                f"{where} must be {shapes} {fmt} frames (luma rows, then chroma rows), got {_describe(t)}{hint}"
             )
         rows, w = t.shape[-2], t.shape[-1]
         if t.numel() == 0:
             raise ValueError(f"{where} has a zero-size dimension: {_describe(t)}")
         if rows % 3 or w % 2:
+            hint = " (this looks like HWC RGB: use format='rgb')" if w == 3 else ""
             raise ValueError(
                 f"{where}: {fmt} needs even luma height and width (buffer rows = H*3/2 divisible by 3, W even),"
-                f" got {_describe(t)}: odd dimensions cannot be 4:2:0 subsampled"
+                f" got {_describe(t)}: odd dimensions cannot be 4:2:0 subsampled{hint}"
             )
         if fmt == "i420" and (t.stride(-1) != 1 or t.stride(-2) % 2):
             raise ValueError(
@@ -372,13 +375,13 @@ def _check_image(where: str, t: Any, fmt: str, batched: bool) -> tuple[int, int]
                 f" {t.stride()}; pass a contiguous buffer"
             )
         return rows // 3 * 2, w
-    if t.dim() != 3 + lead:
-        shape = "(N, H, W, 3)" if batched else "(H, W, 3)"
-        raise ValueError(f"{where} must be a {shape} uint8 HWC image{'' if batched else ''}, got {_describe(t)}")
+    if t.dim() not in dims:
+        shapes = " or ".join(("(H, W, 3)", "(N, H, W, 3)")[: len(dims)])
+        raise ValueError(f"{where} must be a {shapes} uint8 HWC image, got {_describe(t)}")
     c = t.shape[-1]
     if c != 3:
         if t.shape[-3] == 3:
-            perm = "permute(0, 2, 3, 1)" if batched else "permute(1, 2, 0)"
+            perm = "permute(0, 2, 3, 1)" if batched and len(dims) > 1 else "permute(1, 2, 0)"
             raise ValueError(f"{where} looks like CHW {_describe(t)}; expected HWC (channels last): use .{perm}")
         hint = {4: " (drop alpha with [..., :3])", 1: " (expand gray with .expand(..., 3))"}.get(c, "")
         raise ValueError(f"{where} must have 3 channels in the last dim (HWC {fmt}), got {c}{hint}: {_describe(t)}")
@@ -389,11 +392,11 @@ def _check_image(where: str, t: Any, fmt: str, batched: bool) -> tuple[int, int]
 
 def parse_images(images: Any, fmt: str) -> ParsedImages:
     """Check `images` (a tensor or a list of tensors) for pixel format `fmt` and describe it."""
+    one = 2 if fmt in YUV_FORMATS else 3  # dims of one image
     if isinstance(images, torch.Tensor):
-        yuv = fmt in YUV_FORMATS
-        single = images.dim() == (2 if yuv else 3)
+        hw = _check_image("images", images, fmt, (one, one + 1))
+        single = images.dim() == one
         batch = images.unsqueeze(0) if single else images
-        hw = _check_image("images", batch, fmt, batched=True)
         if batch.shape[0] > MAX_BATCH:
             raise ValueError(f"images holds {batch.shape[0]} images; at most {MAX_BATCH} per call, split the batch")
         return ParsedImages(batch, None, [hw] * batch.shape[0], single, images.device)
@@ -402,7 +405,7 @@ def parse_images(images: Any, fmt: str) -> ParsedImages:
             raise ValueError("images is an empty list; pass at least one image")
         if len(images) > MAX_BATCH:
             raise ValueError(f"images holds {len(images)} images; at most {MAX_BATCH} per call")
-        sizes = [_check_image(f"images[{i}]", t, fmt, batched=False) for i, t in enumerate(images)]
+        sizes = [_check_image(f"images[{i}]", t, fmt, (one,)) for i, t in enumerate(images)]
         device = images[0].device
         for i, t in enumerate(images):
             if t.device != device:

@@ -70,7 +70,8 @@ INTERP_BLOCK_X = 64
 COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
 PACKED_RGB, YUV420 = 0, 1
 
-# Descriptor row: int64 fields, fp32 values stored as their bit pattern (sign-extended int32).
+# Descriptor row: DESC_FIELDS int64 fields per image. Fields marked f32 hold an fp32 bit pattern in their low
+# 32 bits; the kernel reads those through an fp32 view of the same memory (little-endian: element 2k).
 _D_FRAME = tl.constexpr(0)  # byte offset of the image from src_ptr
 _D_H = tl.constexpr(1)  # source luma height, width
 _D_W = tl.constexpr(2)
@@ -96,30 +97,19 @@ _D_NORM = tl.constexpr(21)  # f32 scale[3], bias[3], pad[3]
 _D_YUV = tl.constexpr(30)  # f32 y_off, cy, crv, cgu, cgv, cbu
 DESC_FIELDS = 36
 
-
-@triton.jit
-def _f32(bits):
-    """An fp32 stored in a descriptor field."""
-    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+# Helpers stay few and out of the antialias tap loop: the interpreter re-patches triton.language on every
+# nested @jit call (~4 ms each), which dominated the CPU test time.
 
 
 @triton.jit
-def _field_f32(d, k):
-    return _f32(tl.load(d + k))
+def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
+    """(r, g, b) fp32 0..255 of source pixels (yy, xx) (int32, in bounds) of the image at `frame`.
 
-
-@triton.jit
-def _clamp255(v):
-    return tl.minimum(tl.maximum(v, 0.0), 255.0)
-
-
-@triton.jit
-def _sample(src_ptr, d, frame, yy, xx, mask, FORMAT: tl.constexpr):
-    """(r, g, b) fp32 0..255 of source pixels (yy, xx) (int32, in bounds) of the image described at `d`."""
-    sh = tl.load(d + _D_SH)
-    sw = tl.load(d + _D_SW)
-    a = tl.load(d + _D_A)
-    b = tl.load(d + _D_B)
+    layout = (stride_h, stride_w, a, b, chroma pitch, chroma step) as in the _D_* fields; yuv = the
+    coefficients of `yuv_coefficients` (unused for packed RGB).
+    """
+    sh, sw, a, b, cpitch, cstep = layout
+    yo, cy, crv, cgu, cgv, cbu = yuv
     # 64-bit: row * stride can pass 2**31 in a batch of 4K frames.
     pix = frame + yy.to(tl.int64) * sh + xx.to(tl.int64) * sw
     if FORMAT == 0:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
@@ -128,16 +118,14 @@ def _sample(src_ptr, d, frame, yy, xx, mask, FORMAT: tl.constexpr):
         g = tl.load(p + b, mask=mask, other=0).to(tl.float32)
         bl = tl.load(p + 2 * b, mask=mask, other=0).to(tl.float32)
     else:  # YUV 4:2:0, nearest chroma: a / b = U / V plane offsets
-        cpix = frame + (yy >> 1).to(tl.int64) * tl.load(d + _D_CPITCH) + (xx >> 1).to(tl.int64) * tl.load(
-            d + _D_CSTEP
-        )
-        yv = tl.load(src_ptr + pix, mask=mask, other=0).to(tl.float32)
+        cpix = frame + (yy >> 1).to(tl.int64) * cpitch + (xx >> 1).to(tl.int64) * cstep
+        # Luma below black (limited-range footroom) is black, as in OpenCV.
+        luma = tl.maximum(tl.load(src_ptr + pix, mask=mask, other=0).to(tl.float32) - yo, 0.0) * cy
         u = tl.load(src_ptr + cpix + a, mask=mask, other=128).to(tl.float32) - 128.0
         v = tl.load(src_ptr + cpix + b, mask=mask, other=128).to(tl.float32) - 128.0
-        luma = (yv - _field_f32(d, _D_YUV)) * _field_f32(d, _D_YUV + 1)
-        r = _clamp255(luma + _field_f32(d, _D_YUV + 2) * v)
-        g = _clamp255(luma + _field_f32(d, _D_YUV + 3) * u + _field_f32(d, _D_YUV + 4) * v)
-        bl = _clamp255(luma + _field_f32(d, _D_YUV + 5) * u)
+        r = tl.clamp(luma + crv * v, 0.0, 255.0)
+        g = tl.clamp(luma + cgu * u + cgv * v, 0.0, 255.0)
+        bl = tl.clamp(luma + cbu * u, 0.0, 255.0)
     return r, g, bl
 
 
@@ -160,12 +148,6 @@ def _aa_window(r, scale, support, size, taps):
 
 
 @triton.jit
-def _aa_weight(j, center, lo, n, inv):
-    w = tl.maximum(1.0 - tl.abs(((j + lo).to(tl.float32) - center + 0.5) * inv), 0.0)
-    return tl.where(j < n, w, 0.0)
-
-
-@triton.jit
 def _store(ptr, v, mask):
     """Cast fp32 `v` to the output dtype and store; bf16 rounds to nearest even on every backend."""
     if ptr.dtype.element_ty == tl.bfloat16:
@@ -179,6 +161,7 @@ def _store(ptr, v, mask):
 def _preprocess_kernel(
     src_ptr,  # uint8: the batch tensor, or the first image of a list
     desc_ptr,  # int64 [rows, DESC_FIELDS]
+    descf_ptr,  # the same memory as fp32 [rows, 2 * DESC_FIELDS]
     out_ptr,  # fp32 / fp16 / bf16
     desc_row_stride,  # 0 for a batch tensor (one shared row), DESC_FIELDS for a list
     stride_src_n,  # batch stride of the source tensor (0 for a list)
@@ -198,6 +181,7 @@ def _preprocess_kernel(
     pid_y = tl.program_id(1)
     n = tl.program_id(2)
     d = desc_ptr + n * desc_row_stride
+    df = descf_ptr + 2 * n * desc_row_stride  # f32 field k of this row: df[2 k]
     frame = tl.load(d + _D_FRAME) + n.to(tl.int64) * stride_src_n
     H = tl.load(d + _D_H).to(tl.int32)
     W = tl.load(d + _D_W).to(tl.int32)
@@ -215,66 +199,90 @@ def _preprocess_kernel(
     rx = tl.minimum(tl.maximum(rx, 0), nw - 1)
     m = in_tile & inside
 
+    # Source layout and colour coefficients, loaded once per program.
+    sh = tl.load(d + _D_SH)
+    sw = tl.load(d + _D_SW)
+    if FORMAT == 1:
+        lay = (sh, sw, tl.load(d + _D_A), tl.load(d + _D_B), tl.load(d + _D_CPITCH), tl.load(d + _D_CSTEP))
+        yuv = (
+            tl.load(df + 2 * _D_YUV),
+            tl.load(df + 2 * (_D_YUV + 1)),
+            tl.load(df + 2 * (_D_YUV + 2)),
+            tl.load(df + 2 * (_D_YUV + 3)),
+            tl.load(df + 2 * (_D_YUV + 4)),
+            tl.load(df + 2 * (_D_YUV + 5)),
+        )
+    else:  # packed RGB: no chroma planes, no colour matrix
+        lay = (sh, sw, tl.load(d + _D_A), tl.load(d + _D_B), sh, sw)
+        yuv = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+    scale_y = tl.load(df + 2 * _D_SCALEY)
+    scale_x = tl.load(df + 2 * _D_SCALEX)
+
     if INTERP == 0:  # copy: resized size == source size
-        r, g, b = _sample(src_ptr, d, frame, ry, rx, m, FORMAT)
+        r, g, b = _sample(src_ptr, frame, ry, rx, m, lay, yuv, FORMAT)
     elif INTERP == 1:  # nearest: the same fp32 product as PyTorch, then floor
-        iy = tl.minimum((ry.to(tl.float32) * _field_f32(d, _D_SCALEY)).to(tl.int32), H - 1)
-        ix = tl.minimum((rx.to(tl.float32) * _field_f32(d, _D_SCALEX)).to(tl.int32), W - 1)
-        r, g, b = _sample(src_ptr, d, frame, iy, ix, m, FORMAT)
+        iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
+        ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
+        r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
     elif INTERP == 2:  # bilinear
-        y0, y1, ly = _linear_taps(ry, _field_f32(d, _D_SCALEY), H)
-        x0, x1, lx = _linear_taps(rx, _field_f32(d, _D_SCALEX), W)
-        r00, g00, b00 = _sample(src_ptr, d, frame, y0, x0, m, FORMAT)
-        r01, g01, b01 = _sample(src_ptr, d, frame, y0, x1, m, FORMAT)
-        r10, g10, b10 = _sample(src_ptr, d, frame, y1, x0, m, FORMAT)
-        r11, g11, b11 = _sample(src_ptr, d, frame, y1, x1, m, FORMAT)
+        y0, y1, ly = _linear_taps(ry, scale_y, H)
+        x0, x1, lx = _linear_taps(rx, scale_x, W)
+        r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
+        r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
+        r10, g10, b10 = _sample(src_ptr, frame, y1, x0, m, lay, yuv, FORMAT)
+        r11, g11, b11 = _sample(src_ptr, frame, y1, x1, m, lay, yuv, FORMAT)
         hy = 1.0 - ly
         hx = 1.0 - lx
         r = hy * (hx * r00 + lx * r01) + ly * (hx * r10 + lx * r11)
         g = hy * (hx * g00 + lx * g01) + ly * (hx * g10 + lx * g11)
         b = hy * (hx * b00 + lx * b01) + ly * (hx * b10 + lx * b11)
-    else:  # antialiased bilinear: sum over the triangle filter's taps, rows of horizontal sums
-        scale_y = _field_f32(d, _D_SCALEY)
-        scale_x = _field_f32(d, _D_SCALEX)
-        inv_y = _field_f32(d, _D_INVY)
-        inv_x = _field_f32(d, _D_INVX)
+    else:  # antialiased bilinear: triangle-filter taps, horizontal sums first (as PyTorch), normalized last
+        inv_y = tl.load(df + 2 * _D_INVY)
+        inv_x = tl.load(df + 2 * _D_INVX)
         taps_y = tl.load(d + _D_TAPSY).to(tl.int32)
         taps_x = tl.load(d + _D_TAPSX).to(tl.int32)
-        cy, ylo, yn = _aa_window(ry, scale_y, _field_f32(d, _D_SUPY), H, taps_y)
-        cx, xlo, xn = _aa_window(rx, scale_x, _field_f32(d, _D_SUPX), W, taps_x)
-        ty = tl.zeros_like(cy)
-        for k in range(0, taps_y):
-            ty += _aa_weight(k, cy, ylo, yn, inv_y)
-        tx = tl.zeros_like(cx)
-        for k in range(0, taps_x):
-            tx += _aa_weight(k, cx, xlo, xn, inv_x)
-        # PyTorch divides each weight by the total; div_rn rounds like the CPU (GPU `/` is approximate).
-        ty = tl.where(ty != 0.0, ty, 1.0)  # all-zero weights stay zero, as in PyTorch
-        tx = tl.where(tx != 0.0, tx, 1.0)
+        cy, ylo, yn = _aa_window(ry, scale_y, tl.load(df + 2 * _D_SUPY), H, taps_y)
+        cx, xlo, xn = _aa_window(rx, scale_x, tl.load(df + 2 * _D_SUPX), W, taps_x)
         r = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         g = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         b = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+        ty = tl.zeros_like(cy)
+        tx = tl.zeros_like(cx)
         for ky in range(0, taps_y):
-            wy = tl.math.div_rn(_aa_weight(ky, cy, ylo, yn, inv_y), ty)
+            wy = tl.maximum(1.0 - tl.abs(((ylo + ky).to(tl.float32) - cy + 0.5) * inv_y), 0.0)
+            wy = tl.where(ky < yn, wy, 0.0)
+            ty += wy
             yy = tl.minimum(ylo + ky, H - 1)
+            my = m & (wy > 0.0)  # zero-weight taps load nothing
+            tx = tl.zeros_like(cx)  # the same every row; the last row's sum is kept
             hr = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
             hg = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
             hb = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
             for kx in range(0, taps_x):
-                wx = tl.math.div_rn(_aa_weight(kx, cx, xlo, xn, inv_x), tx)
+                wx = tl.maximum(1.0 - tl.abs(((xlo + kx).to(tl.float32) - cx + 0.5) * inv_x), 0.0)
+                wx = tl.where(kx < xn, wx, 0.0)
+                tx += wx
                 xx = tl.minimum(xlo + kx, W - 1)
-                pr, pg, pb = _sample(src_ptr, d, frame, yy, xx, m & (ky < yn) & (kx < xn), FORMAT)
+                pr, pg, pb = _sample(src_ptr, frame, yy, xx, my & (wx > 0.0), lay, yuv, FORMAT)
                 hr += wx * pr
                 hg += wx * pg
                 hb += wx * pb
             r += wy * hr
             g += wy * hg
             b += wy * hb
+        # PyTorch normalizes the weights first; normalizing the sum instead differs by float rounding only.
+        # div_rn: GPU `/` is approximate.
+        total = ty * tx
+        total = tl.where(total != 0.0, total, 1.0)
+        r = tl.math.div_rn(r, total)
+        g = tl.math.div_rn(g, total)
+        b = tl.math.div_rn(b, total)
 
     # Normalize with host-rounded reciprocals; the letterbox border gets the normalized pad value.
-    r = tl.where(inside, r * _field_f32(d, _D_NORM) + _field_f32(d, _D_NORM + 3), _field_f32(d, _D_NORM + 6))
-    g = tl.where(inside, g * _field_f32(d, _D_NORM + 1) + _field_f32(d, _D_NORM + 4), _field_f32(d, _D_NORM + 7))
-    b = tl.where(inside, b * _field_f32(d, _D_NORM + 2) + _field_f32(d, _D_NORM + 5), _field_f32(d, _D_NORM + 8))
+    nf = df + 2 * _D_NORM
+    r = tl.where(inside, r * tl.load(nf) + tl.load(nf + 6), tl.load(nf + 12))
+    g = tl.where(inside, g * tl.load(nf + 2) + tl.load(nf + 8), tl.load(nf + 14))
+    b = tl.where(inside, b * tl.load(nf + 4) + tl.load(nf + 10), tl.load(nf + 16))
     o = out_ptr + n.to(tl.int64) * stride_out_n + out_c0 + oy * stride_out_y + ox * stride_out_x
     _store(o, r, in_tile)
     _store(o + stride_out_c, g, in_tile)
@@ -287,8 +295,8 @@ INTERPRETED = type(_preprocess_kernel).__name__ == "InterpretedFunction"
 
 
 def _bits(x: float) -> int:
-    """The fp32 bit pattern of x as a signed int (what the kernel's _f32 reads back)."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
+    """The fp32 bit pattern of x in the low 32 bits of a descriptor field (read through the fp32 view)."""
+    return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
 def _f32_div(a: float, b: float) -> float:
@@ -342,9 +350,9 @@ def interp_code(config, sizes, geometries) -> int:
     return ANTIALIAS if config.antialias else BILINEAR
 
 
-def to_device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+def to_device_table(rows: list[list[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The descriptor rows as an int64 tensor on `device`, uploaded without blocking the host."""
-    host = torch.tensor(rows, dtype=torch.int64)
+    host = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.int64)
     if device.type == "cpu":
         return host
     # Pinned + non_blocking: a pageable copy would wait for all work queued on the stream.
@@ -354,6 +362,7 @@ def to_device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor
 def launch(
     src: torch.Tensor,
     table: torch.Tensor,
+    table_f32: torch.Tensor,
     out: torch.Tensor,
     out_strides: tuple[int, int, int, int],
     out_hw: tuple[int, int],
@@ -365,7 +374,10 @@ def launch(
     interp: int,
     bgr_out: bool,
 ) -> None:
-    """Launch the kernel over `n` images into `out`, whose (n, c, y, x) strides are `out_strides`."""
+    """Launch the kernel over `n` images into `out`, whose (n, c, y, x) strides are `out_strides`.
+
+    table: the int64 descriptor rows; table_f32: ``table.view(torch.float32)`` (made once by the caller).
+    """
     son, soc, soy, sox = out_strides
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
@@ -375,6 +387,7 @@ def launch(
     _preprocess_kernel[grid](
         src,
         table,
+        table_f32,
         out,
         DESC_FIELDS if per_image_rows else 0,
         stride_src_n,

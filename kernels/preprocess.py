@@ -83,7 +83,7 @@ def _pixels_to_rgb(x: torch.Tensor, fmt: str, hw: tuple[int, int], yuv: tuple[fl
 
     u, v = up(u), up(v)
     y_off, cy, crv, cgu, cgv, cbu = yuv
-    luma = (x[:, :H].float() - y_off) * cy
+    luma = (x[:, :H].float() - y_off).clamp_(min=0) * cy  # footroom (Y < 16) is black, as in OpenCV
     rgb = torch.stack([luma + crv * v, luma + cgu * u + cgv * v, luma + cbu * u], dim=1)
     return rgb.clamp_(0, 255)
 
@@ -217,33 +217,52 @@ def _kernels():
 
 
 class _Plan:
-    """What a batch call needs besides the tensors: cached per (config, size, shape, strides, device)."""
+    """Everything a launch needs besides the tensors, built once per (config, size, input layout, device)."""
 
-    __slots__ = ("fmt", "interp", "out_shape", "params", "table")
+    __slots__ = ("fmt", "interp", "n", "out_hw", "out_shape", "params", "per_image", "single", "table", "table_f32")
 
-    def __init__(self, table, fmt, interp, out_shape, params) -> None:
-        self.table, self.fmt, self.interp, self.out_shape, self.params = table, fmt, interp, out_shape, params
+    def __init__(self, k, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
+        self.per_image = parsed.batch is None  # a list: one descriptor row per image
+        items = parsed.items if self.per_image else [parsed.batch]
+        sizes = parsed.sizes if self.per_image else parsed.sizes[:1]
+        consts = normalization_constants(cfg)
+        yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
+        geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
+        rows = [
+            k.descriptor_row(0, hw, t.stride()[-2:] if cfg.is_yuv else t.stride()[-3:], g, cfg, consts, yuv)
+            for t, hw, g in zip(items, sizes, geoms, strict=True)
+        ]
+        # A batch's table lives on the device for good; a list's is a host template whose frame offsets
+        # (the images' addresses) are filled in per call.
+        self.table = torch.tensor(rows, dtype=torch.int64) if self.per_image else k.to_device_table(rows, parsed.device)
+        self.table_f32 = self.table.view(torch.float32)  # the kernel reads the fp32 fields through this view
+        self.fmt = k.YUV420 if cfg.is_yuv else k.PACKED_RGB
+        self.interp = k.interp_code(cfg, sizes, geoms)
+        self.n, self.single, self.out_hw = parsed.n, parsed.single, size
+        shape = output_shape(parsed.n, size, cfg.layout)
+        self.out_shape = shape[1:] if parsed.single else shape
+        self.params = geoms if self.per_image else geoms * parsed.n
 
 
 _plans: dict = {}
 
 
-def _put_plan(key, plan) -> None:
-    if len(_plans) >= _PLAN_CACHE_SIZE:
-        _plans.pop(next(iter(_plans)))  # oldest first (insertion order)
-    _plans[key] = plan
-
-
-def _rows(k, cfg: PreprocessConfig, items: list[torch.Tensor], sizes, size) -> tuple[list[list[int]], list]:
-    """Descriptor rows (frame offset 0) and geometries of images with the given layouts."""
-    consts = normalization_constants(cfg)
-    yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
-    geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
-    rows = [
-        k.descriptor_row(0, hw, t.stride()[-3:] if not cfg.is_yuv else t.stride()[-2:], g, cfg, consts, yuv)
-        for t, hw, g in zip(items, sizes, geoms, strict=True)
-    ]
-    return rows, geoms
+def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> tuple[_Plan, ParsedImages | None]:
+    """The cached plan for this call; the parsed list too when `images` is a list (a batch on a cache hit is
+    not re-checked: the key holds everything the checks looked at)."""
+    if isinstance(images, torch.Tensor):
+        key = (cfg, size, images.shape, images.stride(), images.dtype, images.device)
+        parsed = None
+    else:
+        parsed = parse_images(images, cfg.format)
+        key = (cfg, size, tuple((t.shape, t.stride()) for t in parsed.items), parsed.device)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _Plan(k, cfg, parsed or parse_images(images, cfg.format), size)
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.pop(next(iter(_plans)))  # the oldest (dicts keep insertion order)
+        _plans[key] = plan
+    return plan, parsed
 
 
 def _use_triton(images: Any, cfg: PreprocessConfig) -> bool:
@@ -296,69 +315,33 @@ def preprocess(
         return preprocess_ref(images, size, config=cfg, out=out, return_params=return_params)
     size = check_size(size)
     k = _kernels()
-    if isinstance(images, torch.Tensor):
-        key = (cfg, size, images.shape, images.stride(), images.dtype, images.device)
-        plan = _plans.get(key)
-        if plan is None:  # first call with this layout: check everything and build the descriptor once
-            parsed = parse_images(images, cfg.format)
-            rows, geoms = _rows(k, cfg, [parsed.batch], parsed.sizes[:1], size)
-            shape = output_shape(parsed.n, size, cfg.layout)
-            plan = _Plan(
-                k.to_device_table(rows, images.device),
-                k.YUV420 if cfg.is_yuv else k.PACKED_RGB,
-                k.interp_code(cfg, parsed.sizes[:1], geoms),
-                shape[1:] if parsed.single else shape,
-                geoms * parsed.n,
-            )
-            _put_plan(key, plan)
-        single = len(plan.out_shape) == 3
-        src, n, stride_src_n, per_image = images, plan.out_shape[0] if not single else 1, 0, False
-        if not single:
-            stride_src_n = images.stride(0)
-    else:
-        parsed = parse_images(images, cfg.format)
-        items, device = parsed.items, parsed.device
-        layout_key = tuple((t.shape, t.stride()) for t in items)
-        key = (cfg, size, layout_key, device)
-        plan = _plans.get(key)
-        if plan is None:
-            rows, geoms = _rows(k, cfg, items, parsed.sizes, size)
-            plan = _Plan(
-                torch.tensor(rows, dtype=torch.int64),  # host template; frame offsets change per call
-                k.YUV420 if cfg.is_yuv else k.PACKED_RGB,
-                k.interp_code(cfg, parsed.sizes, geoms),
-                output_shape(parsed.n, size, cfg.layout),
-                geoms,
-            )
-            _put_plan(key, plan)
-        # One launch over the list: every image is addressed from the first one's pointer.
-        base = items[0].data_ptr()
+    plan, parsed = _plan(k, cfg, images, size)
+    if plan.per_image:  # one launch over the list: every image is addressed from the first one's pointer
+        src, stride_src_n = parsed.items[0], 0
         host = plan.table.clone()
-        host[:, 0] = torch.tensor([t.data_ptr() - base for t in items], dtype=torch.int64)
-        src, n, stride_src_n, per_image, single = items[0], parsed.n, 0, True, False
-        table = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+        host[:, 0] = torch.tensor([t.data_ptr() - src.data_ptr() for t in parsed.items], dtype=torch.int64)
+        table = k.to_device_table(host, src.device)
+        table_f32 = table.view(torch.float32)
+    else:
+        src, table, table_f32 = images, plan.table, plan.table_f32
+        stride_src_n = 0 if plan.single else images.stride(0)
 
     if out is None:
         out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=src.device)
     else:
         check_out(out, plan.out_shape, cfg.torch_dtype, src.device)
     st = out.stride()
-    if single:
+    if plan.single:
         st = (0, *st)
-    if cfg.layout == "NCHW":
-        strides = st
-        out_hw = (plan.out_shape[-2], plan.out_shape[-1])
-    else:  # (n, y, x, c) -> (n, c, y, x)
-        strides = (st[0], st[3], st[1], st[2])
-        out_hw = (plan.out_shape[-3], plan.out_shape[-2])
     k.launch(
         src,
-        plan.table if not per_image else table,
+        table,
+        table_f32,
         out,
-        strides,
-        out_hw,
-        n=n,
-        per_image_rows=per_image,
+        st if cfg.layout == "NCHW" else (st[0], st[3], st[1], st[2]),  # as (n, c, y, x)
+        plan.out_hw,
+        n=plan.n,
+        per_image_rows=plan.per_image,
         stride_src_n=stride_src_n,
         fmt=plan.fmt,
         interp=plan.interp,

@@ -12,9 +12,10 @@ from torchopt.recipe import Recipe
 from torchopt.recipes.auto_batch import AutoBatchConfig
 from torchopt.recipes.cast import CastConfig
 from torchopt.recipes.compile import CompileConfig
+from torchopt.recipes.quantize import QuantizeConfig
 from torchopt.recipes.validate import ValidateConfig
 
-__all__ = ["AutoBatchConfig", "CastConfig", "CompileConfig", "ValidateConfig", "available", "get"]
+__all__ = ["AutoBatchConfig", "CastConfig", "CompileConfig", "QuantizeConfig", "ValidateConfig", "available", "get"]
 
 _BUILTIN_DIR = Path(__file__).parent / "builtin"
 

@@ -17,7 +17,7 @@ def _median_ms(fn, args) -> float:
     from torchopt.profile import latency  # noqa: PLC0415
 
     with torch.no_grad():
-        return latency(fn, *args, warmup=2, iters=5).p50_ms
+        return latency(fn, *args, warmup=2, iters=5, max_iters=10).p50_ms
 
 
 def check_profiles_run(ctx) -> None:

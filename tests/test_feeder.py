@@ -104,6 +104,8 @@ def test_config_round_trip_json():
             r"FeederConfig.preprocess must be a dict of preprocess\(\) keyword",
         ),
         ({"preprocess": {1: 2}}, TypeError, r"FeederConfig.preprocess key 1 must be str"),
+        ({"preprocess": {"out": None}}, ValueError, r"must not set 'out': the feeder passes its output buffer"),
+        ({"preprocess": {"size": 3}}, ValueError, r"must not set 'size': use FeederConfig.size"),
         (
             {"frame_shape": (1080,)},
             ValueError,
@@ -143,9 +145,10 @@ def test_bad_constructor_arguments():
 
 @pytest.mark.parametrize("mode", ["source", "put"])
 @pytest.mark.parametrize("n_frames, drop_last", [(9, False), (10, False), (10, True), (2, False), (0, False)])
-def test_batches_in_order_with_partial_last(mode, n_frames, drop_last):
+@pytest.mark.parametrize("async_copy", [False, True])
+def test_batches_in_order_with_partial_last(mode, n_frames, drop_last, async_copy):
     frames = _frames(n_frames)
-    cfg = _cfg(drop_last=drop_last, num_slots=2, num_outputs=2)
+    cfg = _cfg(drop_last=drop_last, num_slots=2, num_outputs=2, async_copy=async_copy, copy_threads=3)
     if mode == "source":
         with FrameFeeder(cfg, source=frames, transform=scale_nchw) as feeder:
             got = _collect(feeder)
@@ -166,9 +169,11 @@ def test_batches_in_order_with_partial_last(mode, n_frames, drop_last):
     assert feeder.stats.frames == n_frames and feeder.stats.delivered == len(got)
 
 
-def test_many_batches_through_a_small_ring_with_slow_consumer():
-    frames = _frames(40)
-    with FrameFeeder(_cfg(batch_size=2, num_slots=2, num_outputs=2), source=frames, transform=scale_nchw) as f:
+@pytest.mark.parametrize("async_copy", [False, True])
+def test_many_batches_through_a_small_ring_with_slow_consumer(async_copy):
+    frames = _frames(40, shape=(64, 48, 3))
+    cfg = _cfg(batch_size=2, num_slots=2, num_outputs=2, async_copy=async_copy, copy_threads=4)
+    with FrameFeeder(cfg, source=frames, transform=scale_nchw) as f:
         got = []
         for b in f:
             time.sleep(0.002)  # slower than the producer: it must block, not drop or reorder
@@ -177,21 +182,20 @@ def test_many_batches_through_a_small_ring_with_slow_consumer():
     assert f.stats.put_wait_s > 0
 
 
-@pytest.mark.parametrize("copy_threads", [1, 3])
-def test_frame_kinds_and_banded_copy(copy_threads):
-    big = _frames(4, shape=(1000, 1200, 3), seed=1)  # 3.6 MB: copied in bands by several threads
-    views = [f[10:990, 5:1195] for f in big[:2]] + [np.ascontiguousarray(f[:980, :1190, ::-1]) for f in big[2:]]
-    views[1] = views[1][:, :, ::-1]  # negative strides
-    views[2].setflags(write=False)  # read-only input is fine: it is only read
+@pytest.mark.parametrize("async_copy", [False, True])
+def test_frame_kinds_and_copy_modes(async_copy):
+    big = _frames(4, shape=(500, 600, 3), seed=1)
     frames = [
-        views[0],
-        torch.from_numpy(np.ascontiguousarray(views[1])),
-        views[2],
-        torch.from_numpy(views[3]),
+        big[0][10:490, 5:595],  # crop view: torch's parallel copy
+        big[1][:480, :590, ::-1],  # negative strides (BGR -> RGB view): numpy copy
+        big[2][:480, :590],  # read-only (set below): numpy copy
+        torch.from_numpy(big[3])[20:500, 10:600],  # strided CPU tensor
     ]
-    with FrameFeeder(_cfg(batch_size=2, copy_threads=copy_threads), source=frames, transform=scale_nchw) as f:
+    frames[2].setflags(write=False)
+    cfg = _cfg(batch_size=2, async_copy=async_copy, copy_threads=2)
+    with FrameFeeder(cfg, source=frames, transform=scale_nchw) as f:
         got = _collect(f)
-    _assert_batches(got, [np.asarray(v) for v in views], 2)
+    _assert_batches(got, [np.asarray(fr) for fr in frames], 2)
 
 
 def test_output_ring_is_reused_and_transform_gets_out():
@@ -446,7 +450,7 @@ def test_frame_buffer_needs_shape():
 def test_close_releases_everything_and_is_idempotent():
     before = len(_feeder_threads())
     f = FrameFeeder(
-        _cfg(copy_threads=2, frame_shape=(720, 1000, 3)),
+        _cfg(async_copy=True, copy_threads=2, frame_shape=(720, 1000, 3)),
         source=_frames(7, (720, 1000, 3)),
         transform=scale_nchw,
     )
@@ -644,6 +648,7 @@ def test_gpu_upload_of_next_batch_overlaps_compute():
         return scale_nchw(x, out)
 
     frames = _frames(9, shape=(256, 256, 3))
+    _sleep_cycles_per_ms()  # calibrate here, not inside the transform
     with FrameFeeder(_cuda_cfg(), source=frames, transform=slow_first) as f:
         next(f)
         t0 = time.monotonic()
@@ -663,6 +668,7 @@ def test_gpu_consumer_stream_ordering_and_buffer_reuse():
         return scale_nchw(x, out)
 
     frames = _frames(12, shape=(64, 64, 3))
+    _sleep_cycles_per_ms()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side), FrameFeeder(_cuda_cfg(num_outputs=2), source=frames, transform=slow) as f:
         x0 = next(f)
@@ -681,8 +687,9 @@ def test_gpu_default_transform_matches_cpu_reference(dtype):
     if not hasattr(kernels, "preprocess"):
         pytest.skip("torchopt.kernels.preprocess is not implemented in this tree yet")
     frames = _frames(4, shape=(123, 457, 3))
-    with FrameFeeder(_cuda_cfg(size=(31, 64), dtype=dtype, batch_size=4), source=frames) as f:
+    opts = {"dtype": dtype, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    with FrameFeeder(_cuda_cfg(size=(31, 64), preprocess=opts, batch_size=4), source=frames) as f:
         out = next(f).float().cpu()
-    with FrameFeeder(_cfg(size=(31, 64), dtype=dtype, batch_size=4), source=frames) as f:
+    with FrameFeeder(_cfg(size=(31, 64), preprocess=opts, batch_size=4), source=frames) as f:
         ref = next(f).float()
     torch.testing.assert_close(out, ref, **TOL[dtype])

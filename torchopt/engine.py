@@ -229,7 +229,11 @@ def _measure(fn: Callable[..., Any], args: list[torch.Tensor], cfg: Any) -> dict
     from torchopt.profile import latency  # noqa: PLC0415
 
     with torch.no_grad():
-        return latency(fn, *args, warmup=cfg.warmup, iters=cfg.iters, batch_size=args[0].shape[0]).to_dict()
+        # At most 3x the asked iterations: on a noisy CPU the stability rule could otherwise keep sampling.
+        res = latency(
+            fn, *args, warmup=cfg.warmup, iters=cfg.iters, max_iters=3 * cfg.iters, batch_size=args[0].shape[0]
+        )
+    return res.to_dict(samples=False)
 
 
 def _check_accuracy(reference, optimized, ctx: StepContext, cfg: Any) -> None:

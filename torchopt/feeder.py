@@ -3,7 +3,7 @@
 Pipeline (a batch of ``batch_size`` frames moves through the stages; each stage works on a different batch)::
 
     producer (your decoder thread, or a thread over `source`)
-      put(frame) ── memcpy by `copy_threads` threads ──► pinned staging slot s        (ring of `num_slots`)
+      put(frame) ── host memcpy (see async_copy) ──► pinned staging slot s            (ring of `num_slots`)
     dispatcher thread
       copy stream:    slot s ── H2D, uint8 ──► device input buffer s                  (ring of `num_slots`)
       compute stream: transform(device input s, out=output buffer r)                  (ring of `num_outputs`)
@@ -16,28 +16,30 @@ warm-up (the first frame, or construction when `FeederConfig.frame_shape` is set
 device); afterwards no memory is allocated per batch, provided the transform writes into the ``out=`` tensor
 it is given (the default transform, `torchopt.kernels.preprocess`, does).
 
-Where the time goes (1080p → 224, batch 32, fp16 NCHW on an H100):
+Where the time goes (1080p → 224, batch 32, fp16 NCHW; numbers measured by benchmarks/bench_feeder.py on an
+H200 host with 16 CPU cores, PCIe Gen5):
 
 * A 1080p RGB frame is 1920·1080·3 = 6.2 MB of uint8; a batch is 199 MB; the model-ready fp16 batch is only
   9.6 MB. Preprocessing therefore runs on the GPU *after* the upload: only raw uint8 crosses PCIe (fp16 would
   be 2×, fp32 4× the bytes), and resizing on the host first would cost more CPU time than copying the pixels.
-* Pinned H2D on a PCIe Gen5 x16 host runs at ~50 GB/s (Gen4 hosts ~25 GB/s): 4 ms per batch. The fused
-  preprocessing kernel takes ~50 µs per batch, so the pipeline is bound by bytes moved, and the goal is to
-  keep the copy engine busy all the time (the benchmark's target: ≥ 85% of the pinned H2D bandwidth).
+* Pinned H2D runs at 55 GB/s: 3.6 ms per batch, against ~0.1 ms for the fused preprocessing kernel. The
+  pipeline is bound by bytes moved; the goal is to keep the copy engine busy (target: ≥ 85% of 55 GB/s).
 * DMA needs page-locked memory. `tensor.cuda()` on pageable memory makes the driver stage through a small
-  pinned bounce buffer, one chunk at a time, synchronously with the calling thread, and serialized with the
-  preprocessing: ~10% of the pinned bandwidth. Here the staging is explicit, into a ring of pinned slots
-  allocated once, so the upload is asynchronous and overlaps everything else.
-* The pageable → pinned memcpy then becomes the host-side limit: one core copies ~5–10 GB/s, well below PCIe
-  Gen5. `put` splits each frame into row bands copied by `copy_threads` threads (numpy releases the GIL for
-  the copy), which scales with cores until DRAM bandwidth: every byte is read from the decoder's buffer,
-  written to the staging slot, and read again by the DMA engine, ~3× the frame bytes of DRAM traffic
-  (~150 GB/s at 50 GB/s of PCIe), which a server socket sustains but not for free.
+  pinned bounce buffer, synchronously with the calling thread and serialized with the preprocessing: 9 GB/s.
+  Here the staging is explicit, into a ring of pinned slots allocated once, and the upload is asynchronous.
+* The pageable → pinned memcpy is then the host-side limit: one core copies 7 GB/s. Splitting each frame
+  into row bands over Python threads tops out at 25 GB/s with 8 threads (every band is a GIL hand-off, and
+  more threads make it worse), torch's intra-op parallel `copy_` (one C++ parallel region per frame) at
+  29 GB/s: that is the synchronous `put` (default), where the caller may reuse its buffer on return.
+  Copying whole frames on `copy_threads` threads in parallel reaches 48 GB/s with 8 threads and 60 GB/s with
+  16: that is ``async_copy=True``, where `put` returns at once and the frame must stay untouched (true for
+  decoders that return a new array per frame). Each byte is read from the decoder's buffer, written to the
+  slot and read again by the DMA engine: ~3× the frame bytes of DRAM traffic, which bounds all of this.
 * A decoder that can write into a buffer it is given should write straight into the pinned slot through
-  `frame_buffer()`: no host memcpy, no extra DRAM traffic, and the H2D bandwidth is the only limit.
-* Not done, on purpose: pinning the caller's frames with cudaHostRegister (pinning costs ~1 ms per 6 MB frame,
-  more than copying it, unless the decoder recycles a fixed pool of buffers), and GPU decoding (NVDEC), where
-  frames never touch host memory and this feeder is not needed.
+  `frame_buffer()`: no host memcpy at all, and the pipeline runs at 100% of the pinned H2D bandwidth.
+* Not done, on purpose: pinning the caller's frames with cudaHostRegister (pinning a 6 MB buffer takes on the
+  order of a millisecond, longer than copying it, so it only pays off for a decoder that recycles a fixed pool
+  of buffers), and GPU decoding (NVDEC), where frames never touch host memory and no feeder is needed.
 
 The staging slots are ordinary host tensors page-locked with ``cudaHostRegister`` rather than
 ``pin_memory=True``: PyTorch's caching host allocator rounds every block up to a power of two (a 199 MB slot
@@ -48,6 +50,10 @@ Lifetime contract: a batch returned by ``next(feeder)`` / `get` stays valid unti
 buffer only after that event, so GPU work you queued on the current stream (the model) is safe without any
 synchronization. To keep a batch longer, ``.clone()`` it; if you used it on another stream, make the current
 stream wait for that stream before asking for the next batch. One consumer thread at a time.
+
+Back-pressure: at most ``num_slots + num_outputs`` batches wait ahead of the batch the consumer holds; then
+`put` blocks (or raises TimeoutError after `put_timeout`), which slows the decoder down instead of dropping
+frames or growing memory.
 
 On a machine without CUDA (or with ``device="cpu"``) the same pipeline runs with plain host buffers, no
 streams and no H2D step: the transform runs on the CPU in the dispatcher thread, so ordering, back-pressure,
@@ -61,11 +67,10 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -82,9 +87,12 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "std": (0.229, 0.224, 0.225),
     "dtype": "float16",
 }
-# A band smaller than ~1 MB does not pay for handing it to another thread (~20 µs per hand-off measured;
-# one core copies 1 MB in ~100-200 µs), so small frames are copied by the calling thread alone.
-_MIN_BAND_BYTES = 1 << 20
+# preprocess() arguments the feeder sets itself.
+_FEEDER_OWNED = {
+    "size": "use FeederConfig.size",
+    "out": "the feeder passes its output buffer",
+    "return_params": "the feeder needs a tensor result",
+}
 # How long close() waits for the `source` thread when it is stuck inside the source (e.g. a camera read).
 _SOURCE_JOIN_S = 5.0
 _END = object()  # end-of-stream marker in the ready queue
@@ -98,17 +106,27 @@ class FeederConfig(ConfigBase):
     batch_size: frames per batch (the last batch may be smaller, see `drop_last`).
     size, preprocess: the default transform is ``torchopt.kernels.preprocess(batch, size, **preprocess)``;
         `preprocess` holds its keyword options (mean, std, dtype, layout, format, interpolation, fit, ...),
-        checked by the kernels when the frame shape is known. Ignored when you pass your own transform.
+        checked by the kernels when the frame shape is known; a dict you pass replaces the default (fp16,
+        ImageNet mean/std) as a whole. Ignored when you pass your own transform.
     frame_shape: shape of every frame, (H, W, C) or (rows, W) for 2-D formats such as NV12; None takes it
         from the first frame. Given, the host buffers are allocated at construction, not on the first `put`.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
     num_slots: batches in the pinned staging ring (and in the device uint8 ring); 2 is the minimum for
         overlap, 3 lets the producer fill one slot while one uploads and one waits.
     num_outputs: model-ready batches in the output ring: one held by the consumer, the rest computed ahead.
-    copy_threads: threads copying each frame from pageable memory into the pinned slot (row bands).
+    async_copy: False (default): `put` returns once the frame is in the staging slot, so the caller may
+        reuse its buffer; the copy runs on torch's intra-op threads (`torch.set_num_threads`). True: `put`
+        returns at once and `copy_threads` threads copy whole frames in parallel, about twice the throughput
+        for 1080p; the caller must then not modify a frame after putting it. That holds for decoders that
+        return a new array per frame (PyAV, torchcodec, OpenCV ``read()`` without a buffer argument); a
+        decoder that can write into a buffer it is given should use `frame_buffer` instead (no copy at all).
+    copy_threads: with `async_copy`, the threads copying frames into the pinned slots.
     put_timeout: seconds `put` waits for a free slot before raising TimeoutError; None waits forever.
     get_timeout: seconds ``next``/`get` waits for a batch before raising TimeoutError; None waits forever.
     drop_last: drop a last batch smaller than `batch_size` instead of delivering it.
+
+    Memory: num_slots × batch_size × frame bytes of pinned host memory (3 × 32 × 6.2 MB = 597 MB for 1080p),
+    as much device memory for the uint8 inputs, and num_outputs model-ready batches.
     """
 
     batch_size: int = 32
@@ -118,7 +136,8 @@ class FeederConfig(ConfigBase):
     device: str = "auto"
     num_slots: int = 3
     num_outputs: int = 3
-    copy_threads: int = 4
+    async_copy: bool = False
+    copy_threads: int = 8
     put_timeout: float | None = None
     get_timeout: float | None = None
     drop_last: bool = False
@@ -129,6 +148,8 @@ class FeederConfig(ConfigBase):
         check_type("FeederConfig.preprocess", self.preprocess, dict, "a dict of preprocess() keyword options")
         for key, value in list(self.preprocess.items()):
             check_type(f"FeederConfig.preprocess key {key!r}", key, str)
+            if key in _FEEDER_OWNED:
+                raise ValueError(f"FeederConfig.preprocess must not set {key!r}: {_FEEDER_OWNED[key]}, got {value!r}")
             if isinstance(value, torch.dtype):  # JSON-friendly: "float16", not torch.float16
                 self.preprocess[key] = str(value).removeprefix("torch.")
             elif isinstance(value, list):  # a JSON round trip turns tuples into lists
@@ -158,6 +179,7 @@ class FeederConfig(ConfigBase):
                     f"FeederConfig.{name} must be >= 2 (one buffer in use while the next one is filled),"
                     f" got {getattr(self, name)}"
                 )
+        check_type("FeederConfig.async_copy", self.async_copy, bool)
         check_positive("FeederConfig.copy_threads", self.copy_threads)
         for name in ("put_timeout", "get_timeout"):
             value = getattr(self, name)
@@ -214,7 +236,7 @@ def default_transform(config: FeederConfig) -> Callable[..., torch.Tensor]:
     try:
         signature.bind(None, config.size, **config.preprocess)
     except TypeError as exc:
-        valid = [n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY and n != "out"]
+        valid = [n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY and n not in _FEEDER_OWNED]
         raise TypeError(
             f"FeederConfig.preprocess={config.preprocess} does not fit torchopt.kernels.preprocess: {exc};"
             f" its options: {', '.join(valid)}"
@@ -257,6 +279,17 @@ def _frame_array(frame: Any, index: int) -> np.ndarray:
     if frame.size == 0:
         raise ValueError(f"{where} is empty: shape {frame.shape}")
     return frame
+
+
+def _copy_frame(dst: torch.Tensor, dst_np: np.ndarray, src: np.ndarray | torch.Tensor) -> None:
+    """Copy one frame on torch's intra-op threads (one C++ parallel region: no per-band Python hand-off,
+    which costs more than it saves), or with numpy where torch cannot view the array."""
+    if isinstance(src, torch.Tensor):
+        dst.copy_(src)
+    elif src.flags.writeable and all(st >= 0 for st in src.strides):
+        dst.copy_(torch.from_numpy(src))  # read-only or negatively strided arrays cannot be viewed by torch
+    else:
+        np.copyto(dst_np, src)
 
 
 def _chw_hint(shape: tuple[int, ...]) -> str:
@@ -349,9 +382,11 @@ class FrameFeeder:
         # Serializes producers (frames keep call order); reentrant so that close() works in frame_buffer().
         self._put_lock = threading.RLock()
         # Guarded by _cond. Batch k uses staging slot k % num_slots and output buffer k % num_outputs.
-        self._fill_k = 0  # batch being filled
+        self._fill_k = 0  # batch being filled; batches below it are sealed (no more frames)
         self._fill_n = 0  # frames already in it
-        self._full: collections.deque[tuple[int, int]] = collections.deque()  # (k, n) waiting for dispatch
+        n_slots = cfg.num_slots
+        self._slot_frames = [0] * n_slots  # frames put into the slot's batch ...
+        self._slot_copied = [0] * n_slots  # ... and already copied (async copies complete later)
         self._issued = 0  # batches dispatched (their slot may be refilled once their H2D is done)
         self._released = 0  # batches the consumer is done with (their output buffer may be overwritten)
         self._ready: collections.deque[Any] = collections.deque()  # (k, n), then _END or an exception
@@ -374,11 +409,13 @@ class FrameFeeder:
         self._consumed_ev: list[torch.cuda.Event] = []
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._compute_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._pool = (
-            ThreadPoolExecutor(cfg.copy_threads - 1, thread_name_prefix="torchopt-feeder-copy")
-            if cfg.copy_threads > 1
-            else None
-        )
+        self._copy_queue: queue.SimpleQueue[tuple[np.ndarray, int, int] | None] = queue.SimpleQueue()
+        self._copiers = [
+            threading.Thread(target=self._copy_loop, name=f"torchopt-feeder-copy-{j}", daemon=True)
+            for j in range(cfg.copy_threads if cfg.async_copy else 0)
+        ]
+        for t in self._copiers:
+            t.start()
         if cfg.frame_shape is not None:
             self._set_frame_shape(cfg.frame_shape, where="FeederConfig.frame_shape")
 
@@ -407,11 +444,15 @@ class FrameFeeder:
             self._puts += 1
             src = _frame_array(frame, index)
             self._check_frame_shape(src.shape, index)
-            dst = self._acquire(timeout)
-            t0 = time.perf_counter()
-            self._copy_frame(dst, src)
-            self._stats.copy_s += time.perf_counter() - t0
-            self._commit()
+            s, i = self._acquire(timeout)
+            if self.config.async_copy:
+                self._commit(s, copied=False)  # the position is taken; a copy thread fills it
+                self._copy_queue.put((src, s, i))
+            else:
+                t0 = time.perf_counter()
+                _copy_frame(self._slots[s][i], self._slots_np[s][i], frame if isinstance(frame, torch.Tensor) else src)
+                self._stats.copy_s += time.perf_counter() - t0
+                self._commit(s, copied=True)
 
     @contextlib.contextmanager
     def frame_buffer(self, timeout: float | None = _UNSET) -> Iterator[np.ndarray]:
@@ -430,8 +471,9 @@ class FrameFeeder:
             if self._frame_shape is None:
                 raise ValueError("frame_buffer() needs the frame shape: set FeederConfig.frame_shape or put() a frame")
             self._puts += 1
-            yield self._acquire(timeout)
-            self._commit()
+            s, i = self._acquire(timeout)
+            yield self._slots_np[s][i]
+            self._commit(s, copied=True)
 
     def finish(self, error: BaseException | None = None) -> None:
         """End of input: the last, partial batch is delivered (unless `drop_last`), then iteration stops.
@@ -445,8 +487,7 @@ class FrameFeeder:
             if self._finished or self._closed:
                 return
             if self._fill_n and not self.config.drop_last:
-                self._full.append((self._fill_k, self._fill_n))
-                self._fill_k += 1
+                self._fill_k += 1  # seal the partial batch: it is dispatched once its copies are done
             self._fill_n = 0
             self._input_error = error
             self._finished = True
@@ -495,8 +536,8 @@ class FrameFeeder:
         if self._finished:
             raise RuntimeError("put() after finish(): the input of this FrameFeeder has ended")
 
-    def _acquire(self, timeout: float | None) -> np.ndarray:
-        """The next frame's place in the staging ring, waiting for its slot when a new batch starts."""
+    def _acquire(self, timeout: float | None) -> tuple[int, int]:
+        """(slot, row) of the next frame in the staging ring, waiting for the slot when a new batch starts."""
         with self._cond:
             self._raise_if_unusable()
             k, i, s = self._fill_k, self._fill_n, self._fill_k % self.config.num_slots
@@ -519,29 +560,45 @@ class FrameFeeder:
             t0 = time.perf_counter()
             self._h2d_done[s].synchronize()
             self._stats.put_wait_s += time.perf_counter() - t0
-        return self._slots_np[s][i]
+        return s, i
 
-    def _copy_frame(self, dst: np.ndarray, src: np.ndarray) -> None:
-        bands = min(self.config.copy_threads, src.nbytes // _MIN_BAND_BYTES, src.shape[0])
-        if bands <= 1 or self._pool is None:
-            np.copyto(dst, src)
-            return
-        edges = [src.shape[0] * j // bands for j in range(bands + 1)]
-        futures = [self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(edges[1:])]
-        np.copyto(dst[: edges[1]], src[: edges[1]])
-        for f in futures:
-            f.result()
-
-    def _commit(self) -> None:
+    def _commit(self, s: int, copied: bool) -> None:
         with self._cond:
             self._raise_if_unusable()
+            if self._fill_n == 0:
+                self._slot_frames[s] = self._slot_copied[s] = 0
             self._fill_n += 1
+            self._slot_frames[s] += 1
+            self._slot_copied[s] += copied
             self._stats.frames += 1
             if self._fill_n == self.config.batch_size:
-                self._full.append((self._fill_k, self._fill_n))
                 self._fill_k += 1
                 self._fill_n = 0
                 self._cond.notify_all()
+
+    def _copy_loop(self) -> None:
+        """A copy thread of `async_copy`: whole frames, so that frames are copied in parallel."""
+        while (task := self._copy_queue.get()) is not None:
+            src, s, i = task
+            if self._closed:
+                continue  # close() frees the slots once the copy threads are joined
+            t0 = time.perf_counter()
+            try:
+                np.copyto(self._slots_np[s][i], src)  # releases the GIL: the copy threads run in parallel
+            except BaseException as exc:
+                self._fail(exc)
+                continue
+            with self._cond:
+                self._stats.copy_s += time.perf_counter() - t0
+                self._slot_copied[s] += 1
+                self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._failed is None:
+                self._failed = exc
+                self._ready.append(exc)
+            self._cond.notify_all()
 
     def _source_loop(self, source: Iterable[Any]) -> None:
         try:
@@ -565,11 +622,16 @@ class FrameFeeder:
                 while True:
                     if self._closed:
                         return
-                    # Batch k may overwrite output buffer k % n_out once batch k - n_out was released.
-                    if self._full and self._full[0][0] < self._released + n_out:
-                        k, n = self._full.popleft()
+                    if self._failed is not None:
+                        return
+                    k = self._issued
+                    s = k % self.config.num_slots
+                    # Batch k is sealed, all its frames are copied, and it may overwrite output buffer
+                    # k % n_out (batch k - n_out was released).
+                    if k < self._fill_k and self._slot_copied[s] == self._slot_frames[s] and k < self._released + n_out:
+                        n = self._slot_frames[s]
                         break
-                    if not self._full and self._finished:
+                    if k == self._fill_k and self._finished:
                         self._ready.append(self._input_error if self._input_error is not None else _END)
                         self._cond.notify_all()
                         return
@@ -577,10 +639,7 @@ class FrameFeeder:
             try:
                 self._issue(k, n)
             except BaseException as exc:  # handed to the consumer, not swallowed
-                with self._cond:
-                    self._failed = exc
-                    self._ready.append(exc)
-                    self._cond.notify_all()
+                self._fail(exc)
                 return
             with self._cond:
                 self._issued = k + 1
@@ -736,8 +795,10 @@ class FrameFeeder:
             # A source stuck in user code (a camera read) cannot be interrupted; its next put() raises.
             self._source_thread.join(_SOURCE_JOIN_S)
         with self._put_lock:  # no put() is copying into a slot past this point
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            for _ in self._copiers:
+                self._copy_queue.put(None)
+            for t in self._copiers:
+                t.join()  # a copy in progress finishes before its slot is freed
             if self._cuda:
                 self._copy_stream.synchronize()  # no DMA may read a slot we unpin
                 self._compute_stream.synchronize()

@@ -38,8 +38,15 @@ class SimDevice:
     name = "simulated"
     baseline_slack = 0
 
-    def __init__(self, capacity: int, curve: Callable[[int], float], *, weights: int = 100 * MiB,
-                 workspace: int = 0, total: int | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        curve: Callable[[int], float],
+        *,
+        weights: int = 100 * MiB,
+        workspace: int = 0,
+        total: int | None = None,
+    ):
         self.capacity = capacity
         self.total = total if total is not None else capacity
         self.curve = curve

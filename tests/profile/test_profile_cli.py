@@ -152,10 +152,7 @@ def test_cuda_only_options_on_cpu(model_spec, tmp_path):
 
 def test_main_entry_point_reports_errors_as_exit_code_2(model_spec, tmp_path, capsys):
     cli = pytest.importorskip("torchopt.cli")
-    assert (
-        cli.main(["bench", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--iters", "0"])
-        == 2
-    )
+    assert cli.main(["bench", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--iters", "0"]) == 2
     assert "--iters must be > 0" in capsys.readouterr().err
 
 

@@ -198,10 +198,7 @@ def test_cuda_per_stage_peaks_are_exact_and_nested():
     assert s["outer/temp"].retained_bytes == 0
     assert s["outer/keep"].peak_increase_bytes == 32 * MiB
     assert s["outer"].peak_increase_bytes == 128 * MiB  # the child's peak folds into the parent
-    assert (
-        rep.fragmentation is not None
-        and rep.fragmentation.reserved_bytes >= rep.fragmentation.allocated_bytes
-    )
+    assert rep.fragmentation is not None and rep.fragmentation.reserved_bytes >= rep.fragmentation.allocated_bytes
 
 
 @pytest.mark.gpu

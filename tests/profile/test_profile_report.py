@@ -27,9 +27,7 @@ def test_profile_report_saves_json_and_markdown(runs, tmp_path):
     tr = tp.trace(step, torch.randn(4), wait=0, warmup=1, active=2, measure_overhead=False)
     mem = tp.memory(step, torch.randn(4), sample_interval_ms=0)
     fig = tp.save_figure(tp.plot_latency(runs["eager"]), tmp_path / "figs" / "lat.png")
-    rep = tp.ProfileReport(
-        "demo", latency=runs, trace=tr, memory=mem, figures={"latency": fig}, notes=["hello"]
-    )
+    rep = tp.ProfileReport("demo", latency=runs, trace=tr, memory=mem, figures={"latency": fig}, notes=["hello"])
     json_path, md_path = rep.save(tmp_path / "out", "rep")
     data = json.loads(json_path.read_text())
     assert data["title"] == "demo" and data["environment"]["torch"] == torch.__version__

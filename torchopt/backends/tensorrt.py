@@ -118,15 +118,13 @@ def keep_pattern_regex(pattern: str) -> str:
 
 
 def _check_keep_patterns(model: torch.nn.Module, patterns: Sequence[str]) -> None:
-    names = [n for n, _ in model.named_modules() if n]
-    for pattern in patterns:
-        regex = re.compile(keep_pattern_regex(pattern))
-        if not any(regex.match(n) for n in names):
-            near = closest(pattern, names)
-            raise ValueError(
-                f"tensorrt.autocast_keep pattern {pattern!r} matches no module of"
-                f" {type(model).__name__}{near}; module names look like {names[:8]}"
-            )
+    """A pattern that keeps nothing is an error naming it and nearby module names (the quantize step's check)."""
+    from torchopt.quantize.keep import KeepRule, resolve_keep
+
+    try:
+        resolve_keep(model, [KeepRule(pattern=p) for p in patterns])
+    except ValueError as exc:
+        raise ValueError(f"tensorrt.autocast_keep: {exc}") from None
 
 
 def engine_cache_subdir(root: str | os.PathLike, calib_fingerprint: str | None) -> Path:

@@ -29,9 +29,7 @@ __all__ = [
 C = TypeVar("C", bound=ConfigBase)
 
 
-def resolve_config(
-    cls: type[C], config: C | None, given: dict[str, Any], overrides: dict[str, Any], where: str
-) -> C:
+def resolve_config(cls: type[C], config: C | None, given: dict[str, Any], overrides: dict[str, Any], where: str) -> C:
     """The entry point's config: `config` (or the defaults), then the explicit keyword arguments that are not
     None, then any other field passed as a keyword argument."""
     if config is not None:
@@ -91,11 +89,7 @@ def as_make_inputs(
     specs: list[InputSpec] | None = None
     if isinstance(make_inputs, InputSpec):
         specs = [make_inputs]
-    elif (
-        isinstance(make_inputs, Sequence)
-        and make_inputs
-        and all(isinstance(s, InputSpec) for s in make_inputs)
-    ):
+    elif isinstance(make_inputs, Sequence) and make_inputs and all(isinstance(s, InputSpec) for s in make_inputs):
         specs = list(make_inputs)
     if specs is None:
         if not callable(make_inputs):
@@ -130,9 +124,7 @@ def build_batch(make_inputs: Callable[[int], Any], batch: int, where: str) -> Ba
             f"{where}: make_inputs({batch}) must return a tensor, a tuple/list of inputs or a dict of keyword"
             f" inputs, got {type(value).__name__}"
         )
-    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [
-        (f"input {k!r}", v) for k, v in kwargs.items()
-    ]
+    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
     batched = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.dim() >= 1]
     if not batched:
         raise ValueError(
@@ -155,9 +147,7 @@ def batch_device(fn_or_model: Any, batch: Batch) -> torch.device:
 
 def add_batch_note(exc: BaseException, batch: int, where: str) -> None:
     """Attach the batch size to an exception that is re-raised unchanged (same type, same traceback)."""
-    note = (
-        f"{where}: raised by the step at batch size {batch} (not an out-of-memory error, so it was re-raised)"
-    )
+    note = f"{where}: raised by the step at batch size {batch} (not an out-of-memory error, so it was re-raised)"
     if hasattr(exc, "add_note"):
         exc.add_note(note)
     else:  # Python 3.10: no add_note, but the attribute is what 3.11+ tracebacks print

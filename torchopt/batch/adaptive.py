@@ -1,11 +1,13 @@
 """`AdaptiveBatchSizer`: a batch size for a running loop that shrinks on OOM and grows back when it can.
 
-After an out-of-memory error the size shrinks (``size · shrink_factor``) and the failing size becomes a
-ceiling that growth never reaches again (`reset_ceiling()` lifts it, e.g. after other processes released
-memory). After `grow_after` consecutive successes at the current size it grows (``size · grow_factor``) —
-below the ceiling and, when a memory backend is given, only if the memory model fitted to the observed peaks
-predicts the new size within ``capacity · (1 - headroom_fraction)``. Unlike a shrink-only policy, a transient
-spike does not cost throughput for the rest of the run.
+After an out-of-memory error the failing size becomes a ceiling that growth never reaches again
+(`reset_ceiling()` lifts it, e.g. after other processes released memory) and the size shrinks to
+``size · shrink_factor``, or to the largest size that has run below the failure if that is larger. After
+`grow_after` consecutive successes it grows by `grow_factor`, at most halfway to the ceiling — so repeated
+growth bisects towards the real limit instead of oscillating below it — and, when a memory backend is given,
+only if the memory model fitted to the observed peaks predicts the new size within
+``capacity · (1 - headroom_fraction)``. Unlike a shrink-only policy, a transient spike does not cost
+throughput for the rest of the run.
 
 Thread-safe: the size, the counters and the history change under one lock, and reports carry the size they
 ran at, so an OOM seen by a thread that ran a stale, larger size does not shrink twice.
@@ -37,8 +39,10 @@ class AdaptiveBatchConfig(ConfigBase):
     """Every option of `AdaptiveBatchSizer`.
 
     min_size / max_size: bounds of the size (max_size None = no bound but memory and the OOM ceiling).
-    shrink_factor: size after an OOM = ``floor(size · shrink_factor)`` (at least one less).
-    grow_factor / grow_after: grow to ``ceil(size · grow_factor)`` after this many successes in a row.
+    shrink_factor: size after an OOM = ``floor(size · shrink_factor)`` (at least one less), or the largest
+        size that ran below the failing one when that is larger.
+    grow_factor / grow_after: grow to ``ceil(size · grow_factor)`` (at most halfway to the smallest size
+        that failed) after this many successes in a row.
     headroom_fraction: with a memory backend, grow only while the predicted peak leaves this fraction free.
     max_retries: `run` retries a call this many times after OOMs (shrinking each time) before re-raising.
     max_history: events kept (oldest dropped first).
@@ -111,9 +115,7 @@ class AdaptiveBatchSizer:
         cfg = self.config
         check_batch_limit("initial", initial)
         if not cfg.min_size <= initial <= (cfg.max_size or initial):
-            raise ValueError(
-                f"initial ({initial}) must be in [min_size, max_size] = [{cfg.min_size}, {cfg.max_size}]"
-            )
+            raise ValueError(f"initial ({initial}) must be in [min_size, max_size] = [{cfg.min_size}, {cfg.max_size}]")
         self._memory = memory
         # What is held before any batch (the weights): the intercept of a one-point memory model.
         self._base_bytes = memory.used_bytes() if memory is not None else 0
@@ -123,6 +125,7 @@ class AdaptiveBatchSizer:
         self._successes = 0
         self._ooms = 0
         self._ceiling: int | None = None
+        self._good: int | None = None  # the largest size that ran, below the ceiling
         self._peaks: dict[int, int] = {}
         self._history: collections.deque[SizerEvent] = collections.deque(maxlen=cfg.max_history)
 
@@ -170,6 +173,8 @@ class AdaptiveBatchSizer:
         with self._lock:
             size = self._size if size is None else size
             self._successes += 1
+            if (self._good is None or size > self._good) and (self._ceiling is None or size < self._ceiling):
+                self._good = size
             if peak_bytes is not None:
                 self._peaks[size] = int(peak_bytes)
             if size != self._size:
@@ -183,9 +188,9 @@ class AdaptiveBatchSizer:
     def _grow(self) -> None:
         cfg, size = self.config, self._size
         new = max(size + 1, math.ceil(size * cfg.grow_factor))
-        limits = [
-            n for n in (cfg.max_size, None if self._ceiling is None else self._ceiling - 1) if n is not None
-        ]
+        limits = [] if cfg.max_size is None else [cfg.max_size]
+        if self._ceiling is not None:  # halfway to the failure: growth bisects towards the real limit
+            limits.append(max(size + 1, (size + self._ceiling) // 2) if size + 1 < self._ceiling else size)
         new = min([new, *limits])
         if new <= size:
             return
@@ -212,16 +217,16 @@ class AdaptiveBatchSizer:
             self._ooms += 1
             if self._ceiling is None or size < self._ceiling:
                 self._ceiling = size
+            if self._good is not None and self._good >= size:
+                self._good = None  # what ran before no longer does (memory is held elsewhere now)
             cfg = self.config
-            new = max(cfg.min_size, min(math.floor(size * cfg.shrink_factor), size - 1))
+            new = max(cfg.min_size, min(math.floor(size * cfg.shrink_factor), size - 1), self._good or 0)
             if new < self._size:
                 self._record("shrink", self._size, new, f"out of memory at {size}")
                 self._size = new
                 self._streak = 0
             else:
-                self._record(
-                    "oom", self._size, self._size, f"out of memory at {size} (size already {self._size})"
-                )
+                self._record("oom", self._size, self._size, f"out of memory at {size} (size already {self._size})")
             return self._size
 
     def reset_ceiling(self) -> None:
@@ -240,9 +245,7 @@ class AdaptiveBatchSizer:
         process-wide: with several threads running at once they over-estimate, which only slows growth).
         """
         if not callable(step):
-            raise TypeError(
-                f"{_WHERE}.run: step must be a callable step(batch_size), got {type(step).__name__}"
-            )
+            raise TypeError(f"{_WHERE}.run: step must be a callable step(batch_size), got {type(step).__name__}")
         memory = self._memory
         cleanup = memory.cleanup if memory is not None else release_memory
         for _ in range(self.config.max_retries + 1):

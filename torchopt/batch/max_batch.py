@@ -86,9 +86,7 @@ class MaxBatchConfig(ConfigBase):
         check_positive("headroom", self.headroom, allow_zero=True)
         check_type("max_batch", self.max_batch, int)
         if self.max_batch < 1:
-            raise ValueError(
-                f"max_batch must be >= 1 (the largest batch the search may run), got {self.max_batch}"
-            )
+            raise ValueError(f"max_batch must be >= 1 (the largest batch the search may run), got {self.max_batch}")
         check_positive("start", self.start)
         if self.start > self.max_batch:
             raise ValueError(f"start ({self.start}) must be <= max_batch ({self.max_batch})")
@@ -405,9 +403,7 @@ def find_max_batch(
         warm = run(cfg.start, cfg.warmup, "warmup")
         bar.update(1)
         if not warm.ok:
-            used = (
-                "ran out of memory" if warm.status == "oom" else f"peaked at {warm.peak_bytes / MiB:,.0f} MiB"
-            )
+            used = "ran out of memory" if warm.status == "oom" else f"peaked at {warm.peak_bytes / MiB:,.0f} MiB"
             raise ValueError(
                 f"{_WHERE}: the step does not fit even at the warm-up batch size start={cfg.start}: it"
                 f" {used}, the target is {target / MiB:,.0f} MiB (budget {budget / MiB:,.0f} MiB - headroom"

@@ -120,9 +120,7 @@ class CudaMemory:
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"CudaMemory needs a CUDA device, got {dev}")
-        self.device = torch.device(
-            "cuda", dev.index if dev.index is not None else torch.cuda.current_device()
-        )
+        self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
 
     def __repr__(self) -> str:
         return f"CudaMemory({self.device})"

@@ -62,9 +62,7 @@ class MemoryModel:
         return f"{self.intercept / 2**20:.1f} MiB + {self.slope / 2**20:.3f} MiB × batch"
 
 
-def fit_memory_model(
-    points: Sequence[tuple[int, int]], *, base_bytes: float = 0.0, margin: float = 0.0
-) -> MemoryModel:
+def fit_memory_model(points: Sequence[tuple[int, int]], *, base_bytes: float = 0.0, margin: float = 0.0) -> MemoryModel:
     """Fit `MemoryModel` to (batch, peak bytes) points.
 
     With a single point the slope is ``(peak - base_bytes) / batch``: an upper bound on the true slope when

@@ -39,6 +39,11 @@ def _default_latency() -> LatencyConfig:
     return LatencyConfig(warmup=3, iters=50, max_time_s=2.0)
 
 
+def _with_sweep_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    # Partial latency options fill in from the sweep's defaults, not from LatencyConfig's slower ones.
+    return {**_default_latency().to_dict(), **options}
+
+
 @dataclasses.dataclass
 class OptimalBatchConfig(ConfigBase):
     """Every option of `find_optimal_batch`.
@@ -88,13 +93,17 @@ class OptimalBatchConfig(ConfigBase):
         check_positive("refine_steps", self.refine_steps, allow_zero=True)
         check_positive("tie_pct", self.tie_pct, allow_zero=True, types_=(int, float))
         if isinstance(self.latency, dict):
-            self.latency = LatencyConfig.from_dict(self.latency, where=f"{_WHERE}.latency")
+            self.latency = LatencyConfig.from_dict(_with_sweep_defaults(self.latency), where=f"{_WHERE}.latency")
         check_type("latency", self.latency, LatencyConfig)
         if self.latency.batch_size is not None:
-            raise ValueError(
-                f"latency.batch_size is set per swept size; leave it None, got {self.latency.batch_size}"
-            )
+            raise ValueError(f"latency.batch_size is set per swept size; leave it None, got {self.latency.batch_size}")
         check_type("progress", self.progress, bool)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str | None = None) -> OptimalBatchConfig:
+        if isinstance(data, dict) and isinstance(data.get("latency"), dict):
+            data = {**data, "latency": _with_sweep_defaults(data["latency"])}
+        return super().from_dict(data, where=where)
 
     @property
     def cap(self) -> int:
@@ -141,9 +150,7 @@ class OptimalBatchResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        budget = (
-            f"p{self.percentile:g} <= {self.latency_budget_ms} ms" if self.latency_budget_ms else "no budget"
-        )
+        budget = f"p{self.percentile:g} <= {self.latency_budget_ms} ms" if self.latency_budget_ms else "no budget"
         lines = [
             f"optimal batch {self.size}: {self.throughput:,.1f} items/s, p{self.percentile:g}"
             f" {self.latency_ms:.3f} ms ({budget}; sweep stopped: {self.stop_reason};"
@@ -177,9 +184,7 @@ class OptimalBatchResult:
         ax.set_xlabel("batch size")
         ax.set_ylabel("throughput (items/s)", color="tab:blue")
         ax2 = ax.twinx()
-        ax2.plot(
-            xs, [p.latency_ms for p in pts], "s--", color="tab:orange", label=f"p{self.percentile:g} latency"
-        )
+        ax2.plot(xs, [p.latency_ms for p in pts], "s--", color="tab:orange", label=f"p{self.percentile:g} latency")
         ax2.set_ylabel(f"p{self.percentile:g} latency (ms)", color="tab:orange")
         if self.latency_budget_ms is not None:
             ax2.axhline(self.latency_budget_ms, color="tab:red", ls=":", lw=1, label="latency budget")
@@ -284,19 +289,13 @@ def find_optimal_batch(
     candidates = [p for p in points if p.meets_budget]
     if not candidates:
         first = points[0]
-        got = (
-            "ran out of memory"
-            if first.status == "oom"
-            else f"has p{cfg.percentile:g} {first.latency_ms:.3f} ms"
-        )
+        got = "ran out of memory" if first.status == "oom" else f"has p{cfg.percentile:g} {first.latency_ms:.3f} ms"
         raise ValueError(
             f"{_WHERE}: no batch size meets latency_budget_ms={cfg.latency_budget_ms} at p{cfg.percentile:g}:"
             f" the smallest, batch {first.size}, {got}. Raise the budget or speed up the step."
         )
     best = max(p.throughput for p in candidates)
-    chosen = min(
-        (p for p in candidates if p.throughput >= best * (1 - cfg.tie_pct / 100)), key=lambda p: p.size
-    )
+    chosen = min((p for p in candidates if p.throughput >= best * (1 - cfg.tie_pct / 100)), key=lambda p: p.size)
     return OptimalBatchResult(
         size=chosen.size,
         latency_ms=chosen.latency_ms,

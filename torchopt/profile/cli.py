@@ -33,9 +33,7 @@ def _add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default: 10)")
     p.add_argument("--iters", type=int, default=100, help="timed calls, at least (default: 100)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="items per call (default: dim 0 of the first input)"
-    )
+    p.add_argument("--batch-size", type=int, default=None, help="items per call (default: dim 0 of the first input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -49,9 +47,7 @@ def register(subparsers: Any) -> None:
     )
     _add_common(bench, "torchopt_out/bench")
     bench.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (CUDA only)")
-    bench.add_argument(
-        "--l2", choices=["hot", "cold"], default="hot", help="cold: flush the cache before each call"
-    )
+    bench.add_argument("--l2", choices=["hot", "cold"], default="hot", help="cold: flush the cache before each call")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(model) and compare")
     bench.set_defaults(func=run_bench)
 
@@ -63,9 +59,7 @@ def register(subparsers: Any) -> None:
     )
     _add_common(prof, "torchopt_out/profile")
     prof.add_argument("--wait", type=int, default=1, help="profiler schedule: steps skipped (default: 1)")
-    prof.add_argument(
-        "--trace-warmup", type=int, default=1, help="profiler schedule: warm-up steps (default: 1)"
-    )
+    prof.add_argument("--trace-warmup", type=int, default=1, help="profiler schedule: warm-up steps (default: 1)")
     prof.add_argument("--active", type=int, default=3, help="profiler schedule: recorded steps (default: 3)")
     prof.add_argument("--with-stack", action="store_true", help="record Python stacks (larger trace)")
     prof.add_argument("--record-shapes", action="store_true", help="record op input shapes (larger trace)")
@@ -95,9 +89,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path, int]:
     model = load_model(args.model).to(device)
     inputs = [s.example("opt", device=device, seed=i) for i, s in enumerate(specs)]
     batch = args.batch_size or (inputs[0].shape[0] if inputs[0].dim() > 0 else 1)
-    print(
-        f"{args.model} on {device}: inputs {[tuple(x.shape) for x in inputs]}, batch {batch}", file=sys.stderr
-    )
+    print(f"{args.model} on {device}: inputs {[tuple(x.shape) for x in inputs]}, batch {batch}", file=sys.stderr)
     return model, inputs, device, out, int(batch)
 
 

@@ -46,7 +46,7 @@ class LatencyConfig(ConfigBase):
     stability_windows: int = 3  # windows that must agree (perf_analyzer: 3)
     stability_pct: float = 10.0  # how closely, median against median (perf_analyzer: 10 %)
     max_iters: int | None = None  # cap on timed calls while unstable; None = 10 × iters
-    max_time_s: float = 10.0  # cap on timing time while unstable (the first `iters` always run)
+    max_time_s: float = 5.0  # cap on timing time while unstable (the first `iters` always run)
     device: str | None = None  # None: inferred from the inputs
     progress: bool = False  # tqdm bar over the timed calls
 
@@ -71,9 +71,7 @@ class LatencyConfig(ConfigBase):
             try:
                 torch.device(self.device)
             except RuntimeError as exc:
-                raise ValueError(
-                    f"device must be a device string like 'cpu' or 'cuda:0', got {self.device!r}"
-                ) from exc
+                raise ValueError(f"device must be a device string like 'cpu' or 'cuda:0', got {self.device!r}") from exc
         check_type("progress", self.progress, bool)
 
     @property
@@ -197,9 +195,7 @@ def _capture_graph(fn: Callable, inputs: tuple[Any, ...], device: torch.device) 
     except RuntimeError as exc:
         if "captur" not in str(exc):
             raise
-        raise ValueError(
-            f"cuda_graph=True: capturing fn in a CUDA graph failed ({exc}); {_SYNC_HINT}"
-        ) from exc
+        raise ValueError(f"cuda_graph=True: capturing fn in a CUDA graph failed ({exc}); {_SYNC_HINT}") from exc
     torch.cuda.synchronize(device)
     return graph.replay
 
@@ -229,9 +225,7 @@ def _time_cpu(call: Callable[[], Any], n: int, flush: Callable[[], None] | None)
     return out
 
 
-def _time_cuda(
-    call: Callable[[], Any], n: int, flush: Callable[[], None] | None, device: torch.device
-) -> list[float]:
+def _time_cuda(call: Callable[[], Any], n: int, flush: Callable[[], None] | None, device: torch.device) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for start, end in zip(starts, ends, strict=True):
@@ -258,9 +252,7 @@ def latency(
         raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(fn).__name__} {fn!r}")
     if config is not None:
         check_type("config", config, LatencyConfig)
-    cfg = LatencyConfig.from_dict(
-        {**(config.to_dict() if config else {}), **overrides}, where="latency options"
-    )
+    cfg = LatencyConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="latency options")
     device = _resolve_device(fn, inputs, cfg)
     is_cuda = device.type == "cuda"
 
@@ -290,7 +282,7 @@ def latency(
         def measure(n: int) -> list[float]:
             return _time_cuda(call, n, flush, device) if is_cuda else _time_cpu(call, n, flush)
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # not tqdm.auto: in Jupyter without ipywidgets it warns at import
 
         with tqdm(total=cfg.iters, desc="latency", unit="call", disable=not cfg.progress, leave=False) as bar:
             t_start = time.perf_counter()

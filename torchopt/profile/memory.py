@@ -77,11 +77,7 @@ def _total_ram() -> int:
 
 def _resolve_device(device: Any) -> torch.device:
     if device is None:
-        return (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     check_type("device", device, (str, torch.device, int), "a device like 'cpu', 'cuda:0' or a CUDA index")
     try:
         dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -175,6 +171,7 @@ class SnapshotDiff:
     after: str
     seconds: float
     delta: dict[str, int]
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +179,8 @@ class SnapshotDiff:
     def __str__(self) -> str:
         lines = [f"{self.before!r} → {self.after!r} ({self.seconds:.3f} s)"]
         for k, v in self.delta.items():
+            if self.device == "cpu" and k != "rss_bytes":
+                continue  # on CPU the other fields repeat the RSS or are 0
             shown = fmt_bytes(v) if k.endswith("_bytes") else str(v)
             lines.append(f"  {k:<22} {'+' if v > 0 else ''}{shown}")
         return "\n".join(lines)
@@ -194,7 +193,7 @@ def compare_snapshots(before: MemorySnapshot, after: MemorySnapshot) -> Snapshot
     if before.device != after.device:
         raise ValueError(f"snapshots are of different devices: {before.device!r} and {after.device!r}")
     delta = {k: getattr(after, k) - getattr(before, k) for k in _COMPARED}
-    return SnapshotDiff(before.name, after.name, after.time_s - before.time_s, delta)
+    return SnapshotDiff(before.name, after.name, after.time_s - before.time_s, delta, before.device)
 
 
 @dataclasses.dataclass
@@ -210,9 +209,7 @@ class Fragmentation:
 
     @property
     def fragmentation_pct(self) -> float:
-        return (
-            100.0 * self.reserved_minus_allocated_bytes / self.reserved_bytes if self.reserved_bytes else 0.0
-        )
+        return 100.0 * self.reserved_minus_allocated_bytes / self.reserved_bytes if self.reserved_bytes else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "fragmentation_pct": self.fragmentation_pct}
@@ -253,9 +250,7 @@ def record_history(
     dev = _resolve_device(device)
     if dev.type != "cuda":
         raise ValueError(f"allocation history records the CUDA caching allocator; device {dev} is not CUDA")
-    torch.cuda.memory._record_memory_history(
-        enabled="all", stacks=stacks, max_entries=max_entries, device=dev
-    )
+    torch.cuda.memory._record_memory_history(enabled="all", stacks=stacks, max_entries=max_entries, device=dev)
     try:
         yield os.fspath(p)
     finally:
@@ -312,24 +307,14 @@ class VRAMMonitor:
         check_positive("interval_s", interval_s, types_=(int, float))
         check_positive("max_samples", max_samples)
         if callback is not None and not callable(callback):
-            raise TypeError(
-                f"callback must be callable(sample) or None, got {type(callback).__name__} {callback!r}"
-            )
-        if (
-            metric in ("allocated", "reserved", "device_used")
-            and device is None
-            and not torch.cuda.is_available()
-        ):
-            raise ValueError(
-                f"metric={metric!r} watches a CUDA device, but no CUDA device is available; use 'rss'"
-            )
+            raise TypeError(f"callback must be callable(sample) or None, got {type(callback).__name__} {callback!r}")
+        if metric in ("allocated", "reserved", "device_used") and device is None and not torch.cuda.is_available():
+            raise ValueError(f"metric={metric!r} watches a CUDA device, but no CUDA device is available; use 'rss'")
         self.device = _resolve_device(device) if metric != "rss" else torch.device("cpu")
         if metric == "auto":
             metric = "reserved" if self.device.type == "cuda" else "rss"
         if metric != "rss" and self.device.type != "cuda":
-            raise ValueError(
-                f"metric={metric!r} watches a CUDA device, got device {self.device}; use metric='rss'"
-            )
+            raise ValueError(f"metric={metric!r} watches a CUDA device, got device {self.device}; use metric='rss'")
         self.metric = metric
         self.total_bytes = (
             torch.cuda.get_device_properties(self.device).total_memory if metric != "rss" else _total_ram()
@@ -353,9 +338,7 @@ class VRAMMonitor:
         check_type("threshold", threshold, (int, float), "bytes (int) or a fraction of the total (float)")
         if isinstance(threshold, float):
             if not 0.0 < threshold <= 1.0:
-                raise ValueError(
-                    f"threshold as a fraction must be in (0, 1], got {threshold!r}; give bytes as an int"
-                )
+                raise ValueError(f"threshold as a fraction must be in (0, 1], got {threshold!r}; give bytes as an int")
             return int(threshold * self.total_bytes)
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0 bytes, got {threshold!r}")
@@ -411,9 +394,7 @@ class VRAMMonitor:
         self._thread.join()
         self._thread = None
         if self._error is not None:
-            raise RuntimeError(
-                f"VRAMMonitor stopped: its sampling or callback raised {self._error!r}"
-            ) from self._error
+            raise RuntimeError(f"VRAMMonitor stopped: its sampling or callback raised {self._error!r}") from self._error
 
     def __enter__(self) -> VRAMMonitor:
         return self.start()
@@ -429,9 +410,7 @@ class VRAMMonitor:
 class MemoryConfig(ConfigBase):
     """Every option of `memory`."""
 
-    device: str | None = (
-        None  # None: function mode infers it from the inputs, block mode takes CUDA if present
-    )
+    device: str | None = None  # None: function mode infers it from the inputs, block mode takes CUDA if present
     iters: int = 1  # function mode: calls of fn
     sample_interval_ms: float = 5.0  # background sampling for the timeline (and CPU stage peaks); 0 = off
     record_history: bool = False  # CUDA: record allocations and dump a memory_viz pickle
@@ -658,9 +637,7 @@ def memory(fn: None = None, *, config: MemoryConfig | None = None, **overrides: 
 def memory(
     fn: Callable[..., Any], *inputs: Any, config: MemoryConfig | None = None, **overrides: Any
 ) -> MemoryReport: ...
-def memory(
-    fn: Callable[..., Any] | None = None, *inputs: Any, config: MemoryConfig | None = None, **overrides: Any
-):
+def memory(fn: Callable[..., Any] | None = None, *inputs: Any, config: MemoryConfig | None = None, **overrides: Any):
     """Measure memory of ``fn(*inputs)`` per stage (see `MemoryConfig`); without `fn`, a `MemoryTracker`.
 
     Example::
@@ -669,14 +646,10 @@ def memory(
         print(rep)  # peaks per stage, fragmentation
     """
     if fn is not None and not callable(fn):
-        raise TypeError(
-            f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}"
-        )
+        raise TypeError(f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}")
     if config is not None:
         check_type("config", config, MemoryConfig)
-    cfg = MemoryConfig.from_dict(
-        {**(config.to_dict() if config else {}), **overrides}, where="memory options"
-    )
+    cfg = MemoryConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="memory options")
     if fn is None:
         if inputs:
             raise TypeError("memory() got inputs but no fn; pass fn first, or no inputs for block mode")

@@ -140,9 +140,7 @@ def plot_comparison(
     ax_c.legend(fontsize=8)
     if len(names) > 1:
         first = percentile(_samples(results[names[0]], "results"), 50.0)
-        ratios = ", ".join(
-            f"{n} {first / percentile(_samples(results[n], 'results'), 50.0):.2f}×" for n in names[1:]
-        )
+        ratios = ", ".join(f"{n} {first / percentile(_samples(results[n], 'results'), 50.0):.2f}×" for n in names[1:])
         title = f"{title} — p50 speed-up vs {names[0]}: {ratios}"
     fig.suptitle(title)
     return _finish(fig, path)
@@ -230,9 +228,7 @@ def plot_memory(
         for i, s in enumerate(samples):
             check_type(f"data[{i}]", s, MemorySample)
     if not samples:
-        raise ValueError(
-            "no memory samples to plot (sample_interval_ms=0, or the run was shorter than one interval)"
-        )
+        raise ValueError("no memory samples to plot (sample_interval_ms=0, or the run was shorter than one interval)")
     top = max(max(s.reserved_bytes, s.value_bytes) for s in samples)
     unit, gib = ("GiB", 2.0**30) if top >= 2**30 else ("MiB", 2.0**20)
     t = [s.t_s * 1000.0 for s in samples]
@@ -245,9 +241,7 @@ def plot_memory(
         if any(s.value_bytes not in (s.allocated_bytes, s.reserved_bytes) for s in samples):
             ax.plot(t, [s.value_bytes / gib for s in samples], label="device used", color="tab:purple")
     if threshold is not None:
-        ax.axhline(
-            threshold / gib, color=_P99_COLOR, linestyle="--", label=f"threshold {threshold / gib:.2f} {unit}"
-        )
+        ax.axhline(threshold / gib, color=_P99_COLOR, linestyle="--", label=f"threshold {threshold / gib:.2f} {unit}")
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
@@ -260,9 +254,7 @@ def plot_memory(
             start = opened[stage_path].pop()
             first = stage_path not in colors  # label each stage once in the legend
             color = colors.setdefault(stage_path, cmap(len(colors) % 20))
-            ax.axvspan(
-                start * 1000.0, ts * 1000.0, color=color, alpha=0.15, label=stage_path if first else None
-            )
+            ax.axvspan(start * 1000.0, ts * 1000.0, color=color, alpha=0.15, label=stage_path if first else None)
     ax.set_xlabel("time (ms)")
     ax.set_ylabel(unit)
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")

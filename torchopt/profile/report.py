@@ -176,18 +176,14 @@ def trace_markdown(res: TraceResult) -> str:
     """Warnings first, then the overview, the stage table, the slowest stages and the top ops."""
     out = [f"> **WARNING: {w}**" for w in res.warnings]
     overview = [
-        f"- active steps: {res.steps}, median step {res.step_ms:.3f} ms,"
-        f" activities {', '.join(res.activities)}",
-        f"- GPU kernels captured: {res.gpu_kernels}"
-        if res.gpu_kernels is not None
-        else "- GPU: not recorded",
+        f"- active steps: {res.steps}, median step {res.step_ms:.3f} ms, activities {', '.join(res.activities)}",
+        f"- GPU kernels captured: {res.gpu_kernels}" if res.gpu_kernels is not None else "- GPU: not recorded",
     ]
     if res.gpu_idle_pct is not None:
         overview.append(f"- GPU idle: {res.gpu_idle_pct:.1f} % of the active wall time")
     if res.overhead_pct is not None:
         overview.append(
-            f"- profiler overhead: {res.overhead_pct:+.1f} % per step"
-            f" (unprofiled median {res.baseline_step_ms:.3f} ms)"
+            f"- profiler overhead: {res.overhead_pct:+.1f} % per step (unprofiled median {res.baseline_step_ms:.3f} ms)"
         )
     overview.append(f"- post-processing: {res.postprocess_s:.2f} s")
     if res.trace_path:
@@ -208,21 +204,16 @@ def trace_markdown(res: TraceResult) -> str:
             for s in res.stages
         ]
         out.append(
-            "### Stages\n\n"
-            + _table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
+            "### Stages\n\n" + _table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
         )
-        out.append(
-            "Slowest stages: " + ", ".join(f"`{s.path}` ({s.total_ms:.3f} ms)" for s in res.slowest_stages)
-        )
+        out.append("Slowest stages: " + ", ".join(f"`{s.path}` ({s.total_ms:.3f} ms)" for s in res.slowest_stages))
     if res.top_ops:
         gpu = res.gpu_kernels is not None
         rows = [
             [f"`{o.name}`", str(o.count), *([_ms(o.self_device_ms)] if gpu else []), _ms(o.self_cpu_ms)]
             for o in res.top_ops
         ]
-        title = (
-            "self device time" if res.top_ops_by == "self_device_ms" else "self CPU time (no GPU activity)"
-        )
+        title = "self device time" if res.top_ops_by == "self_device_ms" else "self CPU time (no GPU activity)"
         out.append(
             f"### Top ops by {title}\n\n"
             + _table(["op", "count", *(["self GPU ms"] if gpu else []), "self CPU ms"], rows)
@@ -235,25 +226,29 @@ def memory_markdown(rep: MemoryReport) -> str:
     what = "CUDA caching allocator" if rep.device.startswith("cuda") else "process RSS (CPU)"
     out = [
         f"- device {rep.device}, measured: {what}",
-        f"- peak allocated {fmt_bytes(rep.peak_allocated_bytes)},"
+        f"- peak RSS {fmt_bytes(rep.peak_allocated_bytes)}"
+        if not rep.device.startswith("cuda")
+        else f"- peak allocated {fmt_bytes(rep.peak_allocated_bytes)},"
         f" peak reserved {fmt_bytes(rep.peak_reserved_bytes)}",
     ]
     if rep.history_path:
         out.append(f"- allocation history: `{rep.history_path}` (open in https://pytorch.org/memory_viz)")
     text = "\n".join(out)
     if rep.stages:
+        cpu = not rep.device.startswith("cuda")  # RSS only: allocated and reserved are the same number
         rows = [
             [
                 s.path,
                 str(s.count),
                 fmt_bytes(s.peak_allocated_bytes),
-                fmt_bytes(s.peak_reserved_bytes),
+                *([] if cpu else [fmt_bytes(s.peak_reserved_bytes)]),
                 fmt_bytes(s.peak_increase_bytes),
                 fmt_bytes(s.retained_bytes),
             ]
             for s in rep.stages
         ]
-        header = ["stage", "count", "peak allocated", "peak reserved", "peak above entry", "retained"]
+        peak = ["peak RSS"] if cpu else ["peak allocated", "peak reserved"]
+        header = ["stage", "count", *peak, "peak above entry", "retained"]
         text += "\n\n### Memory per stage\n\n" + _table(header, rows)
     if rep.fragmentation is not None:
         f = rep.fragmentation

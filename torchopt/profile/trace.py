@@ -91,9 +91,7 @@ class TraceConfig(ConfigBase):
         if self.activities is None:
             return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
         if "cuda" in self.activities and not torch.cuda.is_available():
-            raise ValueError(
-                f"activities={self.activities} asks for CUDA, but no CUDA device is available here"
-            )
+            raise ValueError(f"activities={self.activities} asks for CUDA, but no CUDA device is available here")
         return self.activities
 
 
@@ -284,7 +282,13 @@ class Tracer:
 
         gpu_kernels = gpu_idle = None
         if "cuda" in self.activities:
-            gpu = [(ev.time_range.start, ev.time_range.end) for ev in events if _is_gpu_event(ev)]
+            paths = {s.path for s in stages}
+            gpu = [
+                (ev.time_range.start, ev.time_range.end)
+                for ev in events
+                # GPU-side copies of annotations (stages, steps) span kernels; they are not work themselves.
+                if _is_gpu_event(ev) and ev.name not in paths and not ev.name.startswith("ProfilerStep")
+            ]
             gpu_kernels = len(gpu)
             steps = [ev for ev in events if ev.name.startswith("ProfilerStep")]
             if steps and wall_ms > 0:
@@ -414,12 +418,8 @@ def _trim_trace(data: dict[str, Any], limit: int) -> bytes:
 @overload
 def trace(fn: None = None, *, config: TraceConfig | None = None, **overrides: Any) -> Tracer: ...
 @overload
-def trace(
-    fn: Callable[..., Any], *inputs: Any, config: TraceConfig | None = None, **overrides: Any
-) -> TraceResult: ...
-def trace(
-    fn: Callable[..., Any] | None = None, *inputs: Any, config: TraceConfig | None = None, **overrides: Any
-):
+def trace(fn: Callable[..., Any], *inputs: Any, config: TraceConfig | None = None, **overrides: Any) -> TraceResult: ...
+def trace(fn: Callable[..., Any] | None = None, *inputs: Any, config: TraceConfig | None = None, **overrides: Any):
     """Profile ``fn(*inputs)`` over ``wait + warmup + active`` steps and summarize it (see `TraceConfig`).
 
     Without `fn`, returns a `Tracer` to use as a context manager around your own loop (block mode).
@@ -431,9 +431,7 @@ def trace(
         res.slowest_stages[0].path
     """
     if fn is not None and not callable(fn):
-        raise TypeError(
-            f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}"
-        )
+        raise TypeError(f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}")
     if config is not None:
         check_type("config", config, TraceConfig)
     cfg = TraceConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="trace options")

@@ -1,1 +1,56 @@
-"""torchopt.quantize"""
+"""torchopt.quantize: NVIDIA ModelOpt Q/DQ quantization with calibration, layer overrides, sensitivity search
+and a calibration cache.
+
+    import torchopt.quantize as tq
+
+    qmodel = tq.quantize(copy.deepcopy(model), "int8", calib_data=loader, method="entropy",
+                         keep=[{"pattern": "*head*", "precision": "fp32"}])
+    print(tq.summary(qmodel))
+    print(tq.compare(model, loader, test_batches, methods=["max", "entropy", "percentile"], labels=y))
+    search = tq.auto_keep(model, loader, test_batches, {"metric": "top1_agreement", "min": 0.99})
+
+Formats (`FORMATS`): int8, int8_smoothquant, fp8, int4_awq, nvfp4 (CUDA). Methods (`METHODS`): max, entropy,
+percentile, mse, smoothquant, awq. The recipe step ``quantize`` takes the same options (`QuantizeConfig`).
+
+Importing this package is light: ModelOpt, matplotlib and tqdm load inside the functions that use them.
+"""
+
+from torchopt.quantize.api import quantize
+from torchopt.quantize.cache import CalibrationCache, model_fingerprint
+from torchopt.quantize.calibrate import CalibData
+from torchopt.quantize.compare import Comparison, compare
+from torchopt.quantize.config import Budget, QuantizeConfig
+from torchopt.quantize.export import DeploymentWarning, export_quantized, quant_ops, warn_deployment
+from torchopt.quantize.formats import FORMATS, METHODS, FormatSpec, deployment_warning, modelopt_config
+from torchopt.quantize.keep import KeepRule
+from torchopt.quantize.sensitivity import KeepSearch, Sensitivity, auto_keep, sensitivity
+from torchopt.quantize.summary import QuantRecord, QuantSummary, detect_format, summary
+
+__all__ = [
+    "FORMATS",
+    "METHODS",
+    "Budget",
+    "CalibData",
+    "CalibrationCache",
+    "Comparison",
+    "DeploymentWarning",
+    "FormatSpec",
+    "KeepRule",
+    "KeepSearch",
+    "QuantRecord",
+    "QuantSummary",
+    "QuantizeConfig",
+    "Sensitivity",
+    "auto_keep",
+    "compare",
+    "deployment_warning",
+    "detect_format",
+    "export_quantized",
+    "model_fingerprint",
+    "modelopt_config",
+    "quant_ops",
+    "quantize",
+    "sensitivity",
+    "summary",
+    "warn_deployment",
+]

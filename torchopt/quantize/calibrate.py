@@ -302,9 +302,7 @@ def calibrate_histograms(
     with torch.no_grad():
         mtq.model_calib.weight_only_quantize(model)
     forward_loop(model)
-    quantizers = [
-        (n, q) for n, q in model.named_modules() if isinstance(q, mtq.nn.TensorQuantizer) and q.is_enabled
-    ]
+    quantizers = [(n, q) for n, q in model.named_modules() if isinstance(q, mtq.nn.TensorQuantizer) and q.is_enabled]
     unseen: dict[str, str] = {}
     n_hist = sum(isinstance(getattr(q, "_calibrator", None), histogram_cls) for _, q in quantizers)
     bar = tqdm(total=n_hist, desc=f"{method} amax", disable=not progress, leave=False)

@@ -51,7 +51,9 @@ class EvalSet:
             if not isinstance(labels, torch.Tensor):
                 labels = torch.as_tensor(labels)
             if labels.dtype.is_floating_point or labels.dim() != 1:
-                raise TypeError(f"labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}")
+                raise TypeError(
+                    f"labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}"
+                )
             n = sum(_first_logits(r, "eval_data").shape[0] for r in self.reference)
             if labels.numel() != n:
                 raise ValueError(f"labels has {labels.numel()} entries but eval_data has {n} samples")

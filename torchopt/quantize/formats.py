@@ -37,10 +37,10 @@ __all__ = [
     "FORMATS",
     "METHODS",
     "FormatSpec",
+    "check_format",
     "check_method",
     "deployment_warning",
     "modelopt_config",
-    "check_format",
 ]
 
 METHODS = ("max", "entropy", "percentile", "mse", "smoothquant", "awq")
@@ -67,17 +67,40 @@ class FormatSpec:
 FORMATS: dict[str, FormatSpec] = {
     f.name: f
     for f in (
-        FormatSpec("int8", "INT8_DEFAULT_CFG", ("max", "entropy", "percentile", "mse"),
-                   "INT8 weights per output channel (axis 0), INT8 activations per tensor"),
-        FormatSpec("int8_smoothquant", "INT8_SMOOTHQUANT_CFG", ("smoothquant",),
-                   "INT8 with SmoothQuant (activation outliers migrated into the weights); for transformers"),
-        FormatSpec("fp8", "FP8_DEFAULT_CFG", ("max", "percentile", "mse"),
-                   "FP8 E4M3 weights and activations, per tensor", trt_min_sm=(8, 9)),
-        FormatSpec("int4_awq", "INT4_AWQ_CFG", ("awq", "max"),
-                   "INT4 weight-only, blocks of 128 along the input dim, AWQ scaling", trt_min_sm=None),
-        FormatSpec("nvfp4", "NVFP4_DEFAULT_CFG", ("max",),
-                   "NVFP4 (E2M1 with FP8 scales per 16 elements) weights and activations", needs_cuda=True,
-                   trt_min_sm=(10, 0)),
+        FormatSpec(
+            "int8",
+            "INT8_DEFAULT_CFG",
+            ("max", "entropy", "percentile", "mse"),
+            "INT8 weights per output channel (axis 0), INT8 activations per tensor",
+        ),
+        FormatSpec(
+            "int8_smoothquant",
+            "INT8_SMOOTHQUANT_CFG",
+            ("smoothquant",),
+            "INT8 with SmoothQuant (activation outliers migrated into the weights); for transformers",
+        ),
+        FormatSpec(
+            "fp8",
+            "FP8_DEFAULT_CFG",
+            ("max", "percentile", "mse"),
+            "FP8 E4M3 weights and activations, per tensor",
+            trt_min_sm=(8, 9),
+        ),
+        FormatSpec(
+            "int4_awq",
+            "INT4_AWQ_CFG",
+            ("awq", "max"),
+            "INT4 weight-only, blocks of 128 along the input dim, AWQ scaling",
+            trt_min_sm=None,
+        ),
+        FormatSpec(
+            "nvfp4",
+            "NVFP4_DEFAULT_CFG",
+            ("max",),
+            "NVFP4 (E2M1 with FP8 scales per 16 elements) weights and activations",
+            needs_cuda=True,
+            trt_min_sm=(10, 0),
+        ),
     )
 }
 

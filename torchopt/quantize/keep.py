@@ -209,14 +209,6 @@ class _PrecisionCast:
         return self._cast(output, caller)
 
 
-def _existing_cast(module: torch.nn.Module) -> _PrecisionCast | None:
-    for hook in module._forward_pre_hooks.values():  # torch has no public listing of a module's hooks
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, _PrecisionCast):
-            return owner
-    return None
-
-
 def apply_keep_precision(model: torch.nn.Module, kept: dict[str, KeptModule]) -> list[str]:
     """Cast the kept modules whose precision is not 'auto' and install the casting hooks; the names changed.
 
@@ -231,12 +223,8 @@ def apply_keep_precision(model: torch.nn.Module, kept: dict[str, KeptModule]) ->
             continue
         module = modules[name]
         module.to(dtype)
-        existing = _existing_cast(module)
-        if existing is not None:  # quantized again: retarget the hooks instead of stacking a second pair
-            existing.dtype = dtype
-        else:
-            cast = _PrecisionCast(dtype)
-            module.register_forward_pre_hook(cast.pre, with_kwargs=True)
-            module.register_forward_hook(cast.post, with_kwargs=True)
+        cast = _PrecisionCast(dtype)
+        module.register_forward_pre_hook(cast.pre, with_kwargs=True)
+        module.register_forward_hook(cast.post, with_kwargs=True)
         changed.append(name)
     return changed

@@ -62,7 +62,9 @@ def describe_quantizer(q: Any) -> str:
     parts = [_bits(q)]
     if q.block_sizes:
         sizes = [v for k, v in q.block_sizes.items() if isinstance(k, int)]
-        parts.append(f"block {sizes[0] if sizes else '?'}" + (" dynamic" if q.block_sizes.get("type") == "dynamic" else ""))
+        parts.append(
+            f"block {sizes[0] if sizes else '?'}" + (" dynamic" if q.block_sizes.get("type") == "dynamic" else "")
+        )
     elif q.axis is not None:
         parts.append(f"axis={q.axis}")
     else:
@@ -110,7 +112,11 @@ def detect_format(model: torch.nn.Module) -> str | None:
     q = weights[0]
     kind = _bits(q)
     if kind == "int8":
-        return "int8_smoothquant" if any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers) else "int8"
+        return (
+            "int8_smoothquant"
+            if any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers)
+            else "int8"
+        )
     return {"fp8": "fp8", "int4": "int4_awq", "fp4": "nvfp4"}.get(kind, f"unknown ModelOpt format ({kind})")
 
 
@@ -193,13 +199,15 @@ def summary(model: torch.nn.Module) -> QuantSummary:
             qnames = [f"{name}.{c}" if name else c for c in children]
             status, precision = "excluded", dtype
             why = (_exclusion(entries, qnames, module) if entries else None) or "its quantizers are disabled"
-        rows.append({
-            "module": name or "(root)",
-            "type": _origin_type(module),
-            "status": status,
-            "precision": precision,
-            "weight": describe_quantizer(weight) if weight is not None else "-",
-            "input": describe_quantizer(inp) if inp is not None else "-",
-            "why": why,
-        })
+        rows.append(
+            {
+                "module": name or "(root)",
+                "type": _origin_type(module),
+                "status": status,
+                "precision": precision,
+                "weight": describe_quantizer(weight) if weight is not None else "-",
+                "input": describe_quantizer(inp) if inp is not None else "-",
+                "why": why,
+            }
+        )
     return QuantSummary(record.format if record else detect_format(model), record.method if record else None, rows)

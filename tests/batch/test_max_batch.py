@@ -1,0 +1,342 @@
+"""find_max_batch: the search logic on a simulated device-memory model (CPU), the CPU RSS path, bad input,
+and real out-of-memory errors on a GPU (`gpu` marker)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from torchopt.batch import MaxBatchConfig, find_max_batch
+from torchopt.batch.memory import CpuRssMemory, is_out_of_memory
+
+MiB = 2**20
+GiB = 2**30
+
+# (capacity, bytes per item, fixed workspace): small and large maxima, workspace-dominated small batches.
+LINEAR_CASES = [
+    (16 * GiB, 5 * MiB, 0),
+    (16 * GiB, 5 * MiB, 300 * MiB),
+    (8 * GiB, 100 * MiB, 50 * MiB),
+    (4 * GiB, 1 * MiB, 2000 * MiB),
+    (80 * GiB, 3 * MiB, 1 * GiB),
+    (24 * GiB, 700 * MiB, 10 * MiB),
+]
+
+
+def _search(sim, make, **options):
+    return find_max_batch(sim.step, make, memory=sim, progress=False, **options)
+
+
+def _check_tested_and_clean(res, sim, baseline):
+    assert res.tested
+    assert res.size in sim.calls, "the returned size must have been run"
+    last_run = [p for p in res.probes if p.size == res.size][-1]
+    assert last_run.ok and last_run.peak_bytes <= res.target_bytes
+    assert sim.cleanups_in_except == 0, "memory must be recovered outside the except block"
+    assert sim.live == baseline and res.memory_returned
+
+
+@pytest.mark.parametrize(("capacity", "per_item", "workspace"), LINEAR_CASES)
+@pytest.mark.parametrize("headroom", [0, 256 * MiB])
+def test_linear_memory_few_probes_close_to_true_max(
+    sim_device, sim_inputs, curves, capacity, per_item, workspace, headroom
+):
+    sim = sim_device(capacity, curves["linear"](per_item), workspace=workspace)
+    baseline = sim.live
+    res = _search(sim, sim_inputs, headroom=headroom)
+    true_max = sim.true_max(res.target_bytes)
+    assert res.target_bytes == capacity - headroom
+    assert res.num_probes <= 4, [(p.size, p.status) for p in res.probes]
+    assert res.size <= true_max
+    assert res.size >= 0.95 * true_max, (res.size, true_max)
+    assert res.limited_by == "memory"
+    _check_tested_and_clean(res, sim, baseline)
+
+
+def test_superlinear_memory_survives_ooms(sim_device, sim_inputs, curves):
+    sim = sim_device(16 * GiB, curves["superlinear"](5 * MiB, 1000), workspace=100 * MiB)
+    baseline = sim.live
+    res = _search(sim, sim_inputs, headroom=0)
+    true_max = sim.true_max(res.target_bytes)
+    assert res.num_ooms >= 1  # the linear fit over-predicts: real failures happened and were survived
+    assert 0.9 * true_max <= res.size <= true_max
+    _check_tested_and_clean(res, sim, baseline)
+    # Recovery after each OOM saw only the weights left: nothing was pinned by a traceback.
+    assert all(live == baseline for live in sim.live_at_cleanup)
+
+
+def test_the_simulator_models_a_pinned_traceback(sim_device, sim_inputs, curves):
+    """Negative control: cleaning up inside `except` would free nothing (so the test above can fail)."""
+    sim = sim_device(GiB, curves["linear"](10 * MiB), workspace=100 * MiB)
+    baseline = sim.live
+    try:
+        sim.step(sim_inputs(1000))
+    except torch.OutOfMemoryError:
+        sim.cleanup()
+        assert sim.live == baseline + 100 * MiB  # the workspace is still held by the failed frame
+    assert sim.cleanups_in_except == 1
+    assert sim.live == baseline
+
+
+def test_repeated_runs_agree(sim_device, sim_inputs, curves):
+    sizes = set()
+    for _ in range(3):
+        sim = sim_device(12 * GiB, curves["superlinear"](3 * MiB, 2000), workspace=64 * MiB)
+        sizes.add(_search(sim, sim_inputs).size)
+    assert len(sizes) == 1
+
+
+def test_max_batch_caps_the_search(sim_device, sim_inputs, curves):
+    sim = sim_device(64 * GiB, curves["linear"](MiB), workspace=0)
+    res = _search(sim, sim_inputs, max_batch=100)
+    assert res.size == 100 and res.limited_by == "max_batch"
+    assert max(sim.calls) == 100
+
+
+def test_budget_below_the_device_counts_runs_over_it_as_failures(sim_device, sim_inputs, curves):
+    sim = sim_device(40 * GiB, curves["linear"](10 * MiB), workspace=0)
+    budget = 6 * GiB
+    res = _search(sim, sim_inputs, memory_budget=budget, headroom=64 * MiB)
+    assert res.budget_bytes == budget and res.target_bytes == budget - 64 * MiB
+    assert res.num_ooms == 0  # the device never failed; the budget is enforced by measuring
+    peak = [p.peak_bytes for p in res.probes if p.ok and p.size == res.size][-1]
+    assert peak <= res.target_bytes
+    assert res.size >= 0.95 * sim.true_max(res.target_bytes)
+
+
+def test_budget_above_free_memory_is_clamped_with_a_note(sim_device, sim_inputs, curves):
+    sim = sim_device(8 * GiB, curves["linear"](10 * MiB), total=80 * GiB)  # other processes hold the rest
+    res = _search(sim, sim_inputs, memory_budget=20 * GiB)
+    assert res.budget_bytes == 8 * GiB
+    assert any("exceeds what this process can get" in n for n in res.notes)
+
+
+def test_probe_limit_returns_a_tested_size(sim_device, sim_inputs, curves):
+    sim = sim_device(16 * GiB, curves["superlinear"](5 * MiB, 200), workspace=0)
+    res = _search(sim, sim_inputs, max_probes=2)
+    assert res.num_probes == 2 and res.limited_by == "max_probes"
+    assert res.tested and any("max_probes=2" in n for n in res.notes)
+
+
+def test_result_figure_and_json(sim_device, sim_inputs, curves):
+    sim = sim_device(16 * GiB, curves["superlinear"](5 * MiB, 1000), workspace=100 * MiB)
+    res = _search(sim, sim_inputs)
+    fig = res.plot()
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "budget" in labels and "out of memory" in labels
+    data = json.loads(res.to_json())
+    assert data["size"] == res.size and data["num_probes"] == res.num_probes
+    assert len(data["probes"]) == len(res.probes)
+    assert "max batch" in str(res)
+
+
+def test_non_oom_error_is_reraised_unchanged_with_the_batch_size(sim_device, sim_inputs, curves):
+    sim = sim_device(16 * GiB, curves["linear"](5 * MiB))
+    failed_at = []
+
+    def step(x):
+        if x.shape[0] > 50:
+            failed_at.append(x.shape[0])
+            raise KeyError("feature 'mask' missing")
+        return sim.step(x)
+
+    with pytest.raises(KeyError, match="feature 'mask' missing") as info:
+        find_max_batch(step, sim_inputs, memory=sim, progress=False)
+    assert type(info.value) is KeyError
+    notes = getattr(info.value, "__notes__", [])
+    assert any(f"batch size {failed_at[0]}" in n for n in notes), notes
+
+
+def test_runtime_errors_that_are_not_oom_propagate(sim_device, sim_inputs):
+    sim = sim_device(GiB, lambda n: 0)
+
+    def step(x):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access") as info:
+        find_max_batch(step, sim_inputs, memory=sim, progress=False)
+    assert any("batch size 2" in n for n in info.value.__notes__)
+
+
+@pytest.mark.parametrize(
+    ("message", "is_oom"),
+    [
+        ("CUDA error: out of memory", True),
+        ("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)", True),
+        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes", True),
+        ("Expected all tensors to be on the same device", False),
+    ],
+)
+def test_oom_classification(message, is_oom):
+    assert is_out_of_memory(RuntimeError(message)) is is_oom
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))  # only RuntimeErrors carry these messages
+    try:
+        try:
+            raise torch.OutOfMemoryError("inner")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("backend compiler failed") from exc
+    except RuntimeError as outer:
+        assert is_out_of_memory(outer)  # e.g. torch.compile wrapping an OOM
+
+
+def test_make_inputs_with_the_wrong_batch_size(sim_device, curves):
+    sim = sim_device(GiB, curves["linear"](MiB))
+    with pytest.raises(ValueError, match=r"make_inputs\(2\) returned argument 0 with 3 items along dim 0"):
+        find_max_batch(sim.step, lambda n: torch.ones(n + 1, 4), memory=sim, progress=False)
+    with pytest.raises(ValueError, match=r"input 'mask' with 1 items"):
+        find_max_batch(
+            sim.step, lambda n: {"x": torch.ones(n, 4), "mask": torch.ones(1, 4)}, memory=sim, progress=False
+        )
+    with pytest.raises(TypeError, match="must return a tensor"):
+        find_max_batch(sim.step, lambda n: n, memory=sim, progress=False)
+    with pytest.raises(TypeError, match="make_inputs must be a callable"):
+        find_max_batch(sim.step, 42, memory=sim, progress=False)
+    assert sim.calls == []  # nothing ran
+
+
+def test_budget_larger_than_the_device(sim_device, sim_inputs, curves):
+    sim = sim_device(8 * GiB, curves["linear"](MiB), total=8 * GiB)
+    with pytest.raises(ValueError, match=r"memory_budget=\d+ bytes \(9.00 GiB\) is larger than the device"):
+        _search(sim, sim_inputs, memory_budget=9 * GiB)
+    assert sim.calls == []
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, "max_batch must be >= 1"),
+        (-4, ValueError, "max_batch must be >= 1"),
+        (2.5, TypeError, "max_batch must be int"),
+    ],
+)
+def test_bad_max_batch(sim_device, sim_inputs, curves, value, error, match):
+    sim = sim_device(GiB, curves["linear"](MiB))
+    with pytest.raises(error, match=match):
+        _search(sim, sim_inputs, max_batch=value)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="start .* must be <= max_batch"):
+        MaxBatchConfig(start=10, max_batch=4)
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        MaxBatchConfig(tolerance=1.5)
+    with pytest.raises(ValueError, match="unknown key 'budget'"):
+        find_max_batch(torch.nn.Identity(), lambda n: torch.ones(n), budget=3)
+    with pytest.raises(TypeError, match="fn_or_model must be an nn.Module or a callable"):
+        find_max_batch("resnet50", lambda n: torch.ones(n))
+
+
+def test_headroom_leaving_nothing(sim_device, sim_inputs, curves):
+    sim = sim_device(GiB, curves["linear"](MiB))
+    with pytest.raises(ValueError, match="leaves nothing"):
+        _search(sim, sim_inputs, headroom=GiB)
+
+
+def test_step_that_does_not_fit_at_the_warmup_size(sim_device, sim_inputs, curves):
+    sim = sim_device(GiB, curves["linear"](600 * MiB))
+    with pytest.raises(ValueError, match="does not fit even at the warm-up batch size start=2"):
+        _search(sim, sim_inputs, headroom=0)
+    assert sim.cleanups_in_except == 0
+
+
+def test_config_round_trip():
+    cfg = MaxBatchConfig(memory_budget=20 * GiB, headroom=0, max_batch=4096, tolerance=0.01)
+    assert MaxBatchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_no_cuda_and_no_budget_is_a_clear_error():
+    model = torch.nn.Linear(8, 2)
+    with pytest.raises(ValueError, match="CUDA-only unless a budget is given.*memory_budget="):
+        find_max_batch(model, lambda n: torch.randn(n, 8), progress=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_cpu_search_against_peak_rss():
+    """The real CPU path: no simulation, the process's peak RSS against a stated budget."""
+    rss = CpuRssMemory()
+    item = 2**16  # floats: 256 KiB per item, twice (a and its product are alive together)
+
+    def step(x):
+        a = torch.ones(x.shape[0], item)
+        return (a * 2).sum()
+
+    budget = rss.used_bytes() + 160 * MiB
+    res = find_max_batch(step, lambda n: torch.zeros(n, 1), memory_budget=budget, headroom=8 * MiB, progress=False)
+    expected = (res.target_bytes - res.baseline_bytes) / (2 * item * 4)  # items that fit above the baseline
+    assert res.backend == "cpu-rss" and res.tested
+    assert 0.85 * expected <= res.size <= 1.05 * expected, (res.size, expected)
+    assert res.num_probes <= 4
+    assert res.memory_returned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: real out-of-memory errors from the CUDA caching allocator.
+
+
+@pytest.fixture
+def memory_limit():
+    """Cap this process's CUDA memory (the allocator then raises real OOMs past it); restored afterwards."""
+    limits = []
+
+    def set_limit(nbytes: int) -> None:
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(nbytes / total)
+        limits.append(nbytes)
+
+    yield set_limit
+    if limits:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_real_ooms_are_survived_and_memory_returns_to_baseline(memory_limit):
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    memory_limit(3 * GiB)
+
+    def step(x):
+        n = x.shape[0]
+        a = torch.empty(n, 2**18, device=dev)  # 1 MiB per item
+        b = torch.empty(n * n // 32 + 1, 2**18, device=dev)  # superlinear: the linear fit overshoots
+        return a.sum() + b.sum()
+
+    before = torch.cuda.memory_allocated(dev)
+    sizes = []
+    for _ in range(2):
+        res = find_max_batch(step, lambda n: torch.zeros(n, 1, device=dev), headroom=0, progress=False)
+        sizes.append(res.size)
+        assert res.tested and res.memory_returned
+        assert torch.cuda.memory_allocated(dev) == before
+        # The size really runs; one more item than the next failure does not.
+        step(torch.zeros(res.size, 1, device=dev))
+    assert max(sizes) - min(sizes) <= max(1, 0.05 * max(sizes)), sizes
+
+
+@pytest.mark.gpu
+def test_real_model_on_gpu_close_to_the_oom_boundary(memory_limit):
+    dev = torch.device("cuda")
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
+        )
+        .to(dev)
+        .half()
+        .eval()
+    )
+    torch.cuda.empty_cache()
+    memory_limit(2 * GiB)
+    make = lambda n: torch.randn(n, 3, 128, 128, device=dev, dtype=torch.float16)  # noqa: E731
+    res = find_max_batch(model, make, headroom=32 * MiB, progress=False)
+    assert res.tested and res.memory_returned and res.num_probes <= 6
+    # Within 5 % of the real boundary: a batch 5 % larger fails or exceeds the target.
+    bigger = int(res.size * 1.05) + 1
+    check = find_max_batch(model, make, headroom=32 * MiB, start=res.size, max_batch=bigger, progress=False)
+    assert check.size < bigger, (res.size, check.size)
+    print(res, file=sys.stderr)

@@ -1,0 +1,138 @@
+"""Layer-precision overrides: glob patterns, module types, precisions, errors naming nearby modules."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import torchopt.quantize as tq
+from torchopt.quantize.keep import KeepRule, resolve_keep
+
+
+def _status(model):
+    return {r["module"]: r for r in tq.summary(model).rows}
+
+
+@pytest.mark.parametrize(
+    ("rule", "kept"),
+    [
+        ("conv1", ["conv1"]),
+        ("conv?", ["conv1", "conv2"]),
+        ("*head*", ["head"]),
+        ({"module_type": "Linear"}, ["fc1", "head"]),
+        ({"module_type": "nn.Conv2d"}, ["conv1", "conv2"]),
+        ({"module_type": "torch.nn.Conv2d"}, ["conv1", "conv2"]),
+        (torch.nn.Linear, ["fc1", "head"]),
+    ],
+)
+def test_keep_selects_modules(cnn, digits, rule, kept):
+    q = tq.quantize(cnn, "int8", digits.calib(2), keep=[rule], progress=False)
+    rows = _status(q)
+    assert sorted(n for n, r in rows.items() if r["status"] == "kept") == kept
+    for name in kept:
+        assert rows[name]["weight"] == "off" and rows[name]["input"] == "off"
+    assert all(r["status"] == "quantized" for n, r in rows.items() if n not in kept)
+
+
+def test_kept_module_outputs_match_the_float_layer(cnn, digits):
+    """A kept layer is exactly the float layer: with everything but the head kept, only the head's Q/DQ acts."""
+    ref = copy.deepcopy(cnn)
+    q = tq.quantize(cnn, "int8", digits.calib(2), keep=["conv1", "conv2", "fc1"], progress=False)
+    x = digits.x_test[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(q.conv1(x), ref.conv1(x), rtol=0, atol=0)
+        assert not torch.equal(q(x), ref(x))  # the head is still quantized
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_casts_the_kept_module(cnn, digits, precision, dtype):
+    ref = copy.deepcopy(cnn)
+    q = tq.quantize(cnn, "int8", digits.calib(2), keep=[{"pattern": "conv1", "precision": precision}], progress=False)
+    assert q.conv1.weight.dtype == dtype and q.conv2.weight.dtype == torch.float32
+    x = digits.x_test[:32]
+    with torch.no_grad():
+        out = q.conv1(x)
+        assert out.dtype == torch.float32  # cast back for the caller
+        expected = ref.conv1.to(dtype)(x.to(dtype)).float()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert q(x).dtype == torch.float32
+    assert _status(q)["conv1"]["precision"] == precision
+    # the hooks are picklable objects (not closures): a float model carrying them still pickles, and the
+    # quantized one deep-copies (ModelOpt's dynamic classes themselves do not pickle)
+    hooks = [*q.conv1._forward_pre_hooks.values(), *q.conv1._forward_hooks.values()]
+    assert len(pickle.loads(pickle.dumps(hooks))) == 2
+    copy.deepcopy(q)
+
+
+def test_nested_rules_later_precision_wins_inside(cnn, digits):
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.body = inner
+            self.out = torch.nn.Linear(10, 10)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    model = Wrap(cnn)
+    q = tq.quantize(
+        model,
+        "int8",
+        digits.calib(2),
+        keep=[{"pattern": "body", "precision": "fp32"}, {"pattern": "body.conv1", "precision": "bf16"}],
+        progress=False,
+    )
+    assert q.body.conv1.weight.dtype == torch.bfloat16 and q.body.fc1.weight.dtype == torch.float32
+    rows = _status(q)
+    assert rows["out"]["status"] == "quantized"
+    assert rows["body.fc1"]["why"] == "inside kept module 'body'"
+    assert "keep[1]" in rows["body.conv1"]["why"]
+
+
+def test_reason_is_reported(cnn, digits):
+    q = tq.quantize(
+        cnn, "int8", digits.calib(2), keep=[{"pattern": "head", "reason": "classifier is sensitive"}], progress=False
+    )
+    assert _status(q)["head"]["why"] == "classifier is sensitive"
+    assert "classifier is sensitive" in str(tq.summary(q)) and "| head |" in tq.summary(q).to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("rule", "match"),
+    [
+        ("conv3", r"keep\[0\]: pattern 'conv3' matches no module of the model; nearby module names: \['conv2', 'conv1'\]"),
+        ("*haed*", r"pattern '\*haed\*' matches no module.*nearby module names: \['head'\]"),
+        ({"module_type": "LayerNorm"}, r"module_type 'LayerNorm' matches no module.*module types: \['Conv2d', 'DigitsCNN'"),
+        ({"module_type": "Conv2D"}, r"did you mean 'Conv2d'\?"),
+    ],
+)
+def test_pattern_matching_nothing_names_nearby_modules(cnn, digits, rule, match):
+    with pytest.raises(ValueError, match=match):
+        tq.quantize(cnn, "int8", digits.calib(1), keep=[rule], progress=False)
+    assert tq.detect_format(cnn) is None
+
+
+def test_keeping_everything_is_an_error(cnn, digits):
+    with pytest.raises(ValueError, match=r"keep selects every quantizable layer"):
+        tq.quantize(cnn, "int8", digits.calib(1), keep=["*"], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, r"needs exactly one of 'pattern'.*or 'module_type'"),
+        ({"pattern": "a", "module_type": "Linear"}, ValueError, r"needs exactly one of"),
+        ({"pattern": ""}, ValueError, r"keep.pattern must not be empty"),
+        ({"pattern": 3}, TypeError, r"keep.pattern must be a glob on module names"),
+        ({"pattern": "a", "precision": "int4"}, ValueError, r"keep.precision must be one of \['auto', 'fp32'"),
+    ],
+)
+def test_bad_keep_rules(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        KeepRule(**kwargs)
+
+
+def test_resolve_keep_aliases_and_descendants(cnn):
+    kept = resolve_keep(cnn, [KeepRule(pattern="fc*", precision="float16")])
+    assert {n: k.precision for n, k in kept.items()} == {"fc1": "fp16"}

@@ -1,0 +1,230 @@
+"""Formats, methods and their ModelOpt configs; QuantizeConfig validation; every format on CPU (NVFP4: clear
+error) and on CUDA (GPU-marked)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import torchopt.quantize as tq
+from torchopt._compat import import_modelopt_quantization
+from torchopt.accuracy import compare_outputs
+from torchopt.quantize.formats import HISTOGRAM_METHODS
+
+
+def _sqnr(model, qmodel, batches):
+    return min(compare_outputs(model(x), qmodel(x)).sqnr_db for x in batches)
+
+
+# --- the format table and the ModelOpt configs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", list(tq.FORMATS))
+def test_every_format_maps_to_a_modelopt_preset_copy(fmt):
+    mtq = import_modelopt_quantization()
+    spec = tq.FORMATS[fmt]
+    before = copy.deepcopy(getattr(mtq, spec.preset))
+    for method in spec.methods:
+        cfg = tq.modelopt_config(fmt, method, keep_modules=["conv1"])
+        assert cfg["quant_cfg"][-1] == {"quantizer_name": "conv1.*", "enable": False}  # kept layers win: last
+        mtq.config.QuantizeConfig(**cfg)  # ModelOpt accepts it
+    assert getattr(mtq, spec.preset) == before, "the preset itself must never be mutated"
+
+
+@pytest.mark.parametrize("method", HISTOGRAM_METHODS)
+def test_histogram_methods_edit_the_input_entry_in_place(method):
+    mtq = import_modelopt_quantization()
+    cfg = tq.modelopt_config("int8", method)
+    assert cfg["algorithm"] is None  # ModelOpt's max algorithm cannot finish a histogram calibrator
+    entries = cfg["quant_cfg"]
+    idx = [i for i, e in enumerate(entries) if e.get("cfg", {}).get("calibrator") == "histogram"]
+    preset_idx = [i for i, e in enumerate(mtq.INT8_DEFAULT_CFG["quant_cfg"]) if e["quantizer_name"] == "*input_quantizer"]
+    # Same position as the preset's entry: the exclusions after it (lm_head, BatchNorm, ...) still win.
+    assert idx == preset_idx
+    assert len(entries) == len(mtq.INT8_DEFAULT_CFG["quant_cfg"])
+
+
+def test_algorithms_per_method():
+    assert tq.modelopt_config("int8", "max")["algorithm"] == "max"
+    assert tq.modelopt_config("int8", "mse")["algorithm"] == {"method": "mse"}
+    assert tq.modelopt_config("int8_smoothquant", "smoothquant", alpha=0.5)["algorithm"] == {
+        "method": "smoothquant",
+        "alpha": 0.5,
+    }
+    assert tq.modelopt_config("int4_awq", "awq")["algorithm"]["method"].startswith("awq")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "method", "match"),
+    [
+        ("int9", "max", r"format must be one of \['int8', 'int8_smoothquant', 'fp8', 'int4_awq', 'nvfp4'\]"),
+        ("int8", "minmax", r"method must be one of \['auto', 'max', 'entropy'.*got 'minmax'"),
+        ("fp8", "entropy", r"'entropy' does not apply to format 'fp8'; valid methods for fp8: max, percentile"),
+        ("int8", "smoothquant", r"use format 'int8_smoothquant'"),
+        ("int4_awq", "percentile", r"valid methods for int4_awq: awq, max"),
+    ],
+)
+def test_unknown_or_inapplicable_method_and_format(fmt, method, match):
+    with pytest.raises(ValueError, match=match):
+        tq.QuantizeConfig(format=fmt, method=method)
+
+
+def test_unknown_format_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"did you mean 'int8'\?"):
+        tq.QuantizeConfig(format="int 8")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"percentile": 0}, ValueError, r"quantize.percentile must be in \(0, 100\], got 0"),
+        ({"percentile": "99"}, TypeError, r"quantize.percentile must be int or float"),
+        ({"entropy_stride": 0}, ValueError, r"quantize.entropy_stride must be > 0"),
+        ({"alpha": 0.5}, ValueError, r"alpha applies to format 'int8_smoothquant' only"),
+        ({"format": "int8_smoothquant", "alpha": 2.0}, ValueError, r"must be in \[0, 1\], got 2.0"),
+        ({"max_batches": 0}, ValueError, r"quantize.max_batches must be > 0"),
+        ({"keep": "conv1"}, TypeError, r"quantize.keep must be a list of keep rules"),
+        ({"keep": [3]}, TypeError, r"quantize.keep\[0\] must be a KeepRule"),
+        ({"budget": {"metric": "psnr"}}, ValueError, r"budget.metric must be one of"),
+        ({"budget": {"metric": "top1_agreement", "min": 99}}, ValueError, r"fraction in \[0, 1\], got 99.0"),
+        ({"cache_dir": 3}, TypeError, r"quantize.cache_dir must be a directory path"),
+    ],
+)
+def test_bad_options_name_the_option(options, error, match):
+    with pytest.raises(error, match=match):
+        tq.QuantizeConfig(**options)
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown key 'formt'.*did you mean 'format'\?"):
+        tq.QuantizeConfig.from_dict({"formt": "int8"})
+
+
+def test_config_round_trips_through_json():
+    cfg = tq.QuantizeConfig(
+        format="int8",
+        method="entropy",
+        keep=["conv1", {"pattern": "*head*", "precision": "fp32"}, tq.KeepRule(module_type=torch.nn.LayerNorm)],
+        max_batches=4,
+        cache_dir="/tmp/x",
+        budget={"metric": "sqnr_db", "min": 25},
+    )
+    again = tq.QuantizeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert again.keep[2].module_type == "torch.nn.modules.normalization.LayerNorm"
+    assert cfg.resolved_method == "entropy" and tq.QuantizeConfig(format="int4_awq").resolved_method == "awq"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "capability", "expected"),
+    [
+        ("fp8", (8, 0), "sm_89+"),  # A100: no FP8 in TensorRT
+        ("fp8", (8, 9), None),
+        ("fp8", (9, 0), None),
+        ("int8", (7, 5), None),
+        ("nvfp4", (9, 0), "sm_100+"),
+        ("nvfp4", (10, 0), None),
+        ("int4_awq", (9, 0), "cannot be deployed through Torch-TensorRT"),
+    ],
+)
+def test_deployment_warning_by_compute_capability(fmt, capability, expected):
+    message = tq.deployment_warning(fmt, capability)
+    if expected is None:
+        assert message is None
+    else:
+        assert expected in message
+        with pytest.warns(tq.DeploymentWarning, match=expected.replace("+", r"\+")):
+            tq.warn_deployment(fmt, capability)
+
+
+def test_deployment_warning_bad_capability():
+    with pytest.raises(TypeError, match=r"capability must be a \(major, minor\) pair"):
+        tq.deployment_warning("fp8", 9)
+
+
+# --- every format on real fake-quant runs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "method"), [("int8", "max"), ("fp8", "max"), ("fp8", "percentile"), ("int8", "mse")])
+def test_cnn_formats_on_cpu(cnn, digits, limits, fmt, method):
+    ref = copy.deepcopy(cnn)
+    q = tq.quantize(cnn, fmt, digits.calib(4), method=method, progress=False)
+    with torch.no_grad():
+        assert _sqnr(ref, q, digits.test_batches()) >= limits["sqnr_floor_db"][fmt]
+    assert tq.detect_format(q) == fmt
+    assert tq.summary(q).quantized == ["conv1", "conv2", "fc1", "head"]
+
+
+def test_smoothquant_beats_plain_int8_on_a_transformer_block(block, block_data, limits):
+    table = tq.compare(
+        block,
+        block_data,
+        formats=["int8", "int8_smoothquant"],
+        methods=["max", "smoothquant"],
+        config={"format": "int8_smoothquant", "alpha": 0.5},
+        progress=False,
+    )
+    rows = {(r["format"], r["method"]): r for r in table.ok_rows()}
+    plain, smooth = rows[("int8", "max")], rows[("int8_smoothquant", "smoothquant")]
+    assert smooth["sqnr_db"] >= limits["sqnr_floor_db"]["int8_smoothquant"]
+    # The LayerNorm's outlier channels dominate per-tensor activation scales; SmoothQuant moves them into W.
+    assert smooth["sqnr_db"] > plain["sqnr_db"] + 3.0, (plain, smooth)
+    q = tq.quantize(copy.deepcopy(block), "int8_smoothquant", block_data, progress=False)
+    assert "smoothed" in {r["module"]: r["input"] for r in tq.summary(q).rows}["q"]
+    assert tq.detect_format(q) == "int8_smoothquant"
+
+
+def test_int4_awq_is_weight_only(block, block_data, limits):
+    ref = copy.deepcopy(block)
+    q = tq.quantize(block, "int4_awq", block_data, progress=False)
+    rows = {r["module"]: r for r in tq.summary(q).rows}
+    assert rows["fc1"]["weight"].startswith("int4 block 128")
+    assert rows["fc1"]["input"] == "off"
+    with torch.no_grad():
+        assert _sqnr(ref, q, block_data) >= limits["sqnr_floor_db"]["int4_awq"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; CUDA runs the NVFP4 GPU test")
+def test_nvfp4_without_cuda_is_a_clear_error(cnn, digits):
+    with pytest.raises(ValueError, match=r"format 'nvfp4' needs a CUDA device.*the model is on cpu"):
+        tq.quantize(cnn, "nvfp4", digits.calib(2), progress=False)
+    assert tq.detect_format(cnn) is None  # refused before anything was changed
+
+
+def test_requantizing_with_another_format_is_refused(cnn, digits):
+    q = tq.quantize(cnn, "int8", digits.calib(2), progress=False)
+    with pytest.raises(ValueError, match=r"already quantized with format 'int8'; quantizing it again with 'fp8'"):
+        tq.quantize(q, "fp8", digits.calib(2), progress=False)
+    with pytest.raises(ValueError, match=r"already quantized with format 'int8' already; to recalibrate"):
+        tq.quantize(q, "int8", digits.calib(2), progress=False)
+
+
+def test_model_quantized_by_modelopt_directly_is_detected(cnn, digits):
+    mtq = import_modelopt_quantization()
+    batches = digits.calib(2)
+    mtq.quantize(cnn, copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: [m(x) for x in batches])
+    assert tq.detect_format(cnn) == "fp8"
+    with pytest.raises(ValueError, match=r"already quantized with format 'fp8'"):
+        tq.quantize(cnn, "int8", batches, progress=False)
+
+
+def test_bad_model_and_config_types(digits):
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
+        tq.quantize("resnet", "int8", digits.calib(1))
+    with pytest.raises(TypeError, match=r"config must be a QuantizeConfig, a dict of options or a format name"):
+        tq.quantize(torch.nn.Linear(4, 4), 8, digits.calib(1))
+
+
+# --- CUDA (run on the H100) ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nvfp4"])
+def test_formats_on_cuda(block, block_data, limits, fmt):
+    ref = copy.deepcopy(block).cuda()
+    data = [x.cuda() for x in block_data]
+    q = tq.quantize(block.cuda(), fmt, data, progress=False)
+    with torch.no_grad():
+        assert _sqnr(ref, q, data) >= limits["sqnr_floor_db"][fmt]
+    assert tq.detect_format(q) == fmt
