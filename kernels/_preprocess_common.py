@@ -178,9 +178,7 @@ def _config_from_options(options: dict[str, Any]) -> PreprocessConfig:
     valid = PreprocessConfig.field_names()
     for key in options:
         if key not in valid:
-            raise TypeError(
-                f"preprocess() got an unexpected option {key!r}{closest(key, valid)}; options: {', '.join(valid)}"
-            )
+            raise TypeError(f"unexpected option {key!r}{closest(key, valid)}; the options are: {', '.join(valid)}")
     return PreprocessConfig(**options)
 
 

@@ -14,10 +14,12 @@ Math (per output pixel (y, x) of image n, in fp32; matches `preprocess_ref` / `F
   ``(1-ly)((1-lx) p00 + lx p01) + ly((1-lx) p10 + lx p11)``: F.interpolate(align_corners=False) to ~1e-5.
 * antialias: PyTorch's `_upsample_bilinear2d_aa` (PIL's triangle filter): support = max(in/out, 1),
   center = (dst + 0.5) in/out, taps ``[trunc(center - support + .5), trunc(center + support + .5))``,
-  weight ``max(0, 1 - |(j - center + .5) / max(in/out, 1)|)`` normalized to sum 1; horizontal sum first.
+  weight ``max(0, 1 - |(j - center + .5) / max(in/out, 1)|)``; horizontal sums first, then vertical, then
+  divided by the weights' total (PyTorch normalizes the weights first: the same up to fp32 rounding).
 * copy: every image already has the resized size (normalize + layout only); one tap, exact for all three.
 * YUV 4:2:0 (nv12 / i420): each tap converts its own pixel with the chroma sample (y//2, x//2) (nearest
-  chroma, like OpenCV), ``R = cy (Y - yo) + crv (V-128)`` etc., clamped to 0..255, then resampling.
+  chroma, like OpenCV), ``R = cy max(Y - yo, 0) + crv (V-128)`` etc. (limited-range footroom is black, as in
+  OpenCV), clamped to 0..255, then resampled.
 
 Shapes, dtypes: source uint8 at ``src_ptr + frame + y*stride_h + x*stride_w (+ channel)``, any strides; one
 int64 descriptor row per image (a batch tensor shares row 0 and adds ``n * stride_src_n``; a list of images
@@ -29,7 +31,10 @@ Performance design (H100 SXM, ~3.0 TB/s copy bandwidth; not measured in this ses
 
 * One program = one BLOCK_Y x BLOCK_X output tile of one image, all 3 channels: source coordinates and
   weights are computed once per pixel (not per channel as in a flattened NCHW kernel), the 3 channel loads
-  of a tap hit the same L1 lines, and the 3 stores are contiguous along x (vectorized for NCHW).
+  of a tap hit the same L1 lines, and the stores are coalesced along x. The compiled layout (sm_90 TTGIR:
+  threadsPerWarp [1, 32]) gives each warp 32 consecutive outputs of one row, which keeps a warp's gathers
+  within a few 128-byte lines. ptxas: 72 registers (RGB bilinear fp16), 92 (NV12 bilinear), 106-136
+  (antialias), no spills; 72 registers -> 7 CTAs = 28 warps per SM, each thread 48 byte loads in flight.
 * Bytes: a bilinear downscale touches only the source rows it samples. 1080p -> 224: 448 of 1080 rows, and in
   those rows every 32-byte sector (taps 25.7 bytes apart), 2.58 MB per frame; batch 32 = 82.6 MB read +
   9.6 MB fp16 written = 92 MB -> ~31 us at 3.0 TB/s, the floor the benchmark reports. L1: 12 byte loads per
@@ -42,8 +47,13 @@ Performance design (H100 SXM, ~3.0 TB/s copy bandwidth; not measured in this ses
   output pixel but at stride 1 (fewer sectors per warp).
 * Antialias reads every tap (KH x KW ~ 11 x 19 for 1080p -> 224): compute-bound, ~10x the bilinear time. Not
   a benchmark target; a separable two-pass version would be the next step if it matters.
-* Launch overhead (batch 1): descriptors are cached per (config, size, shape, strides, device), so a call is
-  a dict lookup, `torch.empty` and the Triton launch (12 runtime args); the grid is 3-D, no host syncs.
+* Launch overhead (batch 1, GPU time ~2 us): descriptors are cached per (config, size, shape, strides,
+  device), so a call is a dict lookup, `torch.empty` (none with ``out=``) and the Triton launch (13 runtime
+  args), no host syncs. Our Python up to the launch took ~13 us per call on this session's loaded 2-core VM
+  (expect ~4-6 us on a server CPU), plus Triton's launcher (~3-6 us in 3.6): the 8 us target is at the edge.
+  A CUDA graph of the call replays in ~2-3 us; the next lever would be calling the cached CompiledKernel
+  directly, skipping JITFunction.run's binder (a version-specific API).
+* A list costs one small pinned H2D copy of its descriptor rows (the images' addresses change per call).
 """
 
 from __future__ import annotations
@@ -384,23 +394,10 @@ def launch(
         c0, soc = 2 * soc, -soc
     by, bx = (INTERP_BLOCK_Y, INTERP_BLOCK_X) if INTERPRETED else (BLOCK_Y, BLOCK_X)
     grid = (triton.cdiv(out_hw[1], bx), triton.cdiv(out_hw[0], by), n)
-    _preprocess_kernel[grid](
-        src,
-        table,
-        table_f32,
-        out,
-        DESC_FIELDS if per_image_rows else 0,
-        stride_src_n,
-        son,
-        soc,
-        soy,
-        sox,
-        c0,
-        out_hw[0],
-        out_hw[1],
-        FORMAT=fmt,
-        INTERP=interp,
-        BLOCK_Y=by,
-        BLOCK_X=bx,
-        num_warps=NUM_WARPS,
-    )
+    args = (src, table, table_f32, out, DESC_FIELDS if per_image_rows else 0, stride_src_n, son, soc, soy, sox, c0)
+    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": NUM_WARPS}
+    if src.is_cuda and src.device.index != torch.cuda.current_device():
+        with torch.cuda.device(src.device):  # Triton launches on the current device
+            _preprocess_kernel[grid](*args, *out_hw, **meta)
+    else:
+        _preprocess_kernel[grid](*args, *out_hw, **meta)

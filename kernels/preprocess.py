@@ -23,6 +23,7 @@ with ``out=``) and does no host-device synchronization. Warm up once before capt
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Any
@@ -125,7 +126,7 @@ def _reference_chain(
         y = y.flip(1)
     if layout == "NHWC":
         y = y.permute(0, 2, 3, 1)
-    return y.to(dtype)
+    return y.to(dtype).contiguous()
 
 
 def _chain_kwargs(config: PreprocessConfig, hw: tuple[int, int], size: tuple[int, int], device) -> dict[str, Any]:
@@ -198,7 +199,9 @@ def preprocess_params(
     cfg = resolve_config(config, options)
     if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2):
         raise TypeError(f"image_size must be (height, width), got {image_size!r}")
-    return plan_geometry(check_size(tuple(image_size)), check_size(size), cfg.fit, cfg.crop_pct)
+    if not all(type(v) is int and v > 0 for v in image_size):
+        raise ValueError(f"image_size must be two positive ints (height, width), got {tuple(image_size)!r}")
+    return plan_geometry(tuple(image_size), check_size(size), cfg.fit, cfg.crop_pct)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -223,6 +226,10 @@ class _Plan:
 
     def __init__(self, k, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
         self.per_image = parsed.batch is None  # a list: one descriptor row per image
+        if self.per_image and k.INTERPRETED and parsed.device.type != "cpu":
+            # The interpreter copies each tensor argument to the host; the other images of a list, addressed
+            # from the first one's pointer, would be read at their device addresses.
+            raise RuntimeError("a list of GPU images cannot run in Triton's interpreter; unset TRITON_INTERPRET")
         items = parsed.items if self.per_image else [parsed.batch]
         sizes = parsed.sizes if self.per_image else parsed.sizes[:1]
         consts = normalization_constants(cfg)
@@ -260,7 +267,9 @@ def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> tuple
     if plan is None:
         plan = _Plan(k, cfg, parsed or parse_images(images, cfg.format), size)
         if len(_plans) >= _PLAN_CACHE_SIZE:
-            _plans.pop(next(iter(_plans)))  # the oldest (dicts keep insertion order)
+            # The oldest (dicts keep insertion order); another thread may be evicting at the same time.
+            with contextlib.suppress(StopIteration, RuntimeError):
+                _plans.pop(next(iter(_plans)), None)
         _plans[key] = plan
     return plan, parsed
 

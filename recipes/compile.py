@@ -6,11 +6,12 @@ import dataclasses
 
 import torch
 
-from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig, choose_backend
+from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig, choose_backend, get_backend
 from torchopt.config import check_choice, check_type
+from torchopt.engine import check_profiles_run
 from torchopt.recipe import StepConfig, register_step
 
-__all__ = ["CompileConfig", "check_profiles_run"]
+__all__ = ["CompileConfig"]
 
 
 def _median_ms(fn, args) -> float:
@@ -20,26 +21,13 @@ def _median_ms(fn, args) -> float:
         return latency(fn, *args, warmup=2, iters=5, max_iters=10).p50_ms
 
 
-def check_profiles_run(ctx) -> None:
-    """Run the prepared module once at each profile's min shapes, so that a profile that does not fit the
-    model (wrong rank, wrong static dim) fails with torchopt's message instead of inside a compiler."""
-    for p, profile in enumerate(ctx.profiles):
-        args = ctx.example_inputs(profile_index=p, which="min")
-        try:
-            with torch.no_grad():
-                ctx.model(*args)
-        except Exception as exc:  # any failure of the user's forward on these shapes
-            shapes = {s.name: tuple(a.shape) for s, a in zip(profile, args, strict=True)}
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ValueError(
-                f"the model fails on profile {p}'s min shapes {shapes} ({type(exc).__name__}: {first});"
-                f" check that each InputSpec has the rank and static dims {type(ctx.model).__name__}.forward"
-                " expects"
-            ) from exc
-
-
 def _apply_compile(config: CompileConfig, ctx) -> None:
     backend, why = choose_backend(config.backend, ctx.device)
+    if config.backend == "auto" and ctx.quantized and backend.name != "tensorrt":
+        # Without TensorRT, Q/DQ layers run as fake-quant simulation: compiling them gains no speed, takes
+        # minutes and hits dynamo's recompile limit on ModelOpt's autograd functions.
+        backend = get_backend("eager")
+        why = f"auto: eager for the fake-quant model; only TensorRT runs Q/DQ as integer/FP8 kernels ({why})"
     ctx.set_backend(backend.name, why)
     check_profiles_run(ctx)
     runners = backend.build(ctx.model, config, ctx)

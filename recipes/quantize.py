@@ -53,10 +53,18 @@ def _apply_quantize(config: QuantizeConfig, ctx) -> None:
         counts=info.counts(),
         kept={n: k["why"] for n, k in record.kept.items()},
         excluded={r["module"]: r["why"] for r in info.rows if r["status"] == "excluded"},
+        bypassed={r["module"]: r["why"] for r in info.rows if r["status"] == "bypassed"},
         modules=info.rows,
     )
     if record.kept:
         ctx.note(f"quantize: kept {len(record.kept)} modules unquantized: {', '.join(record.kept)}")
+    for note in record.notes:
+        ctx.note(f"quantize: {note}")
+    if info.bypassed:
+        ctx.note(
+            f"quantize: {len(info.bypassed)} modules have quantizers their forward never reaches (fused paths),"
+            f" so they stay unquantized: {', '.join(info.bypassed)}"
+        )
     if record.cache.startswith("hit"):
         ctx.note("quantize: calibration restored from the cache (no calibration run)")
     if record.search:

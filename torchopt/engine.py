@@ -26,7 +26,15 @@ from torchopt.inputs import InputSpec, bind_call, check_signature, normalize_pro
 from torchopt.recipe import Recipe, get_handler
 from torchopt.report import OptimizeReport, StepRecord
 
-__all__ = ["AccuracyError", "OptimizedModule", "StepContext", "load", "optimize", "resolve_recipe"]
+__all__ = [
+    "AccuracyError",
+    "OptimizedModule",
+    "StepContext",
+    "check_profiles_run",
+    "load",
+    "optimize",
+    "resolve_recipe",
+]
 
 
 class AccuracyError(RuntimeError):
@@ -75,7 +83,7 @@ class StepContext:
     def adapt(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs as the prepared module expects them: on its device, floats in its compute dtype."""
         return [
-            a.to(self.device, self.dtype) if a.is_floating_point() and not self.quantized else a.to(self.device)
+            a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device)
             for a in args
         ]
 
@@ -83,6 +91,24 @@ class StepContext:
         """Seeded random inputs at a profile point, adapted to the prepared module."""
         specs = self.profiles[profile_index]
         return self.adapt([s.example(which, seed=seed + i) for i, s in enumerate(specs)])
+
+
+def check_profiles_run(ctx) -> None:
+    """Run the prepared module once at each profile's min shapes, so that a profile that does not fit the
+    model (wrong rank, wrong static dim) fails with torchopt's message instead of inside a compiler."""
+    for p, profile in enumerate(ctx.profiles):
+        args = ctx.example_inputs(profile_index=p, which="min")
+        try:
+            with torch.no_grad():
+                ctx.model(*args)
+        except Exception as exc:  # any failure of the user's forward on these shapes
+            shapes = {s.name: tuple(a.shape) for s, a in zip(profile, args, strict=True)}
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ValueError(
+                f"the model fails on profile {p}'s min shapes {shapes} ({type(exc).__name__}: {first});"
+                f" check that each InputSpec has the rank and static dims {type(ctx.model).__name__}.forward"
+                " expects"
+            ) from exc
 
 
 def resolve_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
@@ -191,8 +217,7 @@ class OptimizedModule(torch.nn.Module):
         for spec, value in zip(self.profiles[index], inputs, strict=True):
             if value.is_floating_point() != spec.torch_dtype.is_floating_point:
                 raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
-        if not self._quantized:
-            inputs = [a.to(self._dtype) if a.is_floating_point() else a for a in inputs]
+        inputs = [a.to(self._dtype) if a.is_floating_point() else a for a in inputs]
         # Runners were compiled under no_grad; calling them with grad enabled would change dynamo's global
         # state guard and recompile. The optimized module is for inference.
         with torch.no_grad():
@@ -315,6 +340,14 @@ def optimize(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
+    # Fail fast, before any timing or calibration: the profiles must run the model, and an explicitly
+    # requested backend must be available.
+    check_profiles_run(ctx)
+    compile_cfg = recipe.step("compile")
+    if compile_cfg is not None and compile_cfg.backend != "auto":
+        from torchopt.backends import choose_backend  # noqa: PLC0415
+
+        choose_backend(compile_cfg.backend, dev)
     validate_cfg = recipe.step("validate")
     if validate_cfg is None:
         from torchopt.recipes.validate import ValidateConfig  # noqa: PLC0415
@@ -330,8 +363,9 @@ def optimize(
         t0 = time.perf_counter()
         get_handler(step)(step, ctx)
         report.steps.append(StepRecord(step.step, time.perf_counter() - t0, dict(ctx.details)))
-    runners = ctx.runners or [work for _ in profiles]
-    optimized = OptimizedModule(work, runners, profiles, recipe, report, ctx)
+    # Steps may replace the module (e.g. quantization returns a converted one): use what the context holds.
+    runners = ctx.runners or [ctx.model for _ in profiles]
+    optimized = OptimizedModule(ctx.model, runners, profiles, recipe, report, ctx)
 
     if validate_cfg.enabled:
         ctx.log("checking accuracy against the original module")

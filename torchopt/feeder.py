@@ -16,30 +16,32 @@ warm-up (the first frame, or construction when `FeederConfig.frame_shape` is set
 device); afterwards no memory is allocated per batch, provided the transform writes into the ``out=`` tensor
 it is given (the default transform, `torchopt.kernels.preprocess`, does).
 
-Where the time goes (1080p → 224, batch 32, fp16 NCHW; numbers measured by benchmarks/bench_feeder.py on an
-H200 host with 16 CPU cores, PCIe Gen5):
+Where the time goes (1080p → 224, batch 32, fp16 NCHW; measured by benchmarks/bench_feeder.py on an H200 host
+with 16 CPU cores and PCIe Gen5, see benchmarks/results/bench_feeder.md):
 
 * A 1080p RGB frame is 1920·1080·3 = 6.2 MB of uint8; a batch is 199 MB; the model-ready fp16 batch is only
   9.6 MB. Preprocessing therefore runs on the GPU *after* the upload: only raw uint8 crosses PCIe (fp16 would
   be 2×, fp32 4× the bytes), and resizing on the host first would cost more CPU time than copying the pixels.
 * Pinned H2D runs at 55 GB/s: 3.6 ms per batch, against ~0.1 ms for the fused preprocessing kernel. The
-  pipeline is bound by bytes moved; the goal is to keep the copy engine busy (target: ≥ 85% of 55 GB/s).
+  pipeline is bound by bytes moved; the goal is to keep the copy engine busy.
 * DMA needs page-locked memory. `tensor.cuda()` on pageable memory makes the driver stage through a small
-  pinned bounce buffer, synchronously with the calling thread and serialized with the preprocessing: 9 GB/s.
-  Here the staging is explicit, into a ring of pinned slots allocated once, and the upload is asynchronous.
-* The pageable → pinned memcpy is then the host-side limit: one core copies 7 GB/s. Splitting each frame
-  into row bands over Python threads tops out at 25 GB/s with 8 threads (every band is a GIL hand-off, and
-  more threads make it worse), torch's intra-op parallel `copy_` (one C++ parallel region per frame) at
-  29 GB/s: that is the synchronous `put` (default), where the caller may reuse its buffer on return.
-  Copying whole frames on `copy_threads` threads in parallel reaches 48 GB/s with 8 threads and 60 GB/s with
-  16: that is ``async_copy=True``, where `put` returns at once and the frame must stay untouched (true for
-  decoders that return a new array per frame). Each byte is read from the decoder's buffer, written to the
-  slot and read again by the DMA engine: ~3× the frame bytes of DRAM traffic, which bounds all of this.
-* A decoder that can write into a buffer it is given should write straight into the pinned slot through
-  `frame_buffer()`: no host memcpy at all, and the pipeline runs at 100% of the pinned H2D bandwidth.
-* Not done, on purpose: pinning the caller's frames with cudaHostRegister (pinning a 6 MB buffer takes on the
-  order of a millisecond, longer than copying it, so it only pays off for a decoder that recycles a fixed pool
-  of buffers), and GPU decoding (NVDEC), where frames never touch host memory and no feeder is needed.
+  pinned bounce buffer, synchronously with the calling thread and serialized with the preprocessing: 9 GB/s,
+  16% of pinned. Here the staging is explicit, into a ring of pinned slots allocated once, and the upload is
+  asynchronous: fed from frames already in the ring (`frame_buffer`), the pipeline runs at 100% of pinned H2D.
+* The pageable → pinned memcpy is then the limit. One core copies 7 GB/s. Splitting each frame into row bands
+  over Python threads tops out at 25 GB/s (every band is a GIL hand-off; more threads make it worse); torch's
+  intra-op parallel `copy_` (one C++ parallel region per frame) does 26-29 GB/s: that is the synchronous `put`
+  (the default, where the caller may reuse its buffer on return), 47% of pinned H2D, 2.9× naive. Copying whole
+  frames on `copy_threads` threads in parallel (``async_copy=True``: `put` returns at once, the frame must stay
+  untouched) reaches 42 GB/s with 12 threads, 75% of pinned H2D and 95% of what the same host memcpy does with
+  16 threads and no upload running (44 GB/s). Every byte is read from the decoder's buffer, written to the slot
+  and read again by the DMA engine, ~3× the frame bytes of DRAM traffic: the host's memory bandwidth, not the
+  feeder, bounds the pageable path below the PCIe bandwidth on this machine.
+* A decoder that can write into a buffer it is given should therefore write straight into the pinned slot
+  through `frame_buffer()`: no host memcpy at all.
+* Not done, measured: pinning the caller's frames in place with cudaHostRegister instead of copying them.
+  Register + unregister of 1080p frames runs at 10-13 GB/s whatever the thread count (the driver serializes
+  it), slower than copying. GPU decoding (NVDEC) keeps frames off the host entirely and needs no feeder.
 
 The staging slots are ordinary host tensors page-locked with ``cudaHostRegister`` rather than
 ``pin_memory=True``: PyTorch's caching host allocator rounds every block up to a power of two (a 199 MB slot
@@ -114,13 +116,14 @@ class FeederConfig(ConfigBase):
     num_slots: batches in the pinned staging ring (and in the device uint8 ring); 2 is the minimum for
         overlap, 3 lets the producer fill one slot while one uploads and one waits.
     num_outputs: model-ready batches in the output ring: one held by the consumer, the rest computed ahead.
-    async_copy: False (default): `put` returns once the frame is in the staging slot, so the caller may
-        reuse its buffer; the copy runs on torch's intra-op threads (`torch.set_num_threads`). True: `put`
-        returns at once and `copy_threads` threads copy whole frames in parallel, about twice the throughput
-        for 1080p; the caller must then not modify a frame after putting it. That holds for decoders that
-        return a new array per frame (PyAV, torchcodec, OpenCV ``read()`` without a buffer argument); a
-        decoder that can write into a buffer it is given should use `frame_buffer` instead (no copy at all).
-    copy_threads: with `async_copy`, the threads copying frames into the pinned slots.
+    async_copy: False (default): `put` returns once the frame is in the staging slot, so the caller may reuse
+        its buffer; the copy runs on torch's intra-op threads (`torch.set_num_threads`). True: `put` returns at
+        once and `copy_threads` threads copy whole frames in parallel (1080p on a 16-core host: 42 GB/s against
+        26 GB/s); the caller must then not modify a frame after putting it. That holds for decoders that return
+        a new array per frame (PyAV, torchcodec, OpenCV ``read()`` without a buffer argument); a decoder that
+        can write into a buffer it is given should use `frame_buffer` instead (no copy at all).
+    copy_threads: with `async_copy`, the threads copying frames into the pinned slots (about 3/4 of the cores
+        was best on a 16-core host; more threads compete with the DMA engine for memory bandwidth).
     put_timeout: seconds `put` waits for a free slot before raising TimeoutError; None waits forever.
     get_timeout: seconds ``next``/`get` waits for a batch before raising TimeoutError; None waits forever.
     drop_last: drop a last batch smaller than `batch_size` instead of delivering it.
@@ -431,10 +434,12 @@ class FrameFeeder:
     # ----------------------------------------------------------------------------------------- producer side
 
     def put(self, frame: np.ndarray | torch.Tensor, timeout: float | None = _UNSET) -> None:
-        """Copy one (H, W, C) uint8 host frame into the staging ring; you may reuse the frame when it returns.
+        """Copy one (H, W, C) uint8 host frame into the staging ring.
 
-        Blocks while the ring is full (back-pressure) for up to `timeout` seconds (default
-        `FeederConfig.put_timeout`), then raises TimeoutError. Raises FeederClosedError after `close`.
+        You may reuse the frame's memory when `put` returns, except with `FeederConfig.async_copy`, where a copy
+        thread reads it later (keep it unmodified; the feeder holds a reference). Blocks while the ring is full
+        (back-pressure) for up to `timeout` seconds (default `FeederConfig.put_timeout`), then raises
+        TimeoutError. Raises FeederClosedError after `close`.
         """
         timeout = self.config.put_timeout if timeout is _UNSET else timeout
         with self._put_lock:

@@ -47,14 +47,14 @@ def export_dynamic_shapes(profiles: list[list[InputSpec]]) -> dict[str, dict[int
     return {s.name: {d: dims[s.dim_name(d)] for d in s.dynamic_dims} for s in profiles[0]}
 
 
-def _export_args(profiles: list[list[InputSpec]], device: torch.device, dtype: torch.dtype, quantized: bool):
+def _export_args(profiles: list[list[InputSpec]], device: torch.device, dtype: torch.dtype):
     """Examples at the opt point with every dynamic dim >= 2 (export specializes sizes 0 and 1)."""
     args = []
     for s in profiles[0]:
         shape = tuple(max(2, o) if d in s.dynamic_dims else o for d, o in enumerate(s.opt))
         shape = tuple(min(v, mx) for v, mx in zip(shape, s.max, strict=True))
         t = torch.rand(shape) if s.torch_dtype.is_floating_point else torch.randint(0, 2, shape)
-        t = t.to(device=device, dtype=dtype if (s.torch_dtype.is_floating_point and not quantized) else s.torch_dtype)
+        t = t.to(device=device, dtype=dtype if s.torch_dtype.is_floating_point else s.torch_dtype)
         args.append(t)
     return tuple(args)
 
@@ -69,18 +69,37 @@ def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
         raise ValueError(f"path {str(path)!r} is not writable")
     module = optimized.module
     fmt = "pickle"
+    dynamic = export_dynamic_shapes(optimized.profiles)
     try:
-        args = _export_args(optimized.profiles, optimized._device, optimized._dtype, optimized._quantized)
-        with torch.no_grad():
-            program = torch.export.export(module, args, dynamic_shapes=export_dynamic_shapes(optimized.profiles))
+        args = _export_args(optimized.profiles, optimized._device, optimized._dtype)
+        if optimized._quantized:
+            # ModelOpt's Q/DQ modules export only on CUDA, under its export_torch_mode().
+            from torchopt.quantize import export_quantized  # noqa: PLC0415
+
+            program = export_quantized(module, args, dynamic_shapes=dynamic)
+        else:
+            with torch.no_grad():
+                program = torch.export.export(module, args, dynamic_shapes=dynamic)
         with warnings.catch_warnings():
             # torch.export.save warns about channels_last (non-contiguous) weights on CPU; they save correctly.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             torch.export.save(program, path / "module.pt2")
         fmt = "export"
     except Exception as exc:  # export has many failure modes; the pickle keeps the module loadable anyway
-        optimized.report.notes.append(f"saved as a pickle: torch.export failed ({type(exc).__name__}: {exc})"[:300])
-        torch.save(module, path / "module.pt")
+        reason = f"torch.export failed ({type(exc).__name__}: {exc})"[:300]
+        try:
+            torch.save(module, path / "module.pt")
+        except Exception as pickle_exc:
+            raise ValueError(
+                f"cannot save this optimized module: {reason}; pickling failed too ({pickle_exc})."
+                + (
+                    " Quantized models export on CUDA only; on CPU keep the calibrated state with"
+                    " QuantizeConfig(cache_dir=...) and rebuild with torchopt.optimize."
+                    if optimized._quantized
+                    else ""
+                )
+            ) from exc
+        optimized.report.notes.append(f"saved as a pickle: {reason}")
     meta = {
         "format_version": FORMAT_VERSION,
         "module_format": fmt,

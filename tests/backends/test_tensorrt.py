@@ -19,6 +19,7 @@ from torchopt.backends import BACKENDS, choose_backend
 from torchopt.backends.tensorrt import (
     TensorRTConfig,
     _check_keep_patterns,
+    _check_quantized,
     _check_writable_dir,
     build_compile_kwargs,
     engine_cache_subdir,
@@ -27,9 +28,7 @@ from torchopt.backends.tensorrt import (
     input_kwargs,
     keep_pattern_regex,
     partition_report,
-    quantizer_formats,
     resolve_torch_ops,
-    tensorrt_quant_support,
 )
 from torchopt.recipes import CompileConfig, ValidateConfig
 
@@ -358,11 +357,7 @@ def test_fully_converted_graph():
 # ------------------------------------------------------------------------------------------- Q/DQ formats
 
 
-@pytest.mark.parametrize(
-    ("preset", "expected"),
-    [("INT8_DEFAULT_CFG", {"int8": 4}), ("FP8_DEFAULT_CFG", {"fp8": 4}), ("INT4_AWQ_CFG", {"int4": 2})],
-)
-def test_quantizer_formats_of_real_modelopt_models(preset, expected):
+def _quantized(preset: str) -> torch.nn.Module:
     from torchopt._compat import import_modelopt_quantization
 
     mtq = import_modelopt_quantization()
@@ -370,19 +365,32 @@ def test_quantizer_formats_of_real_modelopt_models(preset, expected):
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
     batches = [torch.randn(4, 128) for _ in range(2)]
     mtq.quantize(model, copy.deepcopy(getattr(mtq, preset)), lambda m: [m(b) for b in batches])
-    assert quantizer_formats(model) == expected
+    return model
 
 
-def test_quant_support_per_gpu():
-    assert tensorrt_quant_support({"int8": 4}, (8, 0)) == []
-    assert tensorrt_quant_support({"fp8": 4}, (9, 0)) == []
-    (warning,) = tensorrt_quant_support({"fp8": 4}, (8, 6))
-    assert "FP8 Q/DQ on sm_86" in warning and "sm_89+" in warning
-    with pytest.raises(ValueError, match=r"\['int4'\] quantizers, which Torch-TensorRT 2.13 cannot convert"):
-        tensorrt_quant_support({"int4": 2, "int8": 2}, (9, 0))
-    with pytest.raises(ValueError, match="NVFP4 needs a Blackwell GPU .* this GPU is sm_90"):
-        tensorrt_quant_support({"nvfp4": 4}, (9, 0))
-    assert tensorrt_quant_support({"nvfp4": 4}, (10, 0)) == []
+@pytest.mark.parametrize(
+    ("preset", "capability", "fmt", "note"),
+    [
+        ("INT8_DEFAULT_CFG", (8, 0), "int8", None),
+        ("FP8_DEFAULT_CFG", (9, 0), "fp8", None),
+        ("FP8_DEFAULT_CFG", (8, 6), "fp8", "needs a GPU of compute capability sm_89+"),
+    ],
+)
+def test_quantized_models_are_checked_before_the_build(preset, capability, fmt, note):
+    got_fmt, got_note = _check_quantized(_quantized(preset), capability)
+    assert got_fmt == fmt
+    assert (got_note is None) if note is None else (note in got_note)
+
+
+def test_formats_tensorrt_cannot_convert_are_an_error():
+    with pytest.raises(ValueError, match="quantized to 'int4_awq', which Torch-TensorRT 2.13 cannot convert"):
+        _check_quantized(_quantized("INT4_AWQ_CFG"), (9, 0))
+
+
+def test_quantized_export_needs_cuda():
+    spec = InputSpec("input", min=(1, 128), opt=(4, 128), max=(8, 128))
+    with pytest.raises(ValueError, match="export_quantized needs the model and the example inputs on CUDA"):
+        export_profile(_quantized("INT8_DEFAULT_CFG"), [spec], device=CPU, quantized=True)
 
 
 # ------------------------------------------------------------------------------------ where TRT is absent
@@ -403,6 +411,9 @@ def test_explicit_tensorrt_recipe_fails_before_any_work():
         torchopt.optimize(model, recipe, inputs=[InputSpec("input", min=(1, 4), max=(8, 4))], progress=False)
 
 
-def test_builtin_tensorrt_recipe_loads():
-    recipe = torchopt.recipes.get("tensorrt-fp16")
-    assert recipe.step("compile").backend == "tensorrt" and recipe.step("cast").dtype == "float16"
+def test_builtin_tensorrt_recipes_load():
+    fp16 = torchopt.recipes.get("tensorrt-fp16")
+    assert fp16.step("compile").backend == "tensorrt" and fp16.step("cast").dtype == "float16"
+    int8 = torchopt.recipes.get("tensorrt-int8")
+    assert [s.step for s in int8.steps] == ["cast", "quantize", "compile", "validate"]
+    assert int8.step("quantize").format == "int8" and int8.step("compile").backend == "tensorrt"

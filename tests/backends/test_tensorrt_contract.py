@@ -147,6 +147,13 @@ def _accepts(annotation: str, value: object) -> bool | None:
     return None
 
 
+def test_sources_are_the_version_the_backend_targets():
+    text = (SRC / "_version.py").read_text()
+    version = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
+    major_minor = tuple(int(v) for v in version.split(".")[:2])
+    assert major_minor == trt_backend.MIN_TORCH_TENSORRT, f"re-check the backend against torch_tensorrt {version}"
+
+
 def test_every_setting_is_classified():
     fields = set(TensorRTConfig.field_names())
     assert set(KEYSET_VARIANTS) | set(VALUE_ONLY) == fields, "classify each new TensorRTConfig field above"

@@ -15,7 +15,7 @@ import torch
 
 import torchopt
 from torchopt import InputSpec, Recipe, compare_outputs
-from torchopt.backends.tensorrt import TensorRTBackend, export_profile, quantizer_formats
+from torchopt.backends.tensorrt import TensorRTBackend, export_profile
 from torchopt.engine import StepContext
 from torchopt.recipes import CastConfig, CompileConfig, ValidateConfig
 from torchopt.report import OptimizeReport
@@ -225,10 +225,28 @@ def test_int8_qdq_model_compiles_with_min_block_size_1():
     )
     (runner,) = TensorRTBackend().build(model, CompileConfig(backend="tensorrt"), ctx)
     assert ctx.details["tensorrt"]["compile_kwargs"]["min_block_size"] == 1
-    assert ctx.details["quantizers"] == {"int8": 6}
+    assert ctx.details["quant_format"] == "int8"
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         _check_close(reference(x), runner(x), "int8")
+
+
+@pytest.mark.tensorrt
+def test_int8_recipe_end_to_end(tmp_path):
+    """quantize (ModelOpt INT8) → export under export_torch_mode → TensorRT, engines cached per calibration."""
+    torch.manual_seed(0)
+    model = ConvNet().eval().cuda()
+    calib = [torch.randn(8, 3, 32, 32, device="cuda") for _ in range(4)]
+    recipe = torchopt.recipes.get("tensorrt-int8").to_dict()
+    recipe["steps"][2] = {"compile": {"backend": "tensorrt", "tensorrt": {"engine_cache_dir": str(tmp_path)}}}
+    fast = torchopt.optimize(model, recipe, inputs=[CONV_SPEC], calib_data=calib, device="cuda", progress=False)
+    assert fast.report.backend == "tensorrt" and fast.report.accuracy_passed
+    details = _details(fast)
+    assert details["compile_kwargs"]["min_block_size"] == 1
+    assert details["compile_kwargs"]["engine_cache_dir"].startswith(str(tmp_path / "calib-"))
+    for batch in (1, 13, 32):
+        x = torch.randn(batch, 3, 32, 32, device="cuda")
+        _check_close(model(x), fast(x), "int8")
 
 
 @pytest.mark.gpu
@@ -245,7 +263,7 @@ def test_quantized_export_has_tensorrt_quantize_ops(preset):
     model = ConvNet().eval().cuda()
     batches = [torch.randn(8, 3, 32, 32, device="cuda") for _ in range(4)]
     mtq.quantize(model, copy.deepcopy(getattr(mtq, preset)), lambda m: [m(b) for b in batches])
-    enabled = sum(quantizer_formats(model).values())
+    enabled = sum(isinstance(m, mtq.nn.TensorQuantizer) and m.is_enabled for m in model.modules())
     program = export_profile(model, [CONV_SPEC], device=torch.device("cuda"), quantized=True)
     quantize_op = torch.ops.tensorrt.quantize_op.default
     ops = [n for n in program.graph.nodes if n.op == "call_function" and n.target == quantize_op]

@@ -148,5 +148,22 @@ def superlinear(per_item: int, knee: int) -> Callable[[int], float]:
 
 
 @pytest.fixture
+def memory_limit():
+    """GPU tests: cap this process's CUDA memory (the allocator then raises real OOMs past it); restored after."""
+    limits = []
+
+    def set_limit(nbytes: int) -> None:
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(nbytes / total)
+        limits.append(nbytes)
+
+    yield set_limit
+    if limits:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
 def curves():
     return {"linear": linear, "superlinear": superlinear}

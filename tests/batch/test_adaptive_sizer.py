@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from torchopt.batch import AdaptiveBatchConfig, AdaptiveBatchSizer
+from torchopt.batch import AdaptiveBatchConfig, AdaptiveBatchSizer, CudaMemory
 
 MiB = 2**20
 GiB = 2**30
@@ -64,8 +64,8 @@ def test_bisects_to_the_limit_instead_of_oscillating():
 
 def test_known_good_size_is_forgotten_when_it_fails():
     sizer = AdaptiveBatchSizer(40, grow_after=1)
-    sizer.on_success(40)
-    sizer.on_oom(50)  # not the current size: a stale report from a larger run
+    assert sizer.on_success(40) == 50
+    sizer.on_oom(50)  # the grown size fails: back to the known-good 40, not to 0.75 * 50 = 37
     assert sizer.size == 40
     sizer.on_oom(40)  # now 40 fails too (memory held elsewhere): shrink by the factor
     assert sizer.size == 30
@@ -233,3 +233,22 @@ def test_config_round_trip():
     cfg = AdaptiveBatchConfig(min_size=2, max_size=512, grow_after=5)
     assert AdaptiveBatchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert AdaptiveBatchSizer(64, config=cfg).config == cfg
+
+
+@pytest.mark.gpu
+def test_real_ooms_on_gpu_shrink_and_memory_is_released(memory_limit):
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    memory_limit(GiB)
+    before = torch.cuda.memory_allocated(dev)
+
+    def step(n):
+        a = torch.empty(n, 2**18, device=dev)  # 1 MiB per item: about 1000 items fit under the limit
+        return float(a.sum())
+
+    sizer = AdaptiveBatchSizer(4096, grow_after=2, memory=CudaMemory(dev))
+    for _ in range(20):
+        sizer.run(step)
+    assert sizer.ooms >= 1 and sizer.size < 1024
+    assert torch.cuda.memory_allocated(dev) == before
+    assert all(e.new_size < 1024 for e in sizer.history if e.event == "grow")

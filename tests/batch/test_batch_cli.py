@@ -84,9 +84,11 @@ def test_memory_search_on_cpu_with_a_budget(model_file, tmp_path, capsys):
             "--no-progress",
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     data = json.loads((tmp_path / "find_batch.json").read_text())
     assert data["max_batch"]["size"] == 32 and data["max_batch"]["backend"] == "cpu-rss"
+    assert "profile (max = max fit, opt kept): --input x=1-2-32x16" in printed.out
     assert (tmp_path / "max_batch.png").stat().st_size > 0
 
 

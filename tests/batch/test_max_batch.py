@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from torchopt.batch import MaxBatchConfig, find_max_batch
-from torchopt.batch.memory import CpuRssMemory, is_out_of_memory
+from torchopt.batch.memory import CpuRssMemory, CudaMemory, is_out_of_memory
 
 MiB = 2**20
 GiB = 2**30
@@ -276,23 +276,24 @@ def test_cpu_search_against_peak_rss():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GPU: real out-of-memory errors from the CUDA caching allocator.
+# GPU: real out-of-memory errors from the CUDA caching allocator (`memory_limit` caps it: see conftest.py).
 
 
-@pytest.fixture
-def memory_limit():
-    """Cap this process's CUDA memory (the allocator then raises real OOMs past it); restored afterwards."""
-    limits = []
-
-    def set_limit(nbytes: int) -> None:
-        total = torch.cuda.mem_get_info()[1]
-        torch.cuda.set_per_process_memory_fraction(nbytes / total)
-        limits.append(nbytes)
-
-    yield set_limit
-    if limits:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    torch.cuda.empty_cache()
+@pytest.mark.gpu
+def test_cuda_backend_sees_the_per_process_limit(memory_limit):
+    memory_limit(2 * GiB)
+    cuda = CudaMemory()
+    capacity = cuda.used_bytes() + cuda.free_bytes()
+    if hasattr(torch.cuda, "get_per_process_memory_fraction"):
+        assert abs(capacity - 2 * GiB) <= 4 * MiB
+    before = cuda.allocated_bytes()
+    x = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+    cuda.reset_peak()
+    y = x + 1
+    assert cuda.peak_bytes() >= 512 * MiB and cuda.peak_allocated_bytes() >= before + 512 * MiB
+    del x, y
+    cuda.cleanup()
+    assert cuda.allocated_bytes() == before
 
 
 @pytest.mark.gpu
@@ -314,8 +315,7 @@ def test_real_ooms_are_survived_and_memory_returns_to_baseline(memory_limit):
         sizes.append(res.size)
         assert res.tested and res.memory_returned
         assert torch.cuda.memory_allocated(dev) == before
-        # The size really runs; one more item than the next failure does not.
-        step(torch.zeros(res.size, 1, device=dev))
+        step(torch.zeros(res.size, 1, device=dev))  # the returned size really runs, outside the search too
     assert max(sizes) - min(sizes) <= max(1, 0.05 * max(sizes)), sizes
 
 

@@ -249,15 +249,10 @@ def test_yuv_bt601_limited_matches_opencv(fmt):
 
 
 @pytest.mark.parametrize(("src", "size"), [((37, 53), (16, 24)), ((64, 64), (20, 13)), ((30, 40), (45, 70))])
-def test_antialias_within_one_level_of_torchvision(src, size):
-    from torchopt._compat import import_torchvision
-
-    import_torchvision()
-    from torchvision.transforms.v2 import functional as TF
-
+def test_antialias_within_one_level_of_torchvision(src, size, tvf):
     x = pixels(*src, 3, seed=17)
     got = preprocess(to_device(x), size, antialias=True, backend="triton").cpu() * 255  # pixel units
-    tv = TF.resize(x.permute(2, 0, 1), list(size), antialias=True).float()  # uint8 result, rounded
+    tv = tvf.resize(x.permute(2, 0, 1), list(size), antialias=True).float()  # uint8 result, rounded
     # torchvision rounds to uint8 (twice on CPU: after each pass), so compare our rounded pixels.
     assert (got.round() - tv).abs().max() <= 1, f"{(got.round() - tv).abs().max()} levels"
     assert (got - tv).abs().max() < 1.5 and (got - tv).abs().mean() < 0.35

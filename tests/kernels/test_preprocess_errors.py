@@ -173,5 +173,7 @@ def test_preprocess_params_checks_its_arguments():
     assert preprocess_params((1080, 1920), 640, fit="letterbox").offset == (140, 0)
     with pytest.raises(TypeError, match=r"image_size must be \(height, width\)"):
         preprocess_params(1080, 640)
-    with pytest.raises(ValueError, match="size must be positive"):
+    with pytest.raises(ValueError, match=r"image_size must be two positive ints"):
         preprocess_params((1080, 0), 640)
+    with pytest.raises(ValueError, match="size must be positive"):
+        preprocess_params((1080, 1920), 0)

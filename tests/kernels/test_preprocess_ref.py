@@ -33,28 +33,18 @@ def test_bilinear_within_one_level_of_opencv(src, size):
 
 
 @pytest.mark.parametrize(("src", "size"), [((37, 53), (16, 24)), ((64, 64), (20, 13)), ((30, 40), (45, 70))])
-def test_antialias_matches_torchvision_float(src, size):
-    from torchopt._compat import import_torchvision
-
-    import_torchvision()
-    from torchvision.transforms.v2 import functional as TF
-
+def test_antialias_matches_torchvision_float(src, size, tvf):
     x = pixels(*src, 3, seed=2)
-    expected = TF.resize(x.permute(2, 0, 1).float(), list(size), antialias=True).permute(1, 2, 0)
+    expected = tvf.resize(x.permute(2, 0, 1).float(), list(size), antialias=True).permute(1, 2, 0)
     torch.testing.assert_close(levels(x, size, antialias=True), expected, atol=1e-3, rtol=0)
 
 
-def test_center_crop_matches_torchvision_resize_then_crop():
-    from torchopt._compat import import_torchvision
-
-    import_torchvision()
-    from torchvision.transforms.v2 import functional as TF
-
+def test_center_crop_matches_torchvision_resize_then_crop(tvf):
     x = pixels(2, 60, 90, 3, seed=3)
     p = preprocess_params((60, 90), 32, fit="crop", crop_pct=0.875)
     assert p.resized_size == (37, 55)  # short side 32 / 0.875 = 36.6 -> 37
     img = x.permute(0, 3, 1, 2).float()
-    expected = TF.center_crop(TF.resize(img, list(p.resized_size), antialias=False), [32, 32])
+    expected = tvf.center_crop(tvf.resize(img, list(p.resized_size), antialias=False), [32, 32])
     expected = (expected / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     got = preprocess_ref(x, 32, fit="crop", crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -132,7 +132,9 @@ def test_progress_bar_counts_batches(capsys):
 # --- bad data -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("empty", [[], iter([]), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 8)))])
+@pytest.mark.parametrize(
+    "empty", [[], iter([]), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 8)))]
+)
 def test_empty_calibration_data(cnn, empty):
     with pytest.raises(ValueError, match=r"calib_data is empty: it yielded no batch"):
         tq.quantize(cnn, "int8", empty, progress=False)
@@ -196,3 +198,9 @@ def test_entropy_differs_from_max(cnn, digits):
     qent = tq.quantize(copy.deepcopy(cnn), "int8", digits.calib(8), method="entropy", entropy_stride=16, progress=False)
     amax = lambda m: float(m.fc1.input_quantizer.amax)  # noqa: E731
     assert amax(qent) < amax(qmax)  # KL divergence clips the long tail that max keeps
+
+
+def test_later_batch_that_does_not_fit_names_its_index(cnn, digits):
+    batches = [*digits.calib(2), torch.randn(4, 1, 9)]  # batch 2 has rank 3
+    with pytest.raises(ValueError, match=r"calib_data batch 2 with inputs \(\(4, 1, 9\) float32\) does not fit"):
+        tq.quantize(cnn, "int8", batches, progress=False)

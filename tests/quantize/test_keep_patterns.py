@@ -45,7 +45,9 @@ def test_kept_module_outputs_match_the_float_layer(cnn, digits):
         assert not torch.equal(q(x), ref(x))  # the head is still quantized
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
 def test_precision_casts_the_kept_module(cnn, digits, precision, dtype):
     ref = copy.deepcopy(cnn)
     q = tq.quantize(cnn, "int8", digits.calib(2), keep=[{"pattern": "conv1", "precision": precision}], progress=False)
@@ -101,9 +103,15 @@ def test_reason_is_reported(cnn, digits):
 @pytest.mark.parametrize(
     ("rule", "match"),
     [
-        ("conv3", r"keep\[0\]: pattern 'conv3' matches no module of the model; nearby module names: \['conv2', 'conv1'\]"),
+        (
+            "conv3",
+            r"keep\[0\]: pattern 'conv3' matches no module of the model; nearby module names: \['conv2', 'conv1'\]",
+        ),
         ("*haed*", r"pattern '\*haed\*' matches no module.*nearby module names: \['head'\]"),
-        ({"module_type": "LayerNorm"}, r"module_type 'LayerNorm' matches no module.*module types: \['Conv2d', 'DigitsCNN'"),
+        (
+            {"module_type": "LayerNorm"},
+            r"module_type 'LayerNorm' matches no module.*module types: \['Conv2d', 'DigitsCNN'",
+        ),
         ({"module_type": "Conv2D"}, r"did you mean 'Conv2d'\?"),
     ],
 )
@@ -121,8 +129,7 @@ def test_keeping_everything_is_an_error(cnn, digits):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({}, ValueError, r"needs exactly one of 'pattern'.*or 'module_type'"),
-        ({"pattern": "a", "module_type": "Linear"}, ValueError, r"needs exactly one of"),
+        ({"pattern": "a", "module_type": "Linear"}, ValueError, r"takes one of 'pattern'.*got both"),
         ({"pattern": ""}, ValueError, r"keep.pattern must not be empty"),
         ({"pattern": 3}, TypeError, r"keep.pattern must be a glob on module names"),
         ({"pattern": "a", "precision": "int4"}, ValueError, r"keep.precision must be one of \['auto', 'fp32'"),
@@ -131,6 +138,13 @@ def test_keeping_everything_is_an_error(cnn, digits):
 def test_bad_keep_rules(kwargs, error, match):
     with pytest.raises(error, match=match):
         KeepRule(**kwargs)
+
+
+def test_rule_selecting_nothing_is_refused(cnn):
+    with pytest.raises(ValueError, match=r"quantize.keep\[0\] needs 'pattern' \(glob on module names.*got neither"):
+        tq.QuantizeConfig(keep=[{"precision": "fp16"}])
+    with pytest.raises(ValueError, match=r"keep\[0\] needs 'pattern'"):
+        resolve_keep(cnn, [KeepRule()])
 
 
 def test_resolve_keep_aliases_and_descendants(cnn):

@@ -39,7 +39,9 @@ def test_histogram_methods_edit_the_input_entry_in_place(method):
     assert cfg["algorithm"] is None  # ModelOpt's max algorithm cannot finish a histogram calibrator
     entries = cfg["quant_cfg"]
     idx = [i for i, e in enumerate(entries) if e.get("cfg", {}).get("calibrator") == "histogram"]
-    preset_idx = [i for i, e in enumerate(mtq.INT8_DEFAULT_CFG["quant_cfg"]) if e["quantizer_name"] == "*input_quantizer"]
+    preset_idx = [
+        i for i, e in enumerate(mtq.INT8_DEFAULT_CFG["quant_cfg"]) if e["quantizer_name"] == "*input_quantizer"
+    ]
     # Same position as the preset's entry: the exclusions after it (lm_head, BatchNorm, ...) still win.
     assert idx == preset_idx
     assert len(entries) == len(mtq.INT8_DEFAULT_CFG["quant_cfg"])
@@ -151,9 +153,17 @@ def test_cnn_formats_on_cpu(cnn, digits, limits, fmt, method):
     ref = copy.deepcopy(cnn)
     q = tq.quantize(cnn, fmt, digits.calib(4), method=method, progress=False)
     with torch.no_grad():
-        assert _sqnr(ref, q, digits.test_batches()) >= limits["sqnr_floor_db"][fmt]
+        assert _sqnr(ref, q, digits.test_batches()) >= limits["cnn_sqnr_floor_db"][fmt]
     assert tq.detect_format(q) == fmt
     assert tq.summary(q).quantized == ["conv1", "conv2", "fc1", "head"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_block_formats_on_cpu(block, block_data, limits, fmt):
+    ref = copy.deepcopy(block)
+    q = tq.quantize(block, fmt, block_data, progress=False)
+    with torch.no_grad():
+        assert _sqnr(ref, q, block_data) >= limits["block_sqnr_floor_db"][fmt]
 
 
 def test_smoothquant_beats_plain_int8_on_a_transformer_block(block, block_data, limits):
@@ -167,7 +177,7 @@ def test_smoothquant_beats_plain_int8_on_a_transformer_block(block, block_data, 
     )
     rows = {(r["format"], r["method"]): r for r in table.ok_rows()}
     plain, smooth = rows[("int8", "max")], rows[("int8_smoothquant", "smoothquant")]
-    assert smooth["sqnr_db"] >= limits["sqnr_floor_db"]["int8_smoothquant"]
+    assert smooth["sqnr_db"] >= limits["block_sqnr_floor_db"]["int8_smoothquant"]
     # The LayerNorm's outlier channels dominate per-tensor activation scales; SmoothQuant moves them into W.
     assert smooth["sqnr_db"] > plain["sqnr_db"] + 3.0, (plain, smooth)
     q = tq.quantize(copy.deepcopy(block), "int8_smoothquant", block_data, progress=False)
@@ -182,7 +192,7 @@ def test_int4_awq_is_weight_only(block, block_data, limits):
     assert rows["fc1"]["weight"].startswith("int4 block 128")
     assert rows["fc1"]["input"] == "off"
     with torch.no_grad():
-        assert _sqnr(ref, q, block_data) >= limits["sqnr_floor_db"]["int4_awq"]
+        assert _sqnr(ref, q, block_data) >= limits["block_sqnr_floor_db"]["int4_awq"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; CUDA runs the NVFP4 GPU test")
@@ -226,5 +236,38 @@ def test_formats_on_cuda(block, block_data, limits, fmt):
     data = [x.cuda() for x in block_data]
     q = tq.quantize(block.cuda(), fmt, data, progress=False)
     with torch.no_grad():
-        assert _sqnr(ref, q, data) >= limits["sqnr_floor_db"][fmt]
+        assert _sqnr(ref, q, data) >= limits["block_sqnr_floor_db"][fmt]
     assert tq.detect_format(q) == fmt
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_fast_path_and_bypassed_quantizers(batch_first):
+    """nn.TransformerEncoderLayer's fused eval fast path would skip every quantizer (the 'quantized' model
+    equals the float one); quantize turns it off per layer. MultiheadAttention's out_proj is never called as a
+    module (F.multi_head_attention_forward uses its weight), which the summary reports as bypassed."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    data = [torch.randn(2, 8, 32) for _ in range(2)]
+    ref = copy.deepcopy(enc)
+    q = tq.quantize(enc, "int8", data, progress=False)
+    with torch.no_grad():
+        assert not torch.equal(q(data[0]), ref(data[0]))  # the Q/DQ really runs
+        assert _sqnr(ref, q, data) > 20
+    summary = tq.summary(q)
+    assert summary.bypassed == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
+    assert "linear1" in " ".join(summary.quantized)
+    assert len(q.torchopt_quant.notes) == 2 and "fused fast path turned off on 'layers.0'" in q.torchopt_quant.notes[0]
+
+
+@pytest.mark.parametrize("fmt", ["int8_smoothquant", "int4_awq"])
+def test_bypassed_layers_with_smoothquant_and_awq(fmt):
+    """SmoothQuant / AWQ warn per layer they cannot calibrate; quantize reports those layers as bypassed instead
+    (filterwarnings=error makes any other warning fail this test)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    q = tq.quantize(enc, fmt, [torch.randn(2, 8, 32) for _ in range(2)], progress=False)
+    summary = tq.summary(q)
+    assert summary.bypassed == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
+    assert "forward never runs" in {r["module"]: r["why"] for r in summary.rows}["layers.0.self_attn.out_proj"]

@@ -81,5 +81,13 @@ class InductorBackend(Backend):
                 compiled(*first)
                 for which in WHICH:
                     compiled(*ctx.example_inputs(profile_index=p, which=which))
-        ctx.details["graphs"] = _graph_count() - before
+        graphs = ctx.details["graphs"] = _graph_count() - before
+        limit = torch._dynamo.config.recompile_limit if hasattr(torch._dynamo.config, "recompile_limit") else 8
+        if graphs >= limit:
+            # Past dynamo's per-function limit, further shapes silently run eager: say so instead.
+            ctx.note(
+                f"Inductor built {graphs} graphs for {len(ctx.profiles)} profiles, at dynamo's recompile limit"
+                f" ({limit}); shapes needing another graph would run eager. Use fewer profiles or raise"
+                " torch._dynamo.config.recompile_limit."
+            )
         return [compiled for _ in ctx.profiles]

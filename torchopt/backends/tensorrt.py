@@ -28,7 +28,6 @@ import operator
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,16 +52,15 @@ __all__ = [
     "input_kwargs",
     "keep_pattern_regex",
     "partition_report",
-    "quantizer_formats",
     "resolve_torch_ops",
     "save_kwargs",
-    "tensorrt_quant_support",
 ]
 
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _AUTOCAST_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 # TensorRT's builder accepts optimization levels 0..5 (3 is its default; higher searches longer).
 MAX_OPTIMIZATION_LEVEL = 5
+MIN_TORCH_TENSORRT = (2, 13)  # the API build_compile_kwargs / input_kwargs are checked against
 INSTALL_HINT = (
     "install Torch-TensorRT with its TensorRT libraries on a CUDA machine: `pip install torch-tensorrt` (the"
     " version matching your torch, e.g. torch-tensorrt==2.13.* for torch 2.13), or `pip install"
@@ -112,8 +110,7 @@ def keep_pattern_regex(pattern: str) -> str:
     matching module's submodules (``head`` → ``head.0``) match too.
     """
     check_type("tensorrt.autocast_keep[]", pattern, str)
-    body = fnmatch.translate(pattern)  # '(?s:...)\\Z'
-    inner = body[: -len(r"\Z")] if body.endswith(r"\Z") else body
+    inner = re.sub(r"\\[Zz]$", "", fnmatch.translate(pattern))  # '(?s:...)\\Z' (\\z from Python 3.14)
     return rf"{inner}(?:\..*)?\Z"
 
 
@@ -401,17 +398,6 @@ def explain_export_error(exc: BaseException, profile: list[InputSpec], index: in
     )
 
 
-def _export_mode(quantized: bool) -> contextlib.AbstractContextManager:
-    """ModelOpt's export mode for Q/DQ models: quantizers trace to `tensorrt::quantize_op` nodes, which
-    Torch-TensorRT converts to TensorRT Q/DQ layers (2.13 does not enter this mode itself)."""
-    if not quantized:
-        return contextlib.nullcontext()
-    from torchopt._compat import import_modelopt_quantization
-
-    import_modelopt_quantization()  # clear ImportError when ModelOpt is missing
-    return importlib.import_module("modelopt.torch.quantization.utils").export_torch_mode()
-
-
 def export_profile(
     model: torch.nn.Module,
     profile: list[InputSpec],
@@ -423,10 +409,10 @@ def export_profile(
 ) -> torch.export.ExportedProgram:
     """`torch.export` of `model` with one profile's dynamic dims: the program TensorRT compiles.
 
-    Floating example inputs are in `dtype` unless `quantized` (Q/DQ models take their inputs as given).
-    Q/DQ models are exported under ModelOpt's `export_torch_mode()` (on CUDA: ModelOpt's CPU fake-quant
-    path has data-dependent branches export cannot trace). Errors about the dynamic dims are explained by
-    `explain_export_error`.
+    Floating example inputs are in `dtype` (the prepared module's input dtype, also for Q/DQ models).
+    Q/DQ models go through `torchopt.quantize.export.export_quantized` (ModelOpt's `export_torch_mode()`, so
+    quantizers become `tensorrt::quantize_op` nodes; CUDA only, and it warns when the format cannot be
+    deployed on this GPU). Errors about the dynamic dims are explained by `explain_export_error`.
 
     Example::
 
@@ -435,60 +421,40 @@ def export_profile(
     """
     from torchopt.saving import _export_args, export_dynamic_shapes
 
-    args = _export_args([profile], device, dtype, quantized)
-    with _export_mode(quantized), torch.no_grad():
+    args = _export_args([profile], device, dtype)
+    dynamic_shapes = export_dynamic_shapes([profile])
+    export = torch.export.export
+    if quantized:
+        from torchopt.quantize.export import export_quantized as export
+    with torch.no_grad():
         try:
-            return torch.export.export(model, args, dynamic_shapes=export_dynamic_shapes([profile]))
+            return export(model, args, dynamic_shapes=dynamic_shapes)
         except Exception as exc:  # torch.export raises UserError, RuntimeError, GuardOnDataDependent...
-            raise explain_export_error(exc, profile, index) from exc
+            err = explain_export_error(exc, profile, index)
+            if not isinstance(err, ValueError) and isinstance(exc, (ValueError, TypeError)):
+                raise  # already a clear error (e.g. export_quantized refusing a CPU model)
+            raise err from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Q/DQ formats and the partition report
 
 
-def quantizer_formats(model: torch.nn.Module) -> dict[str, int]:
-    """Count the enabled ModelOpt quantizers of `model` by format: int8, fp8, nvfp4, int4, other."""
-    counts: collections.Counter[str] = collections.Counter()
-    for m in model.modules():
-        if not (hasattr(m, "num_bits") and hasattr(m, "is_enabled") and hasattr(m, "block_sizes")):
-            continue
-        if not m.is_enabled:
-            continue
-        bits = m.num_bits
-        bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
-        if bits == (4, 3):
-            counts["fp8"] += 1
-        elif bits == (2, 1):
-            counts["nvfp4"] += 1
-        elif bits == 8:
-            counts["int8"] += 1
-        elif bits == 4:
-            counts["int4"] += 1
-        else:
-            counts[f"other({bits})"] += 1
-    return dict(counts)
+def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tuple[str | None, str | None]:
+    """(format, deployment note) of a Q/DQ model about to be compiled; formats Torch-TensorRT 2.13 has no
+    converter for (INT4-AWQ) raise ValueError here rather than fail inside the engine build."""
+    from torchopt.quantize.formats import FORMATS, deployment_warning
+    from torchopt.quantize.summary import detect_format
 
-
-def tensorrt_quant_support(formats: dict[str, int], capability: tuple[int, int]) -> list[str]:
-    """Warnings for a Q/DQ model about to be compiled by TensorRT 2.13 on a GPU of `capability`; formats
-    TensorRT cannot deploy raise ValueError (converters exist for INT8, per-tensor FP8 and NVFP4 only)."""
-    sm = f"sm_{capability[0]}{capability[1]}"
-    unsupported = sorted(f for f in formats if f not in ("int8", "fp8", "nvfp4"))
-    if unsupported:
+    fmt = detect_format(model)
+    if fmt is None or fmt not in FORMATS:
+        return fmt, None
+    if FORMATS[fmt].trt_min_sm is None:
         raise ValueError(
-            f"the model has {unsupported} quantizers, which Torch-TensorRT 2.13 cannot convert (it converts"
-            " INT8, FP8 and NVFP4 Q/DQ); compile it with backend 'inductor' or quantize to int8/fp8"
+            f"the model is quantized to {fmt!r}, which Torch-TensorRT 2.13 cannot convert (it converts INT8, FP8"
+            " and NVFP4 Q/DQ); compile it with backend 'inductor' or quantize to int8/fp8"
         )
-    if "nvfp4" in formats and capability < (10, 0):
-        raise ValueError(f"NVFP4 needs a Blackwell GPU (sm_100+) for TensorRT; this GPU is {sm}")
-    warns = []
-    if "fp8" in formats and capability < (8, 9):
-        warns.append(
-            f"FP8 Q/DQ on {sm}: TensorRT runs FP8 on sm_89+ (Ada, Hopper) only; the engine build will fail or"
-            " fall back; use int8 on this GPU"
-        )
-    return warns
+    return fmt, deployment_warning(fmt, capability)
 
 
 def _node_name(node: torch.fx.Node) -> str:
@@ -628,7 +594,13 @@ class TensorRTBackend(Backend):
 
         trt, why = tensorrt_status()
         if trt is None:
-            return f"{why} ({INSTALL_HINT})"
+            return why if "pip install" in why else f"{why}; {INSTALL_HINT}"
+        version = str(getattr(trt, "__version__", "0"))
+        if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < MIN_TORCH_TENSORRT:
+            return (
+                f"torch_tensorrt {version} is older than 2.13, whose API this backend uses (Input.shared_dims,"
+                f" strongly typed networks); {INSTALL_HINT}"
+            )
         return None
 
     def build(self, model, config, ctx: StepContext):
@@ -638,11 +610,10 @@ class TensorRTBackend(Backend):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if ctx.quantized:
-            formats = quantizer_formats(model)
-            for text in tensorrt_quant_support(formats, torch.cuda.get_device_capability(device)):
-                warnings.warn(text, stacklevel=2)
-                ctx.note(text)
-            ctx.details["quantizers"] = formats
+            fmt, problem = _check_quantized(model, torch.cuda.get_device_capability(device))
+            ctx.details["quant_format"] = fmt
+            if problem:  # export_quantized also warns (DeploymentWarning)
+                ctx.note(f"tensorrt: {problem}")
         if cfg.autocast is not None:
             if ctx.dtype != torch.float32 or ctx.quantized:
                 state = "quantized" if ctx.quantized else str(ctx.dtype).removeprefix("torch.")

@@ -109,6 +109,7 @@ def run_find_batch(args: argparse.Namespace) -> int:
         report["gpu"] = torch.cuda.get_device_name(device)
 
     max_fit = args.max_batch
+    best = None
     if run_max:
         print(f"searching the largest batch of {args.model} that fits on {device} ...", file=sys.stderr)
         make = as_make_inputs(specs, model, "find-batch", which="max", float_dtype=dtype)
@@ -137,9 +138,11 @@ def run_find_batch(args: argparse.Namespace) -> int:
         report["optimal_batch"] = best.to_dict()
         if max_fit is None:  # no memory search and no cap: the largest size swept that ran
             max_fit = max(p.size for p in best.points if p.status == "ok")
+    if max_fit is not None:
         profile = batch_profile(specs, max_fit, best)
         report["profile"] = [s.to_dict() for s in profile]
-        print("profile (opt = optimal, max = max fit): " + " ".join(f"--input {_spec_text(s)}" for s in profile))
+        what = "opt = optimal, max = max fit" if run_opt else "max = max fit, opt kept"
+        print(f"profile ({what}): " + " ".join(f"--input {_spec_text(s)}" for s in profile))
     (out / "find_batch.json").write_text(json.dumps(report, indent=2))
     print(f"results: {out / 'find_batch.json'}; figures in {out}")
     return 0

@@ -10,8 +10,8 @@ a torch.compile recompile):
    `min_span` of the budget (one probe when the first estimate is good), then fit ``peak = a + b · batch``.
 3. Predict the largest batch within ``budget - headroom`` (conservatively) and **run it**.
 4. Refine between the largest success and the smallest failure (an OOM, or a run whose peak exceeded the
-   target): interpolate when the failure was measured, step back from it otherwise, bisect after two
-   failures in a row, until the gap is within `tolerance`.
+   target): interpolate when the failure was measured, step back from it after an OOM, bisect after two
+   OOMs in a row, until the gap is within `tolerance`.
 
 The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
 by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
@@ -280,11 +280,12 @@ class _Search:
         gap = hi.size - lo.size
         if gap <= max(1, math.ceil(cfg.tolerance * hi.size)):
             return None, "memory"
-        if self.failures_in_a_row >= 2:
-            size, why = lo.size + gap // 2, "bisect"
-        elif hi.peak_bytes is not None:  # ran over the target: interpolate between two measured peaks
+        if hi.peak_bytes is not None:  # ran over the target: interpolate between two measured peaks
+            # (on convex memory curves the secant lands below the crossing, so the next run succeeds)
             frac = (self.target - lo.peak_bytes) / max(hi.peak_bytes - lo.peak_bytes, 1)
             size, why = lo.size + _floor(frac * gap), "interpolate"
+        elif self.failures_in_a_row >= 2:  # two OOMs in a row: the model is off, halve the bracket
+            size, why = lo.size + gap // 2, "bisect"
         else:  # an OOM measures nothing: keep the prediction, but step back from the failure
             size, why = _floor(predicted), "refine"
         step_back = max(1, math.ceil(cfg.tolerance * hi.size))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from typing import Any
 
@@ -58,6 +59,8 @@ class OptimalBatchConfig(ConfigBase):
     refine_steps: bisection steps between the largest size within the budget and the first size above it.
     tie_pct: sizes within this percent of the best throughput count as ties and the smallest of them wins
         (the same throughput at a lower latency); 0 = strictly the best measured throughput.
+    recheck_misses: time a size that misses the budget once more, and let the second measurement count (a
+        few stray slow calls in a short window must not end the sweep).
     latency: how each size is timed (`torchopt.profile.LatencyConfig`; its batch_size is set per size).
     progress: tqdm bar over the sizes.
     """
@@ -71,6 +74,7 @@ class OptimalBatchConfig(ConfigBase):
     patience: int = 2
     refine_steps: int = 2
     tie_pct: float = 2.0
+    recheck_misses: bool = True
     latency: LatencyConfig = dataclasses.field(default_factory=_default_latency)
     progress: bool = True
 
@@ -92,6 +96,7 @@ class OptimalBatchConfig(ConfigBase):
         check_positive("patience", self.patience)
         check_positive("refine_steps", self.refine_steps, allow_zero=True)
         check_positive("tie_pct", self.tie_pct, allow_zero=True, types_=(int, float))
+        check_type("recheck_misses", self.recheck_misses, bool)
         if isinstance(self.latency, dict):
             self.latency = LatencyConfig.from_dict(_with_sweep_defaults(self.latency), where=f"{_WHERE}.latency")
         check_type("latency", self.latency, LatencyConfig)
@@ -112,22 +117,28 @@ class OptimalBatchConfig(ConfigBase):
 
 @dataclasses.dataclass
 class SweepPoint:
-    """One swept size: its latency (ms, at the configured percentile and p50) and throughput (items/s)."""
+    """One swept size: its latency (ms, at the configured percentile and p50) and throughput (items/s).
+
+    `throughput` is ``size / p50``: the median is what the batch size itself costs, while a few calls delayed
+    by other processes would move the mean. `mean_throughput` (``size / mean``) is kept alongside.
+    """
 
     size: int
     status: str  # "ok" or "oom"
     latency_ms: float | None = None  # at the configured percentile
     p50_ms: float | None = None
     throughput: float | None = None
+    mean_throughput: float | None = None
     meets_budget: bool = False
     stable: bool | None = None
-    phase: str = "sweep"  # "sweep" (doubling) or "refine" (bisection)
+    phase: str = "sweep"  # "sweep" (doubling), "refine" (bisection) or "recheck" (a miss timed again)
     message: str = ""
 
 
 @dataclasses.dataclass
 class OptimalBatchResult:
-    """The chosen size, its latency and throughput, every swept point and why the sweep stopped."""
+    """The chosen size, its latency and throughput (``size / p50``), every swept point and why the sweep
+    stopped."""
 
     size: int
     latency_ms: float
@@ -140,8 +151,13 @@ class OptimalBatchResult:
     seconds: float
 
     @property
+    def latest(self) -> list[SweepPoint]:
+        """The measurement that counts for each size (a recheck replaces the first), in size order."""
+        return sorted({p.size: p for p in self.points}.values(), key=lambda p: p.size)
+
+    @property
     def best_point(self) -> SweepPoint:
-        return next(p for p in self.points if p.size == self.size and p.meets_budget)
+        return next(p for p in self.latest if p.size == self.size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,7 +193,7 @@ class OptimalBatchResult:
             ax = fig.add_subplot()
         else:
             fig = ax.figure
-        pts = sorted((p for p in self.points if p.status == "ok"), key=lambda p: p.size)
+        pts = [p for p in self.latest if p.status == "ok"]
         xs = [p.size for p in pts]
         ax.plot(xs, [p.throughput for p in pts], "o-", color="tab:blue", label="throughput")
         ax.set_xscale("log", base=2)
@@ -231,22 +247,34 @@ def find_optimal_batch(
     device = batch_device(fn, build_batch(make, cfg.start, _WHERE))
     latency_options = {**cfg.latency.to_dict(), "device": str(device)}
 
-    def measure(size: int, phase: str) -> SweepPoint:
+    def measure_once(size: int, phase: str) -> SweepPoint:
         def attempt() -> SweepPoint:
             args, kwargs = build_batch(make, size, _WHERE)
             res = latency(lambda *a: step(*a, **kwargs), *args, **{**latency_options, "batch_size": size})
             value = percentile_of(sorted(res.samples_ms), cfg.percentile)
             meets = cfg.latency_budget_ms is None or value <= cfg.latency_budget_ms
-            return SweepPoint(size, "ok", value, res.p50_ms, res.throughput, meets, res.stable, phase)
+            median_throughput = size * 1000.0 / res.p50_ms if res.p50_ms > 0 else math.inf
+            return SweepPoint(
+                size, "ok", value, res.p50_ms, median_throughput, res.throughput, meets, res.stable, phase
+            )
 
         point, failure = run_guarded(attempt, size, _WHERE, lambda: release_memory(device))
         if failure is not None:
             return SweepPoint(size, "oom", phase=phase, message=oom_text(failure))
         return point
 
+    points: list[SweepPoint] = []
+
+    def measure(size: int, phase: str) -> SweepPoint:
+        point = measure_once(size, phase)
+        points.append(point)
+        if point.status == "ok" and not point.meets_budget and cfg.recheck_misses:
+            point = measure_once(size, "recheck")
+            points.append(point)
+        return point
+
     from tqdm.auto import tqdm
 
-    points: list[SweepPoint] = []
     best = 0.0
     stalled = 0
     stop_reason = "max_batch"
@@ -255,7 +283,6 @@ def find_optimal_batch(
         size = cfg.start
         while True:
             point = measure(size, "sweep")
-            points.append(point)
             bar.update(1)
             bar.set_postfix_str(f"batch {size}: {point.status}")
             if not point.meets_budget:
@@ -272,23 +299,22 @@ def find_optimal_batch(
             if size >= cfg.cap:
                 break
             size = min(2 * size, cfg.cap)
-        feasible = [p.size for p in points if p.meets_budget]
+        feasible = [p.size for p in {q.size: q for q in points}.values() if p.meets_budget]
         low = max(feasible) if feasible else None
         for _ in range(cfg.refine_steps):
             if low is None or above is None or above - low <= 1:
                 break
             mid = (low + above) // 2
             point = measure(mid, "refine")
-            points.append(point)
             bar.update(1)
             if point.meets_budget:
                 low = mid
             else:
                 above = mid
 
-    candidates = [p for p in points if p.meets_budget]
+    candidates = [p for p in {q.size: q for q in points}.values() if p.meets_budget]
     if not candidates:
-        first = points[0]
+        first = [q for q in points if q.size == points[0].size][-1]
         got = "ran out of memory" if first.status == "oom" else f"has p{cfg.percentile:g} {first.latency_ms:.3f} ms"
         raise ValueError(
             f"{_WHERE}: no batch size meets latency_budget_ms={cfg.latency_budget_ms} at p{cfg.percentile:g}:"

@@ -7,7 +7,9 @@ quantizable layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -15,9 +17,15 @@ import torch
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_type
 from torchopt.quantize.cache import CalibrationCache, cache_key, model_fingerprint
-from torchopt.quantize.calibrate import CalibData, calibrate_histograms, model_device
+from torchopt.quantize.calibrate import (
+    CalibData,
+    bypassed_modules,
+    calibrate_histograms,
+    disable_fused_fast_paths,
+    model_device,
+)
 from torchopt.quantize.config import QuantizeConfig
-from torchopt.quantize.formats import FORMATS, HISTOGRAM_METHODS, modelopt_config
+from torchopt.quantize.formats import HISTOGRAM_METHODS, modelopt_config
 from torchopt.quantize.keep import apply_keep_precision, resolve_keep, top_level
 from torchopt.quantize.summary import RECORD_ATTR, QuantRecord, detect_format
 
@@ -76,7 +84,9 @@ def quantize(
         **options: `QuantizeConfig` fields overriding `config` (e.g. ``method="entropy"``).
 
     The model carries a `QuantRecord` afterwards (``model.torchopt_quant``); `torchopt.quantize.summary(model)`
-    tells which module got which format and which were kept and why.
+    tells which module got which format and which were kept and why. Options, keep rules and the first
+    calibration batch are checked before the model is touched; an error in a later batch leaves it converted
+    but uncalibrated, so quantize a copy when the float model matters.
 
     Example::
 
@@ -129,7 +139,7 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     method = cfg.resolved_method
     kept = resolve_keep(model, cfg.keep)
     _check_quantizable(model, kept, mtq)
-    data.check_fits(model)  # on the float model, before anything is changed
+    called = data.check_fits(model)  # on the float model, before anything is changed
     mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
     device = model_device(model)
 
@@ -142,23 +152,27 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
             key, parts = cache_key(model_fingerprint(model), cfg.to_dict(), data.fingerprint(model))
 
     apply_keep_precision(model, kept)
-    unseen: dict[str, str] = {}
+    notes = [f"fused fast path turned off on {n!r} so that its Q/DQ applies" for n in disable_fused_fast_paths(model)]
+    if device.type == "cuda":
+        notes += _load_cuda_kernels(cfg.format, mtq)
     if cache is not None and cache.has(key):
         model = cache.restore(model, key)
         fingerprint, batches, cache_note = parts["calib_data"], 0, f"hit {cache.path(key)}"
     else:
         loop = data.forward_loop(progress=progress, desc=f"calibrating {cfg.format}/{method}")
-        if method in HISTOGRAM_METHODS:
-            model = mtq.quantize(model, mo_cfg, None)  # algorithm None: only inserts the quantizers
-            unseen = calibrate_histograms(
-                model, loop, method, percentile=cfg.percentile, entropy_stride=cfg.entropy_stride, progress=progress
-            )
-        else:
-            model = mtq.quantize(model, mo_cfg, loop)
+        with _expected_modelopt_warnings():
+            if method in HISTOGRAM_METHODS:
+                model = mtq.quantize(model, mo_cfg, None)  # algorithm None: only inserts the quantizers
+                calibrate_histograms(
+                    model, loop, method, percentile=cfg.percentile, entropy_stride=cfg.entropy_stride, progress=progress
+                )
+            else:
+                model = mtq.quantize(model, mo_cfg, loop)
         model.to(device)
         fingerprint, batches = data.last_fingerprint, data.batches_seen
         if cache is not None:
             cache_note = f"miss: saved {cache.save(model, key, parts)}"
+    bypassed = bypassed_modules(model, called)
 
     record = QuantRecord(
         format=cfg.format,
@@ -170,21 +184,43 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
         calib_batches=batches,
         cache=cache_note,
         seconds=time.perf_counter() - t0,
-        unseen=unseen,
+        bypassed=bypassed,
+        notes=notes,
     )
     setattr(model, RECORD_ATTR, record)
     return model
 
 
-def format_info() -> dict[str, dict[str, Any]]:
-    """The formats table as plain data (for docs and the CLI)."""
-    return {
-        name: {
-            "preset": f.preset,
-            "methods": list(f.methods),
-            "description": f.description,
-            "needs_cuda": f.needs_cuda,
-            "tensorrt_min_sm": None if f.trt_min_sm is None else f"sm_{f.trt_min_sm[0]}{f.trt_min_sm[1]}",
-        }
-        for name, f in FORMATS.items()
-    }
+# ModelOpt warns once per layer when SmoothQuant / AWQ skip a layer that calibration never reached; the
+# summary reports those layers as "bypassed", so exactly these two messages are silenced.
+_EXPECTED_WARNINGS = (
+    r"\S+ is not calibrated, skip smoothing",
+    r"awq_lite: Forcing pre_quant_scale=1 for \S+ because the expert was not properly exercised",
+)
+
+
+@contextlib.contextmanager
+def _expected_modelopt_warnings():
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        yield
+
+
+def _load_cuda_kernels(fmt: str, mtq: Any) -> list[str]:
+    """Load ModelOpt's CUDA fake-quant extensions now, once, instead of at the first quantized forward.
+
+    ModelOpt JIT-compiles them on first use and, when that fails (no nvcc on the machine), emits a UserWarning
+    and falls back to its PyTorch implementation. Loading them here keeps that warning out of user code (it
+    is cached either way) and turns it into a note in the record.
+    """
+    getters = {"int8": "get_cuda_ext", "int8_smoothquant": "get_cuda_ext", "fp8": "get_cuda_ext_fp8"}
+    if fmt not in getters:
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = getattr(mtq.extensions, getters[fmt])()
+    if ext is not None:
+        return []
+    why = str(caught[-1].message).strip().splitlines()[-1] if caught else "unknown reason"
+    return [f"ModelOpt's CUDA fake-quant extension for {fmt} is unavailable ({why}); using its PyTorch fallback"]

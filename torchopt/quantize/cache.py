@@ -104,8 +104,9 @@ class CalibrationCache:
         try:
             restored = _mto().restore(model, str(path))
         except Exception as exc:  # a truncated or foreign file: say which one, so it can be deleted
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise RuntimeError(
-                f"calibration cache entry {str(path)!r} cannot be restored ({type(exc).__name__}: {exc});"
+                f"calibration cache entry {str(path)!r} cannot be restored ({type(exc).__name__}: {first});"
                 " delete it to recalibrate"
             ) from exc
         return restored.to(device)  # mto.restore loads tensors on the CPU

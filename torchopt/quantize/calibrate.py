@@ -34,7 +34,7 @@ import torch
 
 from torchopt.config import check_positive
 
-__all__ = ["CalibData", "calibrate_histograms", "model_device"]
+__all__ = ["CalibData", "bypassed_modules", "calibrate_histograms", "disable_fused_fast_paths", "model_device"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -213,24 +213,41 @@ class CalibData:
             _hash_value(h, (args, kwargs))
         return h.hexdigest()
 
-    def check_fits(self, model: torch.nn.Module) -> None:
-        """Run the first batch through `model` (eval, no_grad); a clear ValueError when it does not fit."""
+    def check_fits(self, model: torch.nn.Module) -> set[str] | None:
+        """Run the first batch through `model` (eval, no_grad); a clear ValueError when it does not fit.
+
+        Returns the names of the modules whose forward ran (None for a callable: nothing is run here).
+        """
         if self.is_callable:
-            return
+            return None
         args, kwargs = next(iter(self.calls(model)))
+        called: set[str] = set()
+        # Hooks on every module also switch off nn.TransformerEncoderLayer's fused fast path for this call,
+        # as `disable_fused_fast_paths` does for quantization, so the record matches the path Q/DQ runs on.
+        handles = [
+            m.register_forward_pre_hook(lambda _m, _a, name=name: called.add(name)) for name, m in model.named_modules()
+        ]
         with _eval_no_grad(model):
             try:
-                model(*args, **kwargs)
-            except Exception as exc:  # any failure here is a data/model mismatch: say which batch and shapes
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ValueError(
-                    f"{self.name} batch 0 with inputs {_describe(args, kwargs)} does not fit"
-                    f" {type(model).__name__}: {type(exc).__name__}: {first}"
-                ) from exc
+                self._run(model, 0, args, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        return called
+
+    def _run(self, model: torch.nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
+        try:
+            return model(*args, **kwargs)
+        except Exception as exc:  # a failure on a batch is a data/model mismatch: say which batch and shapes
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"{self.name} batch {index} with inputs {_describe(args, kwargs)} does not fit"
+                f" {type(model).__name__}: {type(exc).__name__}: {first}"
+            ) from exc
 
     def forward_loop(self, *, progress: bool = True, desc: str = "calibrating") -> Callable[[torch.nn.Module], None]:
         """A ModelOpt ``forward_loop(model)``: runs every batch; sets `last_fingerprint` and `batches_seen`."""
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm import tqdm  # noqa: PLC0415
 
         def loop(model: torch.nn.Module) -> None:
             h = hashlib.blake2b(digest_size=16)
@@ -251,9 +268,9 @@ class CalibData:
                     finally:
                         handle.remove()
                 else:
-                    for args, kwargs in self.calls(model):
+                    for i, (args, kwargs) in enumerate(self.calls(model)):
                         _hash_value(h, (args, kwargs))
-                        model(*args, **kwargs)
+                        self._run(model, i, args, kwargs)
                         seen += 1
                         bar.update()
             if seen == 0:
@@ -282,19 +299,17 @@ def calibrate_histograms(
     percentile: float = 99.99,
     entropy_stride: int = 1,
     progress: bool = True,
-) -> dict[str, str]:
+) -> None:
     """Entropy / percentile calibration of a model ModelOpt converted with histogram input calibrators.
 
     Mirrors ModelOpt's ``max_calibrate`` (``enable_stats_collection``, ``weight_only_quantize``, the forward
     loop), then loads each quantizer's amax itself: ``load_calib_amax(method, ...)`` for histogram
-    calibrators, ``load_calib_amax()`` for the weights' max calibrators. Returns quantizer name → note for
-    quantizers that saw no data (they keep ModelOpt's dynamic per-batch amax).
+    calibrators, ``load_calib_amax()`` for the weights' max calibrators. Quantizers that saw no data keep no
+    amax, as after ModelOpt's own max calibration (`bypassed_quantizers` finds them).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
 
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
-    mtq = import_modelopt_quantization()
+    mtq = _mtq()
     if method not in ("entropy", "percentile"):
         raise ValueError(f"method must be 'entropy' or 'percentile' for histogram calibration, got {method!r}")
     histogram_cls = mtq.calib.HistogramCalibrator
@@ -302,12 +317,11 @@ def calibrate_histograms(
     with torch.no_grad():
         mtq.model_calib.weight_only_quantize(model)
     forward_loop(model)
-    quantizers = [(n, q) for n, q in model.named_modules() if isinstance(q, mtq.nn.TensorQuantizer) and q.is_enabled]
-    unseen: dict[str, str] = {}
-    n_hist = sum(isinstance(getattr(q, "_calibrator", None), histogram_cls) for _, q in quantizers)
+    quantizers = [q for q in model.modules() if isinstance(q, mtq.nn.TensorQuantizer) and q.is_enabled]
+    n_hist = sum(isinstance(getattr(q, "_calibrator", None), histogram_cls) for q in quantizers)
     bar = tqdm(total=n_hist, desc=f"{method} amax", disable=not progress, leave=False)
     with bar:
-        for name, q in quantizers:
+        for q in quantizers:
             # ModelOpt keeps the calibrator private; its own finish_stats_collection reads it the same way.
             cal = getattr(q, "_calibrator", None)
             if getattr(q, "_use_constant_amax", False) or getattr(q, "_constant_amax", None) is not None:
@@ -316,7 +330,7 @@ def calibrate_histograms(
             if cal is not None and not getattr(q, "_dynamic", False):
                 if isinstance(cal, histogram_cls):
                     if cal.compute_amax("percentile", percentile=100.0) is None:  # cheap emptiness test
-                        unseen[name] = "no calibration data reached it"
+                        pass  # never called: left without amax, reported by bypassed_quantizers
                     elif method == "entropy":
                         q.load_calib_amax("entropy", stride=entropy_stride)
                     else:
@@ -324,8 +338,54 @@ def calibrate_histograms(
                     bar.update()
                 elif cal.compute_amax() is not None:
                     q.load_calib_amax()
-                else:
-                    unseen[name] = "no calibration data reached it"
             q.enable_quant()
             q.disable_calib()
-    return unseen
+
+
+def bypassed_modules(model: torch.nn.Module, called: set[str] | None = None) -> dict[str, str]:
+    """Quantized modules whose Q/DQ never runs, with the reason.
+
+    A module is bypassed when its forward did not run on the calibration data (`called`: the module names
+    `CalibData.check_fits` saw run) or, without that record, when its input quantizer never saw data (no amax).
+    Typical cause: a fused path that uses the weights directly, e.g. ``nn.MultiheadAttention`` calls
+    ``F.multi_head_attention_forward`` with ``out_proj.weight``, so ``out_proj``'s quantizers never run.
+    """
+    tq = _mtq().nn.TensorQuantizer
+    out = {}
+    for name, module in model.named_modules():
+        quantizers = {c: m for c, m in module.named_children() if isinstance(m, tq) and m.is_enabled}
+        if not quantizers or isinstance(module, tq):
+            continue
+        inp = quantizers.get("input_quantizer")
+        static = inp is not None and not getattr(inp, "_dynamic", False) and not inp.block_sizes
+        if called is not None and name not in called:
+            out[name] = "its forward never runs (a fused path uses its weights directly, or the data skips it)"
+        elif static and inp.amax is None and getattr(inp, "_calibrator", None) is not None:
+            out[name] = "its input quantizer never saw calibration data (its forward did not run)"
+    return out
+
+
+def _mtq() -> Any:
+    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
+
+    return import_modelopt_quantization()
+
+
+class _NoFastPath:
+    """A no-op forward pre-hook. PyTorch's fused ``nn.TransformerEncoderLayer`` fast path (eval, batch_first)
+    calls ``torch._transformer_encoder_layer_fwd`` on the raw weights, bypassing every quantizer; it is skipped
+    when the layer has hooks, which is the only per-module switch (``torch.backends.mha.set_fastpath_enabled``
+    is process-global)."""
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        return None
+
+
+def disable_fused_fast_paths(model: torch.nn.Module) -> list[str]:
+    """Turn off the fused TransformerEncoderLayer fast path on this model's layers so Q/DQ applies; the names."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.TransformerEncoderLayer):
+            m.register_forward_pre_hook(_NoFastPath())
+            names.append(name)
+    return names

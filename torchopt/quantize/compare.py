@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchopt.config import check_choice, check_type
+from torchopt.quantize._tables import markdown_table, text_table
 from torchopt.quantize.api import as_config, quantize
 from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import QuantizeConfig
@@ -73,23 +74,21 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"float_accuracy": self.float_accuracy, "rows": self.rows}
 
-    def to_markdown(self) -> str:
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
         cols = [c for c in _COLUMNS if any(r.get(c) is not None for r in self.rows)]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in self.rows]
+        return cols, [[_fmt(r.get(c)) for c in cols] for r in self.rows]
+
+    def to_markdown(self) -> str:
+        text = markdown_table(*self._cells())
         if self.float_accuracy is not None:
-            lines.append(f"\nfloat model accuracy: {self.float_accuracy:.4f}")
-        return "\n".join(lines)
+            text += f"\n\nfloat model accuracy: {self.float_accuracy:.4f}"
+        return text
 
     def __str__(self) -> str:
-        cols = [c for c in _COLUMNS if any(r.get(c) is not None for r in self.rows)]
-        cells = [[_fmt(r.get(c)) for c in cols] for r in self.rows]
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+        text = text_table(*self._cells())
         if self.float_accuracy is not None:
-            lines.append(f"float model accuracy: {self.float_accuracy:.4f}")
-        return "\n".join(lines)
+            text += f"\nfloat model accuracy: {self.float_accuracy:.4f}"
+        return text
 
     def plot(self, path: str | os.PathLike | None = None):
         """A matplotlib Figure: SQNR, cosine and top-1 agreement (and accuracy) per format/method."""

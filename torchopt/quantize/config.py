@@ -102,6 +102,8 @@ class QuantizeConfig(StepConfig):
         check_method(self.format, self.method, "quantize.method")
         check_type("quantize.keep", self.keep, (list, tuple), "a list of keep rules")
         self.keep = [KeepRule.coerce(r, f"quantize.keep[{i}]") for i, r in enumerate(self.keep)]
+        for i, rule in enumerate(self.keep):
+            rule.check_selects(f"quantize.keep[{i}]")
         if self.max_batches is not None:
             check_positive("quantize.max_batches", self.max_batches)
         check_type("quantize.percentile", self.percentile, (int, float))

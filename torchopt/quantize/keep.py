@@ -64,9 +64,9 @@ class KeepRule(ConfigBase):
         if isinstance(self.module_type, type):
             cls = self.module_type
             self.module_type = f"{cls.__module__}.{cls.__qualname__}"
-        if (self.pattern is None) == (self.module_type is None):
+        if self.pattern is not None and self.module_type is not None:
             raise ValueError(
-                f"a keep rule needs exactly one of 'pattern' (glob on module names) or 'module_type', got"
+                f"a keep rule takes one of 'pattern' (glob on module names) or 'module_type', got both:"
                 f" pattern={self.pattern!r}, module_type={self.module_type!r}"
             )
         if self.pattern is not None:
@@ -93,6 +93,14 @@ class KeepRule(ConfigBase):
             f"{where} must be a KeepRule, a {{pattern: ..., precision: ...}} mapping, a module-name glob or a"
             f" module class, got {type(value).__name__} {value!r}"
         )
+
+    def check_selects(self, where: str = "keep") -> None:
+        """ValueError unless the rule selects something (a default-constructed rule does not)."""
+        if self.pattern is None and self.module_type is None:
+            raise ValueError(
+                f"{where} needs 'pattern' (glob on module names, e.g. 'conv1', '*head*') or 'module_type'"
+                " (e.g. 'LayerNorm'), got neither"
+            )
 
     def describe(self) -> str:
         what = f"pattern {self.pattern!r}" if self.pattern is not None else f"module_type {self.module_type!r}"
@@ -148,6 +156,7 @@ def resolve_keep(model: torch.nn.Module, rules: list[KeepRule]) -> dict[str, Kep
     modules = dict(model.named_modules())
     kept: dict[str, KeptModule] = {}
     for i, rule in enumerate(rules):
+        rule.check_selects(f"keep[{i}]")
         if rule.pattern is not None:
             hits = [n for n in names if fnmatch.fnmatchcase(n, rule.pattern)]
         else:

@@ -28,12 +28,13 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_choice
+from torchopt.quantize._tables import markdown_table, text_table
 from torchopt.quantize.api import as_config, quantize
 from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.summary import _origin_type
+from torchopt.quantize.summary import _origin_type, quant_record
 
 __all__ = ["MODES", "KeepSearch", "Sensitivity", "auto_keep", "sensitivity"]
 
@@ -43,9 +44,13 @@ MODES = ("all_but_one", "one_alone", "both")
 def _layers(model: torch.nn.Module) -> dict[str, list[Any]]:
     """Layer name → its enabled quantizers (modules whose direct children are enabled TensorQuantizers)."""
     tq = import_modelopt_quantization().nn.TensorQuantizer
+    record = quant_record(model)
+    bypassed = record.bypassed if record else {}  # never called: toggling them changes nothing
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, tq):
+            continue
+        if name in bypassed:
             continue
         qs = [m for _, m in module.named_children() if isinstance(m, tq) and m.is_enabled]
         if qs:
@@ -101,23 +106,12 @@ class Sensitivity:
         return out
 
     def to_markdown(self) -> str:
-        cols = self._cols()
-        lines = [
-            f"{self.metric} with every layer quantized: {self.baseline:.4g}",
-            "",
-            "| " + " | ".join(cols) + " |",
-            "|" + "---|" * len(cols),
-        ]
-        lines += ["| " + " | ".join(row) + " |" for row in self._cells()]
-        return "\n".join(lines)
+        head = f"{self.metric} with every layer quantized: {self.baseline:.4g}"
+        return head + "\n\n" + markdown_table(self._cols(), self._cells())
 
     def __str__(self) -> str:
-        cols, cells = self._cols(), self._cells()
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        lines = [f"sensitivity ({self.mode}, {self.metric}; all layers quantized: {self.baseline:.4g})"]
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-        return "\n".join(lines)
+        head = f"sensitivity ({self.mode}, {self.metric}; all layers quantized: {self.baseline:.4g})"
+        return head + "\n" + text_table(self._cols(), self._cells())
 
     def plot(self, path: str | os.PathLike | None = None, top: int | None = None):
         """Ranking figure: the metric per layer when it is the only one left float (and/or the only one quantized)."""
@@ -150,7 +144,7 @@ class Sensitivity:
 
 
 def _measure(qmodel: torch.nn.Module, evals: EvalSet, metric: str, mode: str, progress: bool) -> Sensitivity:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
 
     layers = _layers(qmodel)
     if not layers:

@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 
+from torchopt.quantize._tables import markdown_table, text_table
+
 __all__ = ["QuantRecord", "QuantSummary", "detect_format", "quant_record", "summary"]
 
 RECORD_ATTR = "torchopt_quant"
+_COLUMNS = ["module", "type", "status", "precision", "weight", "input", "why"]
 
 
 @dataclasses.dataclass
@@ -27,10 +30,11 @@ class QuantRecord:
     kept: dict[str, dict[str, str]]  # module name -> {"precision", "why"}
     modelopt_config: dict[str, Any]
     calib_fingerprint: str | None = None
-    calib_batches: int = 0
+    calib_batches: int = 0  # 0 when restored from the cache
     cache: str = "off"  # "off", "hit <path>", "miss: saved <path>", "skipped: <why>"
     seconds: float = 0.0
-    unseen: dict[str, str] = dataclasses.field(default_factory=dict)  # quantizers no calibration batch reached
+    bypassed: dict[str, str] = dataclasses.field(default_factory=dict)  # module name -> why its Q/DQ never runs
+    notes: list[str] = dataclasses.field(default_factory=list)
     search: dict[str, Any] | None = None  # the sensitivity search, when a budget chose the kept layers
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,23 +126,32 @@ def detect_format(model: torch.nn.Module) -> str | None:
 
 @dataclasses.dataclass
 class QuantSummary:
-    """Per-module rows: name, type, status (quantized / kept / excluded), weight and input quantizers, why."""
+    """Per-module rows: name, type, status (quantized / kept / excluded / bypassed), quantizers, why."""
 
     format: str | None
     method: str | None
     rows: list[dict[str, str]]
 
+    def modules(self, status: str) -> list[str]:
+        """Module names with a status: 'quantized', 'kept', 'excluded' or 'bypassed'."""
+        return [r["module"] for r in self.rows if r["status"] == status]
+
     @property
     def quantized(self) -> list[str]:
-        return [r["module"] for r in self.rows if r["status"] == "quantized"]
+        return self.modules("quantized")
 
     @property
     def kept(self) -> list[str]:
-        return [r["module"] for r in self.rows if r["status"] == "kept"]
+        return self.modules("kept")
+
+    @property
+    def bypassed(self) -> list[str]:
+        """Modules with enabled quantizers that calibration never reached (their Q/DQ never runs)."""
+        return self.modules("bypassed")
 
     @property
     def excluded(self) -> list[str]:
-        return [r["module"] for r in self.rows if r["status"] == "excluded"]
+        return self.modules("excluded")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "method": self.method, "rows": self.rows}
@@ -150,18 +163,11 @@ class QuantSummary:
         return out
 
     def to_markdown(self) -> str:
-        cols = ["module", "type", "status", "precision", "weight", "input", "why"]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in self.rows]
-        return "\n".join(lines)
+        return markdown_table(_COLUMNS, [[r[c] for c in _COLUMNS] for r in self.rows])
 
     def __str__(self) -> str:
-        cols = ["module", "type", "status", "precision", "weight", "input", "why"]
-        widths = {c: max(len(c), *(len(r[c]) for r in self.rows)) if self.rows else len(c) for c in cols}
         head = f"quantization summary: format={self.format}, method={self.method}, {self.counts()}"
-        lines = [head, "  ".join(c.ljust(widths[c]) for c in cols)]
-        lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in self.rows]
-        return "\n".join(lines)
+        return head + "\n" + text_table(_COLUMNS, [[r[c] for c in _COLUMNS] for r in self.rows])
 
 
 def summary(model: torch.nn.Module) -> QuantSummary:
@@ -178,6 +184,7 @@ def summary(model: torch.nn.Module) -> QuantSummary:
     record = quant_record(model)
     kept = record.kept if record else {}
     entries = (record.modelopt_config.get("quant_cfg") or []) if record else []
+    bypassed = record.bypassed if record else {}
     rows: list[dict[str, str]] = []
     for name, module in model.named_modules():
         children = {c: m for c, m in module.named_children() if isinstance(m, mtq.nn.TensorQuantizer)}
@@ -186,19 +193,26 @@ def summary(model: torch.nn.Module) -> QuantSummary:
         weight = children.get("weight_quantizer")
         inp = children.get("input_quantizer")
         enabled = [c for c, m in children.items() if m.is_enabled]
+
+        def qualified(cs, name=name):
+            return [f"{name}.{c}" if name else c for c in cs]
+
         param = next(iter(module.parameters(recurse=False)), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "-"
         if name in kept:
             status, why = "kept", kept[name]["why"]
             precision = kept[name]["precision"]
             precision = dtype if precision == "auto" else precision
+        elif enabled and name in bypassed:
+            status, precision = "bypassed", dtype
+            why = f"{bypassed[name]}; no Q/DQ is applied"
         elif enabled:
             status, precision = "quantized", dtype
             why = f"{record.format} ({record.method})" if record else "quantized with ModelOpt"
         else:
-            qnames = [f"{name}.{c}" if name else c for c in children]
             status, precision = "excluded", dtype
-            why = (_exclusion(entries, qnames, module) if entries else None) or "its quantizers are disabled"
+            why = _exclusion(entries, qualified(children), module) if entries else None
+            why = why or "its quantizers are disabled"
         rows.append(
             {
                 "module": name or "(root)",
