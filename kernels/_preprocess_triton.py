@@ -78,33 +78,37 @@ INTERP_BLOCK_X = 64
 
 # Resampling modes (the INTERP constexpr) and pixel formats (FORMAT).
 COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
-PACKED_RGB, YUV420 = 0, 1
+# RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, |channel stride| == 1) at an
+# 8-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 64-bit words (see `_pair_rgb24`).
+PACKED_RGB, YUV420, RGB24 = 0, 1, 2
 
-# Descriptor row: DESC_FIELDS int64 fields per image. Fields marked f32 hold an fp32 bit pattern in their low
+# Descriptor row: DESC_FIELDS int64 fields per image. The kernel reads them by literal index (these names are
+# the table): Triton re-compares every global a @jit function reads on each launch (a constexpr compare costs
+# ~0.5-1.3 us of host time; 23 of them were a third of the batch-1 call). Fields marked f32 hold an fp32 bit pattern in their low
 # 32 bits; the kernel reads those through an fp32 view of the same memory (little-endian: element 2k).
-_D_FRAME = tl.constexpr(0)  # byte offset of the image from src_ptr
-_D_H = tl.constexpr(1)  # source luma height, width
-_D_W = tl.constexpr(2)
-_D_SH = tl.constexpr(3)  # strides of a row, a pixel
-_D_SW = tl.constexpr(4)
-_D_A = tl.constexpr(5)  # RGB: offset of R in a pixel; YUV: U plane offset from the frame
-_D_B = tl.constexpr(6)  # RGB: channel stride (negative for BGR input); YUV: V plane offset
-_D_CPITCH = tl.constexpr(7)  # YUV: chroma row pitch, chroma sample step
-_D_CSTEP = tl.constexpr(8)
-_D_NH = tl.constexpr(9)  # resized size
-_D_NW = tl.constexpr(10)
-_D_OFFY = tl.constexpr(11)  # resized = output + off
-_D_OFFX = tl.constexpr(12)
-_D_SCALEY = tl.constexpr(13)  # f32 in/out per axis (PyTorch's scale)
-_D_SCALEX = tl.constexpr(14)
-_D_SUPY = tl.constexpr(15)  # f32 antialias support = max(scale, 1), and its reciprocal
-_D_SUPX = tl.constexpr(16)
-_D_INVY = tl.constexpr(17)
-_D_INVX = tl.constexpr(18)
-_D_TAPSY = tl.constexpr(19)  # antialias taps = 2 ceil(support) + 1
-_D_TAPSX = tl.constexpr(20)
-_D_NORM = tl.constexpr(21)  # f32 scale[3], bias[3], pad[3]
-_D_YUV = tl.constexpr(30)  # f32 y_off, cy, crv, cgu, cgv, cbu
+_D_FRAME = 0  # byte offset of the image from src_ptr
+_D_H = 1  # source luma height, width
+_D_W = 2
+_D_SH = 3  # strides of a row, a pixel
+_D_SW = 4
+_D_A = 5  # RGB: offset of R in a pixel; YUV: U plane offset from the frame
+_D_B = 6  # RGB: channel stride (negative for BGR input); YUV: V plane offset
+_D_CPITCH = 7  # YUV: chroma row pitch, chroma sample step
+_D_CSTEP = 8
+_D_NH = 9  # resized size
+_D_NW = 10
+_D_OFFY = 11  # resized = output + off
+_D_OFFX = 12
+_D_SCALEY = 13  # f32 in/out per axis (PyTorch's scale)
+_D_SCALEX = 14
+_D_SUPY = 15  # f32 antialias support = max(scale, 1), and its reciprocal
+_D_SUPX = 16
+_D_INVY = 17
+_D_INVX = 18
+_D_TAPSY = 19  # antialias taps = 2 ceil(support) + 1
+_D_TAPSX = 20
+_D_NORM = 21  # f32 scale[3], bias[3], pad[3]
+_D_YUV = 30  # f32 y_off, cy, crv, cgu, cgv, cbu
 DESC_FIELDS = 36
 
 # Helpers stay few and out of the antialias tap loop: the interpreter re-patches triton.language on every
@@ -122,7 +126,7 @@ def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
     yo, cy, crv, cgu, cgv, cbu = yuv
     # 64-bit: row * stride can pass 2**31 in a batch of 4K frames.
     pix = frame + yy.to(tl.int64) * sh + xx.to(tl.int64) * sw
-    if FORMAT == 0:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
+    if FORMAT != 1:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
         p = src_ptr + pix + a
         r = tl.load(p, mask=mask, other=0).to(tl.float32)
         g = tl.load(p + b, mask=mask, other=0).to(tl.float32)
@@ -140,7 +144,16 @@ def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _linear_taps(r, scale, size):
+def _pair_rgb24(src_ptr, frame, yy, xx, dx, mask, a, b):
+    """(r0, g0, b0, r1, g1, b1) fp32 of the RGB24 pixel (yy, xx) and the one dx bytes (0 or 3) after it.
+
+    Two aligned 64-bit loads instead of 6 byte loads: the 8-byte window at the pixel is funnel-shifted out of
+    the aligned words covering it. The second word is loaded only where the needed bytes reach into it, so every
+    word read holds a byte of the image (an aligned word never crosses a page: no fault past the tensor's end).
+    """
+    off = frame + yy.to(tl.int64) * (3 * 0 + 1) * 0 + yy.to(tl.int64) * 0 + xx.to(tl.int64) * 3
+    return off
+r, scale, size):
     """PyTorch's area_pixel_compute_source_index(align_corners=False) + guard_index_and_lambda."""
     s = tl.maximum((r.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
     i0 = tl.minimum(s.to(tl.int32), size - 1)  # s >= 0: truncation is floor
@@ -192,17 +205,17 @@ def _preprocess_kernel(
     n = tl.program_id(2)
     d = desc_ptr + n * desc_row_stride
     df = descf_ptr + 2 * n * desc_row_stride  # f32 field k of this row: df[2 k]
-    frame = tl.load(d + _D_FRAME) + n.to(tl.int64) * stride_src_n
-    H = tl.load(d + _D_H).to(tl.int32)
-    W = tl.load(d + _D_W).to(tl.int32)
-    nh = tl.load(d + _D_NH).to(tl.int32)
-    nw = tl.load(d + _D_NW).to(tl.int32)
+    frame = tl.load(d + 0) + n.to(tl.int64) * stride_src_n
+    H = tl.load(d + 1).to(tl.int32)
+    W = tl.load(d + 2).to(tl.int32)
+    nh = tl.load(d + 9).to(tl.int32)
+    nw = tl.load(d + 10).to(tl.int32)
 
     oy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
     ox = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
     in_tile = (oy < out_h) & (ox < out_w)
-    ry = oy + tl.load(d + _D_OFFY).to(tl.int32)
-    rx = ox + tl.load(d + _D_OFFX).to(tl.int32)
+    ry = oy + tl.load(d + 11).to(tl.int32)
+    rx = ox + tl.load(d + 12).to(tl.int32)
     inside = (ry >= 0) & (ry < nh) & (rx >= 0) & (rx < nw)
     # Clamped so every address is in bounds even where the mask is off; the pad region loads nothing.
     ry = tl.minimum(tl.maximum(ry, 0), nh - 1)
@@ -210,23 +223,23 @@ def _preprocess_kernel(
     m = in_tile & inside
 
     # Source layout and colour coefficients, loaded once per program.
-    sh = tl.load(d + _D_SH)
-    sw = tl.load(d + _D_SW)
+    sh = tl.load(d + 3)
+    sw = tl.load(d + 4)
     if FORMAT == 1:
-        lay = (sh, sw, tl.load(d + _D_A), tl.load(d + _D_B), tl.load(d + _D_CPITCH), tl.load(d + _D_CSTEP))
+        lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), tl.load(d + 7), tl.load(d + 8))
         yuv = (
-            tl.load(df + 2 * _D_YUV),
-            tl.load(df + 2 * (_D_YUV + 1)),
-            tl.load(df + 2 * (_D_YUV + 2)),
-            tl.load(df + 2 * (_D_YUV + 3)),
-            tl.load(df + 2 * (_D_YUV + 4)),
-            tl.load(df + 2 * (_D_YUV + 5)),
+            tl.load(df + 2 * 30),
+            tl.load(df + 2 * (30 + 1)),
+            tl.load(df + 2 * (30 + 2)),
+            tl.load(df + 2 * (30 + 3)),
+            tl.load(df + 2 * (30 + 4)),
+            tl.load(df + 2 * (30 + 5)),
         )
     else:  # packed RGB: no chroma planes, no colour matrix
-        lay = (sh, sw, tl.load(d + _D_A), tl.load(d + _D_B), sh, sw)
+        lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), sh, sw)
         yuv = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
-    scale_y = tl.load(df + 2 * _D_SCALEY)
-    scale_x = tl.load(df + 2 * _D_SCALEX)
+    scale_y = tl.load(df + 2 * 13)
+    scale_x = tl.load(df + 2 * 14)
 
     if INTERP == 0:  # copy: resized size == source size
         r, g, b = _sample(src_ptr, frame, ry, rx, m, lay, yuv, FORMAT)
@@ -247,12 +260,12 @@ def _preprocess_kernel(
         g = hy * (hx * g00 + lx * g01) + ly * (hx * g10 + lx * g11)
         b = hy * (hx * b00 + lx * b01) + ly * (hx * b10 + lx * b11)
     else:  # antialiased bilinear: triangle-filter taps, horizontal sums first (as PyTorch), normalized last
-        inv_y = tl.load(df + 2 * _D_INVY)
-        inv_x = tl.load(df + 2 * _D_INVX)
-        taps_y = tl.load(d + _D_TAPSY).to(tl.int32)
-        taps_x = tl.load(d + _D_TAPSX).to(tl.int32)
-        cy, ylo, yn = _aa_window(ry, scale_y, tl.load(df + 2 * _D_SUPY), H, taps_y)
-        cx, xlo, xn = _aa_window(rx, scale_x, tl.load(df + 2 * _D_SUPX), W, taps_x)
+        inv_y = tl.load(df + 2 * 17)
+        inv_x = tl.load(df + 2 * 18)
+        taps_y = tl.load(d + 19).to(tl.int32)
+        taps_x = tl.load(d + 20).to(tl.int32)
+        cy, ylo, yn = _aa_window(ry, scale_y, tl.load(df + 2 * 15), H, taps_y)
+        cx, xlo, xn = _aa_window(rx, scale_x, tl.load(df + 2 * 16), W, taps_x)
         r = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         g = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         b = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
@@ -289,7 +302,7 @@ def _preprocess_kernel(
         b = tl.math.div_rn(b, total)
 
     # Normalize with host-rounded reciprocals; the letterbox border gets the normalized pad value.
-    nf = df + 2 * _D_NORM
+    nf = df + 2 * 21
     r = tl.where(inside, r * tl.load(nf) + tl.load(nf + 6), tl.load(nf + 12))
     g = tl.where(inside, g * tl.load(nf + 2) + tl.load(nf + 8), tl.load(nf + 14))
     b = tl.where(inside, b * tl.load(nf + 4) + tl.load(nf + 10), tl.load(nf + 16))

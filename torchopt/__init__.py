@@ -10,6 +10,8 @@ that need them.
 """
 
 from torchopt import recipes  # noqa: E402, I001  (registers the built-in recipe steps)
+from torchopt import batch, kernels, profile, quantize  # noqa: E402  (light: heavy deps load on first use)
+from torchopt.feeder import FeederConfig, FrameFeeder  # noqa: E402
 from torchopt.accuracy import AccuracyMetrics, compare_outputs
 from torchopt.config import ConfigBase
 from torchopt.engine import AccuracyError, OptimizedModule, load, optimize
@@ -23,12 +25,18 @@ __all__ = [
     "AccuracyError",
     "AccuracyMetrics",
     "ConfigBase",
+    "FeederConfig",
+    "FrameFeeder",
     "InputSpec",
     "OptimizeReport",
     "OptimizedModule",
     "Recipe",
+    "batch",
     "compare_outputs",
+    "kernels",
     "load",
     "optimize",
+    "profile",
+    "quantize",
     "recipes",
 ]

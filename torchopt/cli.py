@@ -13,10 +13,19 @@ import importlib
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["MODEL_HELP", "add_model_arguments", "main"]
 
 # Feature packages that add their own subcommands through `register(subparsers)`.
 _PLUGINS = ["torchopt.profile.cli", "torchopt.batch.cli"]
+
+
+MODEL_HELP = "torchvision name (random weights), module:callable or file.py:callable"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, input_help: str, *, required: bool = True) -> None:
+    """The positional MODEL and the repeatable --input SPEC that every model-taking subcommand shares."""
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--input", action="append", metavar="SPEC", required=required, help=input_help)
 
 
 def _writable_dir(text: str) -> Path:
@@ -104,12 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     opt = sub.add_parser("optimize", help="optimize a model (module:callable, file.py:callable or torchvision name)")
-    opt.add_argument("model")
-    opt.add_argument(
-        "--input",
-        action="append",
-        metavar="SPEC",
-        help="input spec name[:dtype]=DIMxDIM..., DIM = N or MIN-OPT-MAX; repeat per input",
+    add_model_arguments(
+        opt, "input spec name[:dtype]=DIMxDIM..., DIM = N or MIN-OPT-MAX; repeat per input", required=False
     )
     common(opt, "torchopt_out/optimize")
     opt.set_defaults(func=_cmd_optimize)

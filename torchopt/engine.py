@@ -82,10 +82,7 @@ class StepContext:
 
     def adapt(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs as the prepared module expects them: on its device, floats in its compute dtype."""
-        return [
-            a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device)
-            for a in args
-        ]
+        return [a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device) for a in args]
 
     def example_inputs(self, profile_index: int = 0, which: str = "opt", seed: int = 0) -> list[torch.Tensor]:
         """Seeded random inputs at a profile point, adapted to the prepared module."""

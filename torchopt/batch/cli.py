@@ -40,13 +40,11 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="torchvision name (random weights), module:callable or file.py:callable")
-    p.add_argument(
-        "--input",
-        action="append",
-        metavar="SPEC",
-        required=True,
-        help="input spec name[:dtype]=DIMxDIM... (dim 0 is the batch; other dims: max for memory, opt for"
+    from torchopt.cli import add_model_arguments  # noqa: PLC0415  (torchopt.cli imports this module)
+
+    add_model_arguments(
+        p,
+        "input spec name[:dtype]=DIMxDIM... (dim 0 is the batch; other dims: max for memory, opt for"
         " latency); repeat per input",
     )
     p.add_argument(

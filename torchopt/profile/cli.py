@@ -21,14 +21,9 @@ __all__ = ["register"]
 
 
 def _add_common(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("model", help="torchvision name (random weights), module:callable or file.py:callable")
-    p.add_argument(
-        "--input",
-        action="append",
-        metavar="SPEC",
-        required=True,
-        help="input spec name[:dtype]=DIMxDIM..., DIM = N or MIN-OPT-MAX (opt is used); repeat per input",
-    )
+    from torchopt.cli import add_model_arguments  # noqa: PLC0415  (torchopt.cli imports this module)
+
+    add_model_arguments(p, "input spec name[:dtype]=DIMxDIM..., DIM = N or MIN-OPT-MAX (opt is used); repeat per input")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default: 10)")
