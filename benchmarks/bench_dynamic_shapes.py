@@ -61,7 +61,7 @@ def _matmul_tflops(device: torch.device) -> float | None:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.half)
     b = torch.randn(n, n, device=device, dtype=torch.half)
-    ms = latency(lambda: a @ b, warmup=5, iters=20).p50_ms
+    ms = latency(lambda: a @ b, warmup=5, iters=20, device=device).p50_ms  # no tensor args: name the device
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

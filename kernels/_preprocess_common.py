@@ -206,8 +206,11 @@ def resolve_config(config: PreprocessConfig | None, options: dict[str, Any]) -> 
 
 def check_size(size: Any) -> tuple[int, int]:
     """`size` as (height, width): an int is a square."""
-    if type(size) is int and size > 0:  # fast path
+    if type(size) is int and size > 0:  # fast paths: the per-call budget at batch 1 is a few us
         return size, size
+    ints = type(size) is tuple and len(size) == 2 and type(size[0]) is int and type(size[1]) is int
+    if ints and size[0] > 0 and size[1] > 0:
+        return size
     if isinstance(size, (list, tuple, torch.Size)):
         if len(size) != 2:
             raise ValueError(f"size must be an int or (height, width), got {len(size)} values: {tuple(size)!r}")
@@ -425,9 +428,10 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torc
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype != dtype:
         raise TypeError(f"out has dtype {out.dtype} but the config asks for {dtype}; pass dtype={dtype} or fix out")
-    if tuple(out.shape) != tuple(shape):
+    if out.shape != tuple(shape):  # torch.Size compares equal to a tuple (not to a list)
         raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"out is on {out.device} but the images are on {device}")
-    if any(st == 0 and sz > 1 for st, sz in zip(out.stride(), out.shape, strict=True)):
-        raise ValueError(f"out has overlapping elements (a zero stride: {out.stride()}); pass a dense tensor")
+    strides = out.stride()
+    if 0 in strides and any(st == 0 and sz > 1 for st, sz in zip(strides, out.shape, strict=True)):
+        raise ValueError(f"out has overlapping elements (a zero stride: {strides}); pass a dense tensor")

@@ -53,7 +53,54 @@ Performance design (H100 SXM, ~3.0 TB/s copy bandwidth; not measured in this ses
   (expect ~4-6 us on a server CPU), plus Triton's launcher (~3-6 us in 3.6): the 8 us target is at the edge.
   A CUDA graph of the call replays in ~2-3 us; the next lever would be calling the cached CompiledKernel
   directly, skipping JITFunction.run's binder (a version-specific API).
-* A list costs one small pinned H2D copy of its descriptor rows (the images' addresses change per call).
+* A list costs one small pinned H2D copy of its descriptor rows the first time a set of image addresses is
+  seen; the device table is cached per plan by the images' offsets (a pipeline cycling through its buffers
+  uploads nothing after warm-up).
+
+Notes after the first H200 run (2026-11-23, torch 2.11, triton 3.6; 4179 GB/s copy; predictions unmeasured):
+
+* Diagnosis. Bilinear cost the same ~30 ps per output pixel at 1080p b32 (51.7 us), 480p b64 (95.7 us) and 4K
+  letterbox b8 (100.8 us, 640x640 outputs), although their bytes per pixel differ 1.5-3x and the taps of a
+  warp span 3 to 14 128-byte lines: bound neither by DRAM (<= 45% of the copy bandwidth) nor by L1 lines,
+  but by the number of load instructions, 12 single-byte gathers per pixel (48 per thread, sm_90 PTX:
+  48 ld.global.b8). The copy path (224 -> 224) cost ~5 ps per pixel with 3 byte loads: the same ~1.7-2.5 ps
+  per byte gather. Issue slots were ~6% used (~60 instructions per pixel).
+* Change 1, RGB24 (FORMAT 2): when every image has 3-byte pixels with adjacent channels (stride_w 3,
+  channel stride +-1: any contiguous RGB/BGR batch, crops of it, lists of such frames) and the source
+  pointer is 8-byte aligned, bilinear reads each row's tap pair (x0, x0 + 1: 6 bytes) from the two aligned
+  64-bit words covering them and funnel-shifts the bytes out (`_pair_rgb24`): 4 loads per pixel instead of
+  12 (sm_90 PTX compiled with the launch's divisibility-16 specialization, which tiles 4 consecutive x per
+  thread and stores st.global.v2.b32: 16 ld.global.b64 and no ld.global.b8 per thread instead of 48
+  ld.global.b8; 64 registers either way, 8 CTAs = 32 warps per SM).
+  Copy and nearest read their one pixel the same way: 2 loads (the second masked off for 6 of 8
+  alignments) instead of 3. Antialias keeps byte loads (single taps in a loop). Other layouts (RGBA slices,
+  transposed views, unaligned crops) keep the byte path, picked per call from the pointer alignment.
+  Prediction, if load instructions are the bound as the numbers above say: 1080p b32 51.7 -> ~28-32 us
+  (near the 27.6 us = 1.25x floor target; below that the DRAM floor and the sector reads rule), 480p b64
+  95.7 -> ~35-40 us (>= 1.9x compile), 4K letterbox b8 100.8 -> ~38-45 us (<= 55 us, ~1.9x compile; its 280
+  pad rows per image load nothing). Copy/nearest of other RGB24 inputs: ~1.3x fewer load instructions.
+* Change 1b, COPY8 (INTERP 4; normalize + layout of an RGB24 batch whose rows and images start 8-byte aligned,
+  at zero offset, e.g. 224 x 224 = 672-byte rows): a thread reads 8 consecutive pixels as 3 aligned 64-bit
+  words, extracts the 24 bytes with constant shifts and puts them back in x order with nested tl.join +
+  reshape (in registers: TTGIR has no convert_layout, PTX no shared memory); 32 x 32 tiles, one group per
+  thread. Compiled with the launch's specialization (pointers, strides and 224 divisible by 16): per thread
+  3 ld.global.b64 + 3 st.global.v4.b32 (fp16: 16-byte stores) for 8 pixels, 40 registers; before: 12
+  ld.global.b8 + 12 st.global.b16 for 4 pixels. Prediction: 224 -> 224 b256 fp16 66 -> ~30-33 us (floor
+  27.7 us; ~1.25x compile). Its target (2x compile = 20 us) is below the bytes floor and cannot be met.
+* Change 2, host (b1 wall 62 us): the kernel read its descriptor field indices from 23 module-level
+  tl.constexpr globals; Triton 3.x re-compares every global a @jit function uses on each launch
+  (`used_global_vals`, a constexpr `!=` costs ~1.3 us on this VM), so ~20-30 us of each call. They are
+  literals now (table at DESC_FIELDS). Also cheaper checks on the hot path (size tuple, out= strides, CUDA
+  input). Prediction: b1 host wall 62 -> ~30-35 us. The 8 us target is below what Python + Triton's launcher
+  can do (JITFunction.run alone is ~10-20 us on that host): the met route is the documented one, a CUDA graph
+  of the call, 4.7 us per replay measured; calling the cached CompiledKernel's launcher directly would save
+  ~10 us more but depends on Triton-internal APIs that changed across 3.x.
+* Change 3, list (163.8 us for 8 frames vs 19.0 us for a batch of 8): every call re-validated the 8 images
+  and built, pinned (a pinned host allocation) and uploaded a new descriptor table; the timed call was host-
+  bound (the 256 MB L2 flush in do_bench hides ~60 us of host time, not 160). Now the plan key holds what the
+  checks looked at per image (a hit skips them) and the device table is cached by the images' offsets:
+  ~14 us of our Python per list call on this VM instead of ~71 us. Prediction: list of 8 ~20-25 us, ~1.1-1.3x
+  the batch of 8 per floor byte (the 4K frame alone is 30% of the list's bytes).
 """
 
 from __future__ import annotations
@@ -72,20 +119,25 @@ import triton.language as tl
 BLOCK_Y = 16
 BLOCK_X = 32
 NUM_WARPS = 4
+COPY8_BLOCK_Y = 32  # COPY8: 32 x 32 pixels = 128 groups of 8, one per thread
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
 INTERP_BLOCK_Y = 32
 INTERP_BLOCK_X = 64
 
 # Resampling modes (the INTERP constexpr) and pixel formats (FORMAT).
 COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
+# COPY8: the copy of an RGB24 batch whose rows start 8-byte aligned, at zero offset: each thread reads 8 pixels
+# as 3 aligned 64-bit words and de-interleaves them in registers (`launch` falls back to COPY when unaligned).
+COPY8 = 4
 # RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, |channel stride| == 1) at an
 # 8-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 64-bit words (see `_pair_rgb24`).
 PACKED_RGB, YUV420, RGB24 = 0, 1, 2
 
 # Descriptor row: DESC_FIELDS int64 fields per image. The kernel reads them by literal index (these names are
 # the table): Triton re-compares every global a @jit function reads on each launch (a constexpr compare costs
-# ~0.5-1.3 us of host time; 23 of them were a third of the batch-1 call). Fields marked f32 hold an fp32 bit pattern in their low
-# 32 bits; the kernel reads those through an fp32 view of the same memory (little-endian: element 2k).
+# ~0.5-1.3 us of host time; 23 of them were a third of the batch-1 call). Fields marked f32 hold an fp32 bit
+# pattern in their low 32 bits; the kernel reads those through an fp32 view of the same memory (little-endian:
+# element 2k).
 _D_FRAME = 0  # byte offset of the image from src_ptr
 _D_H = 1  # source luma height, width
 _D_W = 2
@@ -144,16 +196,90 @@ def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _pair_rgb24(src_ptr, frame, yy, xx, dx, mask, a, b):
-    """(r0, g0, b0, r1, g1, b1) fp32 of the RGB24 pixel (yy, xx) and the one dx bytes (0 or 3) after it.
+def _pair_rgb24(src_ptr, row, xx, dx, mask, a, b):
+    """(r0, g0, b0, r1, g1, b1) fp32 of the RGB24 pixel at column xx of the row at byte offset `row` and of
+    the pixel dx bytes (0 or 3) after it; a / b = offset of R in a pixel / channel stride (+-1).
 
-    Two aligned 64-bit loads instead of 6 byte loads: the 8-byte window at the pixel is funnel-shifted out of
-    the aligned words covering it. The second word is loaded only where the needed bytes reach into it, so every
-    word read holds a byte of the image (an aligned word never crosses a page: no fault past the tensor's end).
+    Two aligned 64-bit loads instead of 6 byte loads: the 8 bytes from the pixel on are funnel-shifted out of
+    the aligned words covering them. The second word is loaded only where the needed bytes reach into it, so
+    every word read holds a byte of the image (an aligned word never crosses a page: no fault past its end).
     """
-    off = frame + yy.to(tl.int64) * (3 * 0 + 1) * 0 + yy.to(tl.int64) * 0 + xx.to(tl.int64) * 3
-    return off
-r, scale, size):
+    off = row + xx.to(tl.int64) * 3
+    a8 = off & -8
+    o8 = (off - a8).to(tl.int32)  # 0..7
+    p = (src_ptr + a8).to(tl.pointer_type(tl.uint64))
+    lo = tl.load(p, mask=mask, other=0)
+    hi = tl.load(p + 1, mask=mask & (o8 + dx + 2 >= 8), other=0)
+    s = (8 * o8).to(tl.uint64)
+    v = tl.where(o8 == 0, lo, (lo >> s) | (hi << (64 - s)))  # bytes off .. off+7, byte 0 lowest
+    v1 = v >> (8 * dx).to(tl.uint64)
+    kr = (8 * a).to(tl.uint64)
+    kg = (8 * (a + b)).to(tl.uint64)
+    kb = (8 * (a + 2 * b)).to(tl.uint64)
+    r0 = ((v >> kr) & 0xFF).to(tl.float32)
+    g0 = ((v >> kg) & 0xFF).to(tl.float32)
+    b0 = ((v >> kb) & 0xFF).to(tl.float32)
+    r1 = ((v1 >> kr) & 0xFF).to(tl.float32)
+    g1 = ((v1 >> kg) & 0xFF).to(tl.float32)
+    b1 = ((v1 >> kb) & 0xFF).to(tl.float32)
+    return r0, g0, b0, r1, g1, b1
+
+
+@triton.jit
+def _copy8_rgb24(src_ptr, frame, sh, a, pid_x, pid_y, H, W, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    """(r, g, b) fp32 [BLOCK_Y, BLOCK_X] of the tile's source pixels (copy at zero offset), RGB24 with 8-byte
+    aligned rows (frame, sh and src_ptr multiples of 8): a thread loads its 8 pixels as 3 aligned 64-bit words,
+    extracts the 24 bytes with constant shifts and joins them back in x order, 8 pixels in its registers
+    (16-byte fp16 stores). a = offset of R in a pixel: 0 (RGB) or 2 (BGR)."""
+    G: tl.constexpr = BLOCK_X // 8
+    gy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
+    gx = pid_x * G + tl.arange(0, G)[None, :]
+    npx = tl.minimum(tl.maximum(W - gx * 8, 0), 8)  # valid pixels of the group (right edge: fewer)
+    ok = (gy < H) & (npx > 0)
+    off = frame + tl.minimum(gy, H - 1).to(tl.int64) * sh + tl.minimum(gx * 24, (W - 1) * 3).to(tl.int64)
+    p = (src_ptr + off).to(tl.pointer_type(tl.uint64))
+    # A word is read only if it holds a byte of a valid pixel: never past the image (aligned: no page crossing).
+    w0 = tl.load(p, mask=ok, other=0)
+    w1 = tl.load(p + 1, mask=ok & (npx > 2), other=0)
+    w2 = tl.load(p + 2, mask=ok & (npx > 5), other=0)
+    # byte k of the group: word k // 8, bits 8 (k % 8); pixel j channel c (memory order) is byte 3 j + c.
+    c0_0 = (w0 & 0xFF).to(tl.float32)
+    c1_0 = ((w0 >> 8) & 0xFF).to(tl.float32)
+    c2_0 = ((w0 >> 16) & 0xFF).to(tl.float32)
+    c0_1 = ((w0 >> 24) & 0xFF).to(tl.float32)
+    c1_1 = ((w0 >> 32) & 0xFF).to(tl.float32)
+    c2_1 = ((w0 >> 40) & 0xFF).to(tl.float32)
+    c0_2 = ((w0 >> 48) & 0xFF).to(tl.float32)
+    c1_2 = ((w0 >> 56) & 0xFF).to(tl.float32)
+    c2_2 = (w1 & 0xFF).to(tl.float32)
+    c0_3 = ((w1 >> 8) & 0xFF).to(tl.float32)
+    c1_3 = ((w1 >> 16) & 0xFF).to(tl.float32)
+    c2_3 = ((w1 >> 24) & 0xFF).to(tl.float32)
+    c0_4 = ((w1 >> 32) & 0xFF).to(tl.float32)
+    c1_4 = ((w1 >> 40) & 0xFF).to(tl.float32)
+    c2_4 = ((w1 >> 48) & 0xFF).to(tl.float32)
+    c0_5 = ((w1 >> 56) & 0xFF).to(tl.float32)
+    c1_5 = (w2 & 0xFF).to(tl.float32)
+    c2_5 = ((w2 >> 8) & 0xFF).to(tl.float32)
+    c0_6 = ((w2 >> 16) & 0xFF).to(tl.float32)
+    c1_6 = ((w2 >> 24) & 0xFF).to(tl.float32)
+    c2_6 = ((w2 >> 32) & 0xFF).to(tl.float32)
+    c0_7 = ((w2 >> 40) & 0xFF).to(tl.float32)
+    c1_7 = ((w2 >> 48) & 0xFF).to(tl.float32)
+    c2_7 = ((w2 >> 56) & 0xFF).to(tl.float32)
+    # Nested joins append a last dim each: [BLOCK_Y, G, 2 (j // 4), 2 (j // 2 % 2), 2 (j % 2)] -> x = 8 g + j.
+    c0 = tl.join(tl.join(tl.join(c0_0, c0_4), tl.join(c0_2, c0_6)), tl.join(tl.join(c0_1, c0_5), tl.join(c0_3, c0_7)))
+    c1 = tl.join(tl.join(tl.join(c1_0, c1_4), tl.join(c1_2, c1_6)), tl.join(tl.join(c1_1, c1_5), tl.join(c1_3, c1_7)))
+    c2 = tl.join(tl.join(tl.join(c2_0, c2_4), tl.join(c2_2, c2_6)), tl.join(tl.join(c2_1, c2_5), tl.join(c2_3, c2_7)))
+    c0 = tl.reshape(c0, [BLOCK_Y, BLOCK_X])
+    c1 = tl.reshape(c1, [BLOCK_Y, BLOCK_X])
+    c2 = tl.reshape(c2, [BLOCK_Y, BLOCK_X])
+    bgr = a != 0
+    return tl.where(bgr, c2, c0), c1, tl.where(bgr, c0, c2)
+
+
+@triton.jit
+def _linear_taps(r, scale, size):
     """PyTorch's area_pixel_compute_source_index(align_corners=False) + guard_index_and_lambda."""
     s = tl.maximum((r.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
     i0 = tl.minimum(s.to(tl.int32), size - 1)  # s >= 0: truncation is floor
@@ -205,16 +331,17 @@ def _preprocess_kernel(
     n = tl.program_id(2)
     d = desc_ptr + n * desc_row_stride
     df = descf_ptr + 2 * n * desc_row_stride  # f32 field k of this row: df[2 k]
+    # Descriptor fields by their literal _D_* index (see the table above: no globals in the kernel).
     frame = tl.load(d + 0) + n.to(tl.int64) * stride_src_n
     H = tl.load(d + 1).to(tl.int32)
     W = tl.load(d + 2).to(tl.int32)
-    nh = tl.load(d + 9).to(tl.int32)
+    nh = tl.load(d + 9).to(tl.int32)  # resized size
     nw = tl.load(d + 10).to(tl.int32)
 
     oy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
     ox = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
     in_tile = (oy < out_h) & (ox < out_w)
-    ry = oy + tl.load(d + 11).to(tl.int32)
+    ry = oy + tl.load(d + 11).to(tl.int32)  # OFFY, OFFX
     rx = ox + tl.load(d + 12).to(tl.int32)
     inside = (ry >= 0) & (ry < nh) & (rx >= 0) & (rx < nw)
     # Clamped so every address is in bounds even where the mask is off; the pad region loads nothing.
@@ -223,12 +350,12 @@ def _preprocess_kernel(
     m = in_tile & inside
 
     # Source layout and colour coefficients, loaded once per program.
-    sh = tl.load(d + 3)
+    sh = tl.load(d + 3)  # SH, SW, A, B, CPITCH, CSTEP
     sw = tl.load(d + 4)
     if FORMAT == 1:
         lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), tl.load(d + 7), tl.load(d + 8))
         yuv = (
-            tl.load(df + 2 * 30),
+            tl.load(df + 2 * 30),  # YUV
             tl.load(df + 2 * (30 + 1)),
             tl.load(df + 2 * (30 + 2)),
             tl.load(df + 2 * (30 + 3)),
@@ -238,29 +365,42 @@ def _preprocess_kernel(
     else:  # packed RGB: no chroma planes, no colour matrix
         lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), sh, sw)
         yuv = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
-    scale_y = tl.load(df + 2 * 13)
+    scale_y = tl.load(df + 2 * 13)  # SCALEY, SCALEX
     scale_x = tl.load(df + 2 * 14)
 
-    if INTERP == 0:  # copy: resized size == source size
-        r, g, b = _sample(src_ptr, frame, ry, rx, m, lay, yuv, FORMAT)
-    elif INTERP == 1:  # nearest: the same fp32 product as PyTorch, then floor
-        iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
-        ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
-        r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
+    if INTERP == 4:  # COPY8: 8 consecutive pixels per thread = 24 bytes = 3 aligned words, no shuffles
+        r, g, b = _copy8_rgb24(src_ptr, frame, sh, lay[2], pid_x, pid_y, H, W, BLOCK_Y, BLOCK_X)
+    elif INTERP <= 1:  # copy (resized size == source size) or nearest (PyTorch's fp32 product, then floor)
+        if INTERP == 0:
+            iy, ix = ry, rx
+        else:
+            iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
+            ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
+        if FORMAT == 2:  # RGB24: one pixel from one or two 64-bit words (2 loads, 1 mostly masked, not 3)
+            zero = tl.zeros_like(ix)
+            r, g, b, _, _, _ = _pair_rgb24(src_ptr, frame + iy.to(tl.int64) * sh, ix, zero, m, lay[2], lay[3])
+        else:
+            r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
     elif INTERP == 2:  # bilinear
         y0, y1, ly = _linear_taps(ry, scale_y, H)
         x0, x1, lx = _linear_taps(rx, scale_x, W)
-        r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
-        r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
-        r10, g10, b10 = _sample(src_ptr, frame, y1, x0, m, lay, yuv, FORMAT)
-        r11, g11, b11 = _sample(src_ptr, frame, y1, x1, m, lay, yuv, FORMAT)
+        if FORMAT == 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 64-bit window per row holds both taps
+            a, b = lay[2], lay[3]
+            dx = (x1 - x0) * 3
+            r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, frame + y0.to(tl.int64) * sh, x0, dx, m, a, b)
+            r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, frame + y1.to(tl.int64) * sh, x0, dx, m, a, b)
+        else:
+            r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
+            r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
+            r10, g10, b10 = _sample(src_ptr, frame, y1, x0, m, lay, yuv, FORMAT)
+            r11, g11, b11 = _sample(src_ptr, frame, y1, x1, m, lay, yuv, FORMAT)
         hy = 1.0 - ly
         hx = 1.0 - lx
         r = hy * (hx * r00 + lx * r01) + ly * (hx * r10 + lx * r11)
         g = hy * (hx * g00 + lx * g01) + ly * (hx * g10 + lx * g11)
         b = hy * (hx * b00 + lx * b01) + ly * (hx * b10 + lx * b11)
     else:  # antialiased bilinear: triangle-filter taps, horizontal sums first (as PyTorch), normalized last
-        inv_y = tl.load(df + 2 * 17)
+        inv_y = tl.load(df + 2 * 17)  # INVY, INVX, TAPSY, TAPSX, SUPY, SUPX
         inv_x = tl.load(df + 2 * 18)
         taps_y = tl.load(d + 19).to(tl.int32)
         taps_x = tl.load(d + 20).to(tl.int32)
@@ -302,7 +442,7 @@ def _preprocess_kernel(
         b = tl.math.div_rn(b, total)
 
     # Normalize with host-rounded reciprocals; the letterbox border gets the normalized pad value.
-    nf = df + 2 * 21
+    nf = df + 2 * 21  # NORM: scale[3], bias[3], pad[3]
     r = tl.where(inside, r * tl.load(nf) + tl.load(nf + 6), tl.load(nf + 12))
     g = tl.where(inside, g * tl.load(nf + 2) + tl.load(nf + 8), tl.load(nf + 14))
     b = tl.where(inside, b * tl.load(nf + 4) + tl.load(nf + 10), tl.load(nf + 16))
@@ -373,6 +513,25 @@ def interp_code(config, sizes, geometries) -> int:
     return ANTIALIAS if config.antialias else BILINEAR
 
 
+def pixel_format(config, strides: list[tuple[int, ...]], interp: int) -> int:
+    """The FORMAT constexpr: RGB24 where pixels can be read as 64-bit words (every image has 3-byte pixels with
+    adjacent channels; `launch` still checks the 8-byte alignment of the source pointer per call). Antialias
+    keeps byte loads: its taps are single pixels in a loop, where the word shuffling would not pay."""
+    if config.is_yuv:
+        return YUV420
+    rgb24 = all(st[1] == 3 and abs(st[2]) == 1 for st in strides)
+    return RGB24 if interp != ANTIALIAS and rgb24 else PACKED_RGB
+
+
+def copy8_ok(items: list[torch.Tensor], geometries, per_image: bool) -> bool:
+    """COPY8 (after COPY + RGB24 were picked): a batch tensor (a list's frame offsets change per call) whose
+    rows and images start 8-byte aligned, copied at zero offset into an output of its own size."""
+    if per_image or any(g.offset != (0, 0) or g.output_size != g.resized_size for g in geometries):
+        return False
+    t = items[0]
+    return t.stride(-3) % 8 == 0 and (t.shape[0] == 1 or t.stride(0) % 8 == 0)
+
+
 def to_device_table(rows: list[list[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The descriptor rows as an int64 tensor on `device`, uploaded without blocking the host."""
     host = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.int64)
@@ -405,11 +564,17 @@ def launch(
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
         c0, soc = 2 * soc, -soc
-    by, bx = (INTERP_BLOCK_Y, INTERP_BLOCK_X) if INTERPRETED else (BLOCK_Y, BLOCK_X)
+    if fmt == RGB24 and src.data_ptr() % 8:  # the aligned-word reads need an 8-byte aligned base
+        fmt, interp = PACKED_RGB, (COPY if interp == COPY8 else interp)
+    if INTERPRETED:
+        by, bx = INTERP_BLOCK_Y, INTERP_BLOCK_X
+    else:
+        by, bx = (COPY8_BLOCK_Y if interp == COPY8 else BLOCK_Y), BLOCK_X
     grid = (triton.cdiv(out_hw[1], bx), triton.cdiv(out_hw[0], by), n)
     args = (src, table, table_f32, out, DESC_FIELDS if per_image_rows else 0, stride_src_n, son, soc, soy, sox, c0)
     meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": NUM_WARPS}
-    if src.is_cuda and src.device.index != torch.cuda.current_device():
+    dev = src.get_device()  # -1 on CPU; an int without building a torch.device (hot path)
+    if dev >= 0 and dev != torch.cuda.current_device():
         with torch.cuda.device(src.device):  # Triton launches on the current device
             _preprocess_kernel[grid](*args, *out_hw, **meta)
     else:

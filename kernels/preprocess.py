@@ -60,6 +60,7 @@ __all__ = [
 # Read once, like Triton reads it when the kernels are decorated (on first launch).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PLAN_CACHE_SIZE = 64  # distinct (config, size, input layout, device) combinations kept
+_LIST_TABLES_PER_PLAN = 16  # device descriptor tables of a list plan, one per set of image addresses
 
 Images = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -222,7 +223,19 @@ def _kernels():
 class _Plan:
     """Everything a launch needs besides the tensors, built once per (config, size, input layout, device)."""
 
-    __slots__ = ("fmt", "interp", "n", "out_hw", "out_shape", "params", "per_image", "single", "table", "table_f32")
+    __slots__ = (
+        "fmt",
+        "interp",
+        "n",
+        "out_hw",
+        "out_shape",
+        "params",
+        "per_image",
+        "single",
+        "table",
+        "table_f32",
+        "tables",
+    )
 
     def __init__(self, k, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
         self.per_image = parsed.batch is None  # a list: one descriptor row per image
@@ -243,8 +256,13 @@ class _Plan:
         # (the images' addresses) are filled in per call.
         self.table = torch.tensor(rows, dtype=torch.int64) if self.per_image else k.to_device_table(rows, parsed.device)
         self.table_f32 = self.table.view(torch.float32)  # the kernel reads the fp32 fields through this view
-        self.fmt = k.YUV420 if cfg.is_yuv else k.PACKED_RGB
+        # A list's device tables by the images' offsets from the first one: a pipeline cycling through the same
+        # buffers uploads nothing after warm-up (each upload is a pinned allocation + copy, ~20-60 us of host).
+        self.tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.interp = k.interp_code(cfg, sizes, geoms)
+        self.fmt = k.pixel_format(cfg, [t.stride()[-3:] for t in items], self.interp)
+        if self.interp == k.COPY and self.fmt == k.RGB24 and k.copy8_ok(items, geoms, self.per_image):
+            self.interp = k.COPY8
         self.n, self.single, self.out_hw = parsed.n, parsed.single, size
         shape = output_shape(parsed.n, size, cfg.layout)
         self.out_shape = shape[1:] if parsed.single else shape
@@ -254,30 +272,42 @@ class _Plan:
 _plans: dict = {}
 
 
-def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> tuple[_Plan, ParsedImages | None]:
-    """The cached plan for this call; the parsed list too when `images` is a list (a batch on a cache hit is
-    not re-checked: the key holds everything the checks looked at)."""
+def _list_key(images: Any) -> tuple | None:
+    """What `parse_images` checks of each image of a list, or None where that cannot be read (it then raises)."""
+    if not isinstance(images, (list, tuple)):
+        return None
+    try:
+        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in images if isinstance(t, torch.Tensor))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> _Plan:
+    """The cached plan for this call. Inputs are checked when the plan is built only: the key holds everything
+    the checks looked at (per image of a list: shape, strides, dtype, device), so a hit is a valid input."""
     if isinstance(images, torch.Tensor):
         key = (cfg, size, images.shape, images.stride(), images.dtype, images.device)
-        parsed = None
     else:
-        parsed = parse_images(images, cfg.format)
-        key = (cfg, size, tuple((t.shape, t.stride()) for t in parsed.items), parsed.device)
-    plan = _plans.get(key)
+        items = _list_key(images)
+        # Not a list of tensors (the filter dropped one): no key, parse_images raises the error below.
+        key = None if items is None or len(items) != len(images) else (cfg, size, items)
+    plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan = _Plan(k, cfg, parsed or parse_images(images, cfg.format), size)
+        plan = _Plan(k, cfg, parse_images(images, cfg.format), size)
         if len(_plans) >= _PLAN_CACHE_SIZE:
             # The oldest (dicts keep insertion order); another thread may be evicting at the same time.
             with contextlib.suppress(StopIteration, RuntimeError):
                 _plans.pop(next(iter(_plans)), None)
         _plans[key] = plan
-    return plan, parsed
+    return plan
 
 
 def _use_triton(images: Any, cfg: PreprocessConfig) -> bool:
     if cfg.backend == "reference":
         return False
     first = images[0] if isinstance(images, (list, tuple)) and images else images
+    if cfg.backend == "auto" and type(first) is torch.Tensor and first.is_cuda:  # the hot path, no device object
+        return True
     device = first.device if isinstance(first, torch.Tensor) else None
     on_gpu = device is not None and device.type == "cuda"
     if cfg.backend == "auto":
@@ -324,13 +354,22 @@ def preprocess(
         return preprocess_ref(images, size, config=cfg, out=out, return_params=return_params)
     size = check_size(size)
     k = _kernels()
-    plan, parsed = _plan(k, cfg, images, size)
+    plan = _plan(k, cfg, images, size)
     if plan.per_image:  # one launch over the list: every image is addressed from the first one's pointer
-        src, stride_src_n = parsed.items[0], 0
-        host = plan.table.clone()
-        host[:, 0] = torch.tensor([t.data_ptr() - src.data_ptr() for t in parsed.items], dtype=torch.int64)
-        table = k.to_device_table(host, src.device)
-        table_f32 = table.view(torch.float32)
+        src, stride_src_n = images[0], 0
+        base = src.data_ptr()
+        offsets = tuple(t.data_ptr() - base for t in images)
+        tables = plan.tables.get(offsets)
+        if tables is None:
+            host = plan.table.clone()
+            host[:, 0] = torch.tensor(offsets, dtype=torch.int64)
+            table = k.to_device_table(host, src.device)
+            tables = (table, table.view(torch.float32))
+            if len(plan.tables) >= _LIST_TABLES_PER_PLAN:
+                with contextlib.suppress(StopIteration, RuntimeError):
+                    plan.tables.pop(next(iter(plan.tables)), None)
+            plan.tables[offsets] = tables
+        table, table_f32 = tables
     else:
         src, table, table_f32 = images, plan.table, plan.table_f32
         stride_src_n = 0 if plan.single else images.stride(0)

@@ -166,6 +166,7 @@ def _views():
     big = pixels(3, 50, 70, 4, seed=6)
     return {
         "crop": big[:, 3:40, 5:60, :3],
+        "crop_rgb24": pixels(3, 50, 70, 3, seed=12)[:, 4:45, 8:61],  # 3-byte pixels, 8-byte aligned start
         "rgba_slice": big[..., :3],
         "transposed": pixels(2, 53, 37, 3, seed=7).transpose(1, 2),
         "batch_step": big[::2, :, :, 1:],
@@ -207,6 +208,34 @@ def test_list_of_sizes_is_one_launch_equal_to_per_image_calls(fit, monkeypatch):
     for i, img in enumerate(images):
         alone = preprocess(to_device(img), (16, 24), fit=fit, backend="triton", **NORM).cpu()
         assert torch.equal(got[i], alone), f"images[{i}] differs from its own call"
+
+
+@pytest.mark.parametrize("fmt", ["rgb", "bgr"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_list_of_rgb24_images_at_every_alignment(mode, fmt):
+    """3-byte pixels read as 64-bit words (RGB24): rows and images start at every byte offset mod 8."""
+    big = pixels(60, 70, 3, seed=14)
+    images = [big[4:45, 8:61], big[1:30, 1:40], pixels(23, 41, 3, seed=15), big[:7, 3:4]]
+    got, ref = run(images, (16, 24), format=fmt, **MODES[mode], **NORM)
+    assert_matches(got, ref, f"{fmt} {mode} list")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("fmt", ["rgb", "bgr"])
+def test_copy_of_aligned_rgb24_rows(fmt, layout, monkeypatch):
+    """Normalize + layout of 3-byte pixels in 8-byte aligned rows (COPY8: 8 pixels from 3 words per thread),
+    whole and cropped (a partial last group of 8 pixels)."""
+    k = PP._kernels()
+    interps = []
+    real = k.launch
+    monkeypatch.setattr(k, "launch", lambda *a, **kw: (interps.append(kw["interp"]), real(*a, **kw))[1])
+    x = pixels(2, 19, 56, 3, seed=16)
+    for view in (x, x[:, 2:, 8:45]):
+        h, w = view.shape[1:3]
+        got, ref = run(view, (h, w), format=fmt, layout=layout, **NORM)
+        assert_matches(got, ref, f"{fmt} {layout} {tuple(view.shape)}")
+    if DEVICE == "cpu":  # on the GPU the cropped view arrives as a contiguous copy (unaligned rows)
+        assert interps == [k.COPY8, k.COPY8], interps
 
 
 YUV_CASES = [

@@ -24,6 +24,9 @@ OUT_TYPES = ["fp32", "fp16", "bf16"]
 # (format, interp, output pointer type, NCHW: stride_out_x == 1, which Triton specializes to a constant)
 VARIANTS = [(f, i, t, True) for f in FORMATS for i in INTERPS for t in OUT_TYPES]
 VARIANTS += [("PACKED_RGB", "BILINEAR", "fp16", False), ("YUV420", "BILINEAR", "fp32", False)]  # NHWC, out= views
+# 3-byte pixels read as 64-bit words (the launcher never picks it with antialias)
+VARIANTS += [("RGB24", i, t, True) for i in [*INTERPS[:3], "COPY8"] for t in OUT_TYPES]
+VARIANTS += [("RGB24", "BILINEAR", "fp16", False), ("RGB24", "COPY8", "fp16", False)]
 
 _WORKER = r"""
 import importlib.util, json, sys
