@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _ceilings import matmul_tflops
 
 import torchopt
 from torchopt import InputSpec, Recipe
@@ -52,17 +53,6 @@ def _graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def _matmul_tflops(device: torch.device) -> float | None:
-    """The measured fp16 tensor-core ceiling: an 8192³ matrix product through cuBLAS."""
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.half)
-    b = torch.randn(n, n, device=device, dtype=torch.half)
-    ms = latency(lambda: a @ b, warmup=5, iters=20, device=device).p50_ms  # no tensor args: name the device
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -283,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--models: unknown {unknown}; choose from {sorted(models)}")
         models = {k: v for k, v in models.items() if k in wanted}
-    peak = _matmul_tflops(device)
+    peak = matmul_tflops(device)
     rows: list[dict[str, Any]] = []
     for name, entry in models.items():
         rows += bench_model(name, entry, device, dtype, peak, args.iters)

@@ -26,11 +26,9 @@ Run (CUDA required, ~1 minute on an H100)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from torchopt.feeder import FeederConfig, FrameFeeder, default_transform
+from torchopt.profile.report import environment
 
 FRAME = (1080, 1920, 3)
 SIZE = (224, 224)
@@ -180,24 +179,6 @@ def run_feeder(pool: np.ndarray, cfg: FeederConfig, batches: int, mode: str, che
     return seconds, stats
 
 
-def env_info() -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def to_markdown(res: dict[str, Any]) -> str:
     env, lim = res["env"], res["limits"]
     lines = [
@@ -305,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     res = {
         "benchmark": "host pipeline (issue 7)",
-        "env": env_info(),
+        "env": environment(),
         "frame": FRAME,
         "size": SIZE,
         "batch": BATCH,

@@ -16,18 +16,18 @@ row is timed the same way, so the comparison is like for like.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _ceilings import matmul_tflops
 
 import torchopt
 from torchopt._compat import import_torchvision
 from torchopt.profile import latency
+from torchopt.profile.report import environment
 
 BATCHES = [1, 32]
 # ResNet-50 at 224x224: 4.09 GMACs per image = 8.18 GFLOP (torchvision's model card).
@@ -41,16 +41,6 @@ def _time(fn, x) -> dict:
     return {"p50_ms": res.p50_ms, "p99_ms": res.p99_ms, "throughput": res.throughput}
 
 
-def _matmul_tflops(dev) -> float:
-    """The measured fp16 tensor-core ceiling: a large matrix product through cuBLAS."""
-    import triton.testing  # noqa: PLC0415
-
-    n = 8192
-    a, b = torch.randn(n, n, device=dev, dtype=torch.half), torch.randn(n, n, device=dev, dtype=torch.half)
-    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("bench_recipes needs a CUDA GPU (the targets are H100 numbers); nothing to measure here.")
@@ -60,7 +50,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = tv.models.resnet50(weights=None).eval()
     rows = []
-    peak_tflops = _matmul_tflops(dev)
+    peak_tflops = matmul_tflops(dev)
 
     eager = copy.deepcopy(model).to(dev)
     hand = copy.deepcopy(model).to(dev).half().to(memory_format=torch.channels_last)
@@ -97,17 +87,14 @@ def main() -> int:
         rows.append({"batch": b, "variant": "torchopt vs hand-compile (>1 = torchopt faster)", "ratio": ratio})
 
     meta = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        **environment(),
         "measured_fp16_matmul_tflops": peak_tflops,
-        "python": platform.python_version(),
         "torchopt_backend": fast.report.backend,
         "torchopt_backend_reason": fast.report.backend_reason,
         "torchopt_precision": fast.report.precision,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"recipes_{meta['date']}"
+    stem = RESULTS / f"recipes_{meta['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"# ResNet-50 recipes — {meta['gpu']}, torch {meta['torch']}, {meta['date']}",

@@ -8,17 +8,10 @@ import torch
 
 from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig, choose_backend, get_backend
 from torchopt.config import check_choice, check_type
-from torchopt.engine import check_profiles_run
+from torchopt.engine import check_profiles_run, measure_latency
 from torchopt.recipe import StepConfig, register_step
 
 __all__ = ["CompileConfig"]
-
-
-def _median_ms(fn, args) -> float:
-    from torchopt.profile import latency  # noqa: PLC0415
-
-    with torch.no_grad():
-        return latency(fn, *args, warmup=2, iters=5, max_iters=10).p50_ms
 
 
 def _apply_compile(config: CompileConfig, ctx) -> None:
@@ -34,7 +27,9 @@ def _apply_compile(config: CompileConfig, ctx) -> None:
     if config.backend == "auto" and ctx.device.type == "cpu" and backend.name != "eager":
         # On CPU, oneDNN's eager convolutions often match or beat compiled code: keep what measures faster.
         args = ctx.example_inputs(which="opt")
-        eager_ms, compiled_ms = _median_ms(ctx.model, args), _median_ms(runners[0], args)
+        eager_ms, compiled_ms = (
+            measure_latency(fn, args, warmup=2, iters=5, max_iters=10).p50_ms for fn in (ctx.model, runners[0])
+        )
         ctx.details["auto_latency_ms"] = {"eager": eager_ms, backend.name: compiled_ms}
         if compiled_ms > 0.95 * eager_ms:
             ctx.set_backend(

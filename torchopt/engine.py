@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import itertools
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ import torch
 from torchopt.accuracy import AccuracyMetrics, compare_outputs
 from torchopt.config import check_type
 from torchopt.inputs import InputSpec, bind_call, check_signature, normalize_profiles, select_profile
+from torchopt.profile.report import environment
 from torchopt.recipe import Recipe, get_handler
 from torchopt.report import OptimizeReport, StepRecord
 
@@ -32,6 +32,7 @@ __all__ = [
     "StepContext",
     "check_profiles_run",
     "load",
+    "measure_latency",
     "optimize",
     "resolve_recipe",
 ]
@@ -238,24 +239,19 @@ def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
     return out
 
 
-def _environment(device: torch.device) -> dict[str, str]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
+def measure_latency(fn: Callable[..., Any], args: list[torch.Tensor], *, warmup: int, iters: int, max_iters: int):
+    """`torchopt.profile.latency` of ``fn(*args)`` under no_grad, with the batch size from the first input.
 
-
-def _measure(fn: Callable[..., Any], args: list[torch.Tensor], cfg: Any) -> dict[str, Any]:
+    `max_iters` bounds the stability rule's extra sampling, which on a noisy CPU could otherwise run on.
+    """
     from torchopt.profile import latency  # noqa: PLC0415
 
     with torch.no_grad():
-        # At most 3x the asked iterations: on a noisy CPU the stability rule could otherwise keep sampling.
-        res = latency(
-            fn, *args, warmup=cfg.warmup, iters=cfg.iters, max_iters=3 * cfg.iters, batch_size=args[0].shape[0]
-        )
-    return res.to_dict(samples=False)
+        return latency(fn, *args, warmup=warmup, iters=iters, max_iters=max_iters, batch_size=args[0].shape[0])
+
+
+def _measure(fn: Callable[..., Any], args: list[torch.Tensor], cfg: Any) -> dict[str, Any]:
+    return measure_latency(fn, args, warmup=cfg.warmup, iters=cfg.iters, max_iters=3 * cfg.iters).to_dict(samples=False)
 
 
 def _check_accuracy(reference, optimized, ctx: StepContext, cfg: Any) -> None:
@@ -323,7 +319,7 @@ def optimize(
     dev = _resolve_device(device, model)
     check_type("progress", progress, bool)
 
-    report = OptimizeReport(recipe=recipe.name, device=str(dev), environment=_environment(dev))
+    report = OptimizeReport(recipe=recipe.name, device=str(dev), environment=environment())
     report.profiles = [[s.to_dict() for s in p] for p in profiles]
     if model.training:
         report.notes.append("the model was in training mode; the optimized copy runs in eval mode")

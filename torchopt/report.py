@@ -38,7 +38,7 @@ class OptimizeReport:
     latency_after: dict[str, Any] | None = None
     optimize_seconds: float = 0.0
     peak_memory_bytes: int | None = None
-    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # torchopt.profile.environment()
 
     @property
     def speedup(self) -> float | None:
