@@ -27,7 +27,7 @@ from torchopt.inputs import InputSpec
 if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule
 
-__all__ = ["FORMAT_VERSION", "export_dynamic_shapes", "load", "save"]
+__all__ = ["FORMAT_VERSION", "export_dynamic_shapes", "export_program", "load", "save"]
 
 FORMAT_VERSION = 1
 
@@ -59,6 +59,28 @@ def _export_args(profiles: list[list[InputSpec]], device: torch.device, dtype: t
     return tuple(args)
 
 
+def export_program(
+    module: torch.nn.Module,
+    profiles: list[list[InputSpec]],
+    device: torch.device,
+    dtype: torch.dtype,
+    quantized: bool,
+) -> torch.export.ExportedProgram:
+    """`torch.export` of a prepared module over `profiles`' dynamic dims (examples from `_export_args`).
+
+    Q/DQ models go through ModelOpt's `export_torch_mode()` (`torchopt.quantize.export_quantized`, CUDA only),
+    so their quantizers become `tensorrt::quantize_op` nodes.
+    """
+    args = _export_args(profiles, device, dtype)
+    dynamic = export_dynamic_shapes(profiles)
+    with torch.no_grad():
+        if quantized:
+            from torchopt.quantize import export_quantized  # noqa: PLC0415
+
+            return export_quantized(module, args, dynamic_shapes=dynamic)
+        return torch.export.export(module, args, dynamic_shapes=dynamic)
+
+
 def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
@@ -69,17 +91,8 @@ def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
         raise ValueError(f"path {str(path)!r} is not writable")
     module = optimized.module
     fmt = "pickle"
-    dynamic = export_dynamic_shapes(optimized.profiles)
     try:
-        args = _export_args(optimized.profiles, optimized._device, optimized._dtype)
-        if optimized._quantized:
-            # ModelOpt's Q/DQ modules export only on CUDA, under its export_torch_mode().
-            from torchopt.quantize import export_quantized  # noqa: PLC0415
-
-            program = export_quantized(module, args, dynamic_shapes=dynamic)
-        else:
-            with torch.no_grad():
-                program = torch.export.export(module, args, dynamic_shapes=dynamic)
+        program = export_program(module, optimized.profiles, optimized._device, optimized._dtype, optimized._quantized)
         with warnings.catch_warnings():
             # torch.export.save warns about channels_last (non-contiguous) weights on CPU; they save correctly.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")

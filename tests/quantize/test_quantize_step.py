@@ -168,3 +168,10 @@ def test_step_calibration_data_errors(cnn, calib, match):
 def test_step_keep_pattern_error(cnn, digits):
     with pytest.raises(ValueError, match=r"pattern 'conv9' matches no module.*nearby module names"):
         torchopt.optimize(cnn, _recipe(keep=["conv9"]), inputs=SPEC, calib_data=digits.calib(1), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; CUDA exports Q/DQ models")
+def test_saving_a_quantized_module_on_cpu_is_a_clear_error(cnn, digits, tmp_path):
+    fast = torchopt.optimize(cnn, _recipe(format="int8"), inputs=SPEC, calib_data=digits.calib(2), progress=False)
+    with pytest.raises(ValueError, match=r"cannot save this optimized module: .*Quantized models export on CUDA only"):
+        fast.save(tmp_path / "q")

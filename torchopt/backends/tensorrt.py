@@ -419,21 +419,15 @@ def export_profile(
         ep = export_profile(model, [InputSpec("x", min=(1, 3, 224, 224), max=(32, 3, 224, 224))],
                             device=torch.device("cuda"), dtype=torch.float16)
     """
-    from torchopt.saving import _export_args, export_dynamic_shapes
+    from torchopt.saving import export_program
 
-    args = _export_args([profile], device, dtype)
-    dynamic_shapes = export_dynamic_shapes([profile])
-    export = torch.export.export
-    if quantized:
-        from torchopt.quantize.export import export_quantized as export
-    with torch.no_grad():
-        try:
-            return export(model, args, dynamic_shapes=dynamic_shapes)
-        except Exception as exc:  # torch.export raises UserError, RuntimeError, GuardOnDataDependent...
-            err = explain_export_error(exc, profile, index)
-            if not isinstance(err, ValueError) and isinstance(exc, (ValueError, TypeError)):
-                raise  # already a clear error (e.g. export_quantized refusing a CPU model)
-            raise err from exc
+    try:
+        return export_program(model, [profile], device, dtype, quantized)
+    except Exception as exc:  # torch.export raises UserError, RuntimeError, GuardOnDataDependent...
+        err = explain_export_error(exc, profile, index)
+        if not isinstance(err, ValueError) and isinstance(exc, (ValueError, TypeError)):
+            raise  # already a clear error (e.g. export_quantized refusing a CPU model)
+        raise err from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
