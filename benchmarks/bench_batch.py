@@ -14,8 +14,10 @@ Per workload, side by side (each probe = 2 calls of the step at one size, the sa
 
 - **true max**: doubling from 1 to the first OOM, bisection to the exact boundary (an exhaustive scan would
   take thousands of runs), then the boundary confirmed: ``max`` runs again twice, ``max + 1`` fails twice;
-- **ours**: `find_max_batch` with its defaults — goals: <= 4 probes after warm-up, within 5 % of the true max,
-  and the returned size was run (zero untested results); its wall time and the memory baseline check;
+- **ours**: `find_max_batch` twice. With ``headroom=0`` — the true max's budget, which has no headroom — it is
+  judged: goals <= 4 probes after warm-up, within 5 % of the true max, the returned size was run (zero untested
+  results) and memory returned to its baseline. With its defaults (256 MiB headroom below the cap) it is
+  reported alongside, with the same probe, tested and memory goals; its wall time too;
 - **baseline**: Lightning's ``binsearch`` strategy (start 2, double until OOM, then binary search until
   ``high - low <= 1``, at most 25 trials), with recovery after the ``except`` block; its trials and wall time;
 - **optimal batch** (inference workloads): `find_optimal_batch` under a p99 budget against a full sweep of
@@ -176,54 +178,58 @@ def lightning_binsearch(runs: Callable[[int], bool], init: int = 2) -> dict[str,
     return {"size": size, "probes": trials, "seconds": time.perf_counter() - t0}
 
 
+def _timed_search(step, make, cap: int, **options: Any):
+    t0 = time.perf_counter()
+    res = find_max_batch(step, make, max_batch=cap, progress=False, **options)
+    return res, time.perf_counter() - t0
+
+
+def _ours_row(res, seconds: float, truth_size: int) -> dict[str, Any]:
+    return {
+        "size": res.size,
+        "headroom_bytes": res.headroom_bytes,
+        "probes_after_warmup": res.num_probes,
+        "ooms": res.num_ooms,
+        "tested": res.tested,
+        "memory_returned": res.memory_returned,
+        "limited_by": res.limited_by,
+        "enforced": res.enforced,
+        "fitted_to": res.fitted_to,
+        "allowance_bytes": res.allowance_bytes,
+        "seconds": seconds,
+        "below_true_max_pct": 100.0 * (truth_size - res.size) / truth_size,
+        "result": res.to_dict(),
+    }
+
+
 def bench_max(name: str, work: dict[str, Any], cap: int) -> dict[str, Any]:
     step, make = work["step"], work["make"]
     runs = make_runner(step, make)
-    print(f"[{name}] ours: find_max_batch ...", file=sys.stderr)
-    t0 = time.perf_counter()
-    ours = find_max_batch(step, make, max_batch=cap, progress=False)
-    ours_seconds = time.perf_counter() - t0
+    # The true max below is the OOM boundary under the cap with no headroom: ours with headroom=0 searches the
+    # same budget and is the one judged; ours with its default headroom is reported alongside.
+    print(f"[{name}] ours: find_max_batch, headroom=0 ...", file=sys.stderr)
+    ours0, ours0_seconds = _timed_search(step, make, cap, headroom=0)
+    print(ours0, file=sys.stderr)
+    print(f"[{name}] ours: find_max_batch, default headroom ...", file=sys.stderr)
+    ours, ours_seconds = _timed_search(step, make, cap)
     print(ours, file=sys.stderr)
-    # The true max below is the OOM boundary with no headroom; ours with headroom=0 is the like-for-like figure.
-    t0 = time.perf_counter()
-    ours0 = find_max_batch(step, make, max_batch=cap, headroom=0, progress=False)
-    ours0_seconds = time.perf_counter() - t0
     print(f"[{name}] baseline: Lightning binsearch ...", file=sys.stderr)
     base = lightning_binsearch(runs)
     print(f"[{name}] true max: doubling + bisection + confirmation ...", file=sys.stderr)
     truth = true_max(runs, cap)
-    within = 100.0 * (truth["size"] - ours.size) / truth["size"]
     row = {
         "true_max": truth,
-        "ours": {
-            "size": ours.size,
-            "probes_after_warmup": ours.num_probes,
-            "ooms": ours.num_ooms,
-            "tested": ours.tested,
-            "memory_returned": ours.memory_returned,
-            "limited_by": ours.limited_by,
-            "seconds": ours_seconds,
-            "below_true_max_pct": within,
-            "result": ours.to_dict(),
-        },
-        "ours_no_headroom": {
-            "size": ours0.size,
-            "probes_after_warmup": ours0.num_probes,
-            "ooms": ours0.num_ooms,
-            "tested": ours0.tested,
-            "seconds": ours0_seconds,
-            "below_true_max_pct": 100.0 * (truth["size"] - ours0.size) / truth["size"],
-        },
+        "ours_no_headroom": _ours_row(ours0, ours0_seconds, truth["size"]),
+        "ours": _ours_row(ours, ours_seconds, truth["size"]),
         "baseline_lightning_binsearch": base,
     }
+    within = row["ours_no_headroom"]["below_true_max_pct"]
+    both = (ours0, ours)
     row["goals"] = {
-        f"<= {GOAL_PROBES} probes after warm-up": ours.num_probes <= GOAL_PROBES,
-        f"within {GOAL_WITHIN_PCT:g} % of the true max": 0 <= within <= GOAL_WITHIN_PCT,
-        f"headroom 0: within {GOAL_WITHIN_PCT:g} % of the true max": 0
-        <= row["ours_no_headroom"]["below_true_max_pct"]
-        <= GOAL_WITHIN_PCT,
-        "zero untested results": ours.tested and ours.size <= truth["size"],
-        "memory returned to baseline": ours.memory_returned,
+        f"<= {GOAL_PROBES} probes after warm-up": all(r.num_probes <= GOAL_PROBES for r in both),
+        f"headroom 0: within {GOAL_WITHIN_PCT:g} % of the true max": 0 <= within <= GOAL_WITHIN_PCT,
+        "zero untested results": all(r.tested and r.size <= truth["size"] for r in both),
+        "memory returned to baseline": all(r.memory_returned for r in both),
         "true max confirmed": truth["confirmed"],
     }
     return row
@@ -305,29 +311,24 @@ def to_markdown(env: dict[str, Any], rows: list[dict[str, Any]], budget_gib: flo
         "",
         "## Max batch",
         "",
-        "| workload | true max | ours (probes after warm-up, OOMs) | below true | ours s | Lightning binsearch"
-        " (trials) | Lightning s | true-max search s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | true max | ours, headroom 0 (probes after warm-up, OOMs) | below true | ours s"
+        " | ours, default headroom (probes, OOMs) | below true | ours s | Lightning binsearch (trials)"
+        " | Lightning s | true-max search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workload']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['workload']} | error: {r['error']} | | | | | | | | | |")
             continue
         m = r["max"]
-        t, o, b = m["true_max"], m["ours"], m["baseline_lightning_binsearch"]
+        t, z, o, b = m["true_max"], m["ours_no_headroom"], m["ours"], m["baseline_lightning_binsearch"]
         lines.append(
-            f"| {r['workload']} | {t['size']} | {o['size']} ({o['probes_after_warmup']}, {o['ooms']})"
-            f" | {o['below_true_max_pct']:.1f} % | {o['seconds']:.1f} | {b['size']} ({b['probes']})"
-            f" | {b['seconds']:.1f} | {t['seconds']:.1f} |"
+            f"| {r['workload']} | {t['size']}"
+            f" | {z['size']} ({z['probes_after_warmup']}, {z['ooms']}) | {z['below_true_max_pct']:.1f} %"
+            f" | {z['seconds']:.1f}"
+            f" | {o['size']} ({o['probes_after_warmup']}, {o['ooms']}) | {o['below_true_max_pct']:.1f} %"
+            f" | {o['seconds']:.1f} | {b['size']} ({b['probes']}) | {b['seconds']:.1f} | {t['seconds']:.1f} |"
         )
-    lines += ["", "Ours with headroom=0 (the same budget as the true max, which has no headroom):", ""]
-    for r in rows:
-        if "error" not in r:
-            z = r["max"]["ours_no_headroom"]
-            lines.append(
-                f"- {r['workload']}: {z['size']} ({z['probes_after_warmup']} probes, {z['ooms']} OOMs),"
-                f" {z['below_true_max_pct']:.1f} % below the true max, {z['seconds']:.1f} s"
-            )
     lines += [
         "",
         "## Optimal batch (p99 budget)",
@@ -357,10 +358,18 @@ def to_markdown(env: dict[str, Any], rows: list[dict[str, Any]], budget_gib: flo
         "",
         "A probe runs the step twice at one size (the first call absorbs per-shape work). True max: the exact"
         " out-of-memory boundary under the cap, by bisection, confirmed by re-running max (ok) and max + 1"
-        " (OOM) twice. Ours keeps its default 256 MiB headroom below the cap, so a few percent below the true"
-        " max is by design. Lightning's binsearch is re-implemented from its control flow (init 2, max 25"
-        " trials), with memory recovered after the `except` block. Throughput is items/s at the median"
-        " latency; the chosen size is re-measured next to the full sweep with the same settings.",
+        " (OOM) twice. Ours is judged with headroom=0, the true max's budget: its probes run with the caching"
+        " allocator capped at the target (the per-process memory fraction, restored afterwards), so a probe"
+        " either fits for real — the allocator frees its cache under pressure, as at the true max — or raises a"
+        " real OOM; and its memory model is fitted to live-tensor bytes (`max_memory_allocated`, not the reserved"
+        " peaks, which the cache inflates), predicting the largest batch within the target minus an allowance:"
+        " the reserved-but-unused bytes at the baseline plus 2 % of the target for fragmentation and rounding"
+        " (`fragmentation`). That allowance can keep it a few percent below the exact boundary, by design. With its"
+        " default 256 MiB headroom below the cap it searches a smaller budget, so it lands a further few"
+        " percent below the true max; that row is reported, not judged on distance. Lightning's binsearch is"
+        " re-implemented from its control flow (init 2, max 25 trials), with memory recovered after the"
+        " `except` block. Throughput is items/s at the median latency; the chosen size is re-measured next to"
+        " the full sweep with the same settings.",
     ]
     return "\n".join(lines) + "\n"
 

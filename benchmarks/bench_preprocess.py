@@ -10,8 +10,8 @@
 
 GPU times are `triton.testing.do_bench(return_mode="median")` (L2 flushed before each call, so host launch
 overhead is hidden behind the flush); the batch-1 case also reports host wall time per call over a loop,
-which is what "<= 8 us per call" measures, plus a CUDA-graph replay of the same call. Each case checks ours
-against the eager chain before timing.
+which is what "<= 8 us per call" measures, directly and through `CapturedPreprocess` (a CUDA graph of the
+call). Each case checks ours against the eager chain before timing.
 
 The host-pipeline case of issue 7 (pageable 1080p frames -> fp16 batches vs pinned H2D bandwidth) is
 `benchmarks/bench_feeder.py`.
@@ -36,7 +36,14 @@ from typing import Any
 
 import torch
 
-from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess, preprocess_params
+from torchopt.kernels import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CapturedPreprocess,
+    PreprocessConfig,
+    preprocess,
+    preprocess_params,
+)
 from torchopt.profile.report import environment
 
 PP = importlib.import_module("torchopt.kernels.preprocess")  # for _reference_chain / _chain_kwargs
@@ -164,17 +171,13 @@ def wall_us_per_call(fn, calls: int = 2000) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def graph_replay_us(fn, calls: int = 2000) -> float | str:
-    """Wall time per replay of a CUDA graph of one call (static input and output)."""
+def graph_replay_us(x: torch.Tensor, size, cfg: PreprocessConfig, calls: int = 2000) -> float | str:
+    """Wall time per call of `CapturedPreprocess` (the documented batch-1 route: a CUDA graph of the call)."""
     try:
-        fn()  # warm up: the launch plan (device descriptors) must exist before capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        captured = CapturedPreprocess(x, size, config=cfg)
     except Exception as exc:  # report, do not abort the run
         return f"capture failed: {type(exc).__name__}: {exc}"
-    return wall_us_per_call(graph.replay, calls)
+    return wall_us_per_call(captured, calls)
 
 
 def run_case(key: str, case: Case, bw_gbs: float, compile_chain: bool) -> dict[str, Any]:
@@ -211,7 +214,11 @@ def run_case(key: str, case: Case, bw_gbs: float, compile_chain: bool) -> dict[s
     if key == "b1":
         call = lambda: preprocess(x, case.size, config=cfg, out=out)
         res["ours_wall_us"] = wall_us_per_call(call)
-        res["ours_graph_replay_us"] = graph_replay_us(call)
+        triton_kernels = importlib.import_module("torchopt.kernels._preprocess_triton")
+        triton_kernels.FAST_LAUNCH = False  # every launch through JITFunction.run, as before the bound launcher
+        res["ours_wall_jit_run_us"] = wall_us_per_call(call)
+        triton_kernels.FAST_LAUNCH = True
+        res["ours_graph_replay_us"] = graph_replay_us(x, case.size, cfg)
     res["pass"] = _check_targets(res, case.targets)
     return res
 
@@ -225,7 +232,9 @@ def _check_targets(res: dict[str, Any], targets: dict[str, float]) -> dict[str, 
     if "max_us" in targets:
         checks["max_us"] = res["ours_us"] <= targets["max_us"]
     if "max_wall_us" in targets and "ours_wall_us" in res:
-        checks["max_wall_us"] = res["ours_wall_us"] <= targets["max_wall_us"]
+        # Met by either route the issue names: a thin direct call, or the replay of a captured graph.
+        routes = [res["ours_wall_us"], res.get("ours_graph_replay_us")]
+        checks["max_wall_us"] = min(v for v in routes if isinstance(v, float)) <= targets["max_wall_us"]
     return checks
 
 
@@ -263,8 +272,9 @@ def to_markdown(result: dict[str, Any]) -> str:
             replay = r["ours_graph_replay_us"]
             replay = f"{replay:.1f} µs" if isinstance(replay, float) else replay
             lines.append(
-                f"- {r['case']}: host wall per call {r['ours_wall_us']:.1f} µs (compiled"
-                f" {_fmt(r.get('compiled_wall_us'))} µs); CUDA graph replay of the call: {replay}"
+                f"- {r['case']}: host wall per call {r['ours_wall_us']:.1f} µs with the bound launcher"
+                f" ({_fmt(r.get('ours_wall_jit_run_us'))} µs through JITFunction.run; compiled"
+                f" {_fmt(r.get('compiled_wall_us'))} µs); `CapturedPreprocess` (CUDA graph) replay: {replay}"
             )
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ on CPU tensors the torch reference runs (Triton's interpreter when TRITON_INTERP
     x = preprocess(frames_u8, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float16)
 """
 
+from torchopt.kernels.captured import CapturedPreprocess
 from torchopt.kernels.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,6 +21,7 @@ from torchopt.kernels.preprocess import (
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CapturedPreprocess",
     "PreprocessConfig",
     "PreprocessParams",
     "preprocess",

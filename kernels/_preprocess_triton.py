@@ -113,13 +113,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Output tile. 32 columns: 64-byte fp16 / 128-byte fp32 rows per store (full sectors), and 224 = 7 x 32 and
-# 640 = 20 x 32 tile without waste; 16 rows -> 512 pixels = 4 per thread at 4 warps, 12 independent byte
-# loads in flight per pixel. Chosen from the sector/L1 arithmetic above; retune with the benchmark on the H100.
-BLOCK_Y = 16
-BLOCK_X = 32
-NUM_WARPS = 4
-COPY8_BLOCK_Y = 32  # COPY8: 32 x 32 pixels = 128 groups of 8, one per thread
+# Output tiles (BLOCK_Y, BLOCK_X, num_warps), measured on the H100 (benchmarks/sweep_preprocess_tiles.py; results
+# in benchmarks/results/logs/preprocess_tile_sweep_h100.json). Thin, wide tiles won for every resampling case:
+# 16 x 32 -> 1 x 128 took 480p -> 224 b64 from 58.9 to 40.6 us and NV12 1080p -> 640 b8 from 91.6 to 37.3 us
+# (2 x 128, 2 warps); more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
+TILE = (1, 128, 4)  # RGB resampling, copy, nearest
+TILE_YUV = (2, 128, 2)
+TILE_COPY8 = (16, 64, 4)  # COPY8: 16 x 64 pixels = 128 groups of 8, one per thread
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
 INTERP_BLOCK_Y = 32
 INTERP_BLOCK_X = 64
@@ -131,7 +131,8 @@ COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
 COPY8 = 4
 # RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, |channel stride| == 1) at an
 # 8-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 64-bit words (see `_pair_rgb24`).
-PACKED_RGB, YUV420, RGB24 = 0, 1, 2
+# BGR24: RGB24 whose pixel bytes are B, G, R (the channel order is a constexpr: constant byte shifts).
+PACKED_RGB, YUV420, RGB24, BGR24 = 0, 1, 2, 3
 
 # Descriptor row: DESC_FIELDS int64 fields per image. The kernel reads them by literal index (these names are
 # the table): Triton re-compares every global a @jit function reads on each launch (a constexpr compare costs
@@ -196,33 +197,40 @@ def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _pair_rgb24(src_ptr, row, xx, dx, mask, a, b):
+def _pair_rgb24(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.constexpr):
     """(r0, g0, b0, r1, g1, b1) fp32 of the RGB24 pixel at column xx of the row at byte offset `row` and of
-    the pixel dx bytes (0 or 3) after it; a / b = offset of R in a pixel / channel stride (+-1).
+    the pixel after it (the same pixel where `edge`: the right border; PAIR=False: one pixel only).
+    REV: the pixel's bytes are B, G, R (BGR input) instead of R, G, B.
 
     Two aligned 64-bit loads instead of 6 byte loads: the 8 bytes from the pixel on are funnel-shifted out of
     the aligned words covering them. The second word is loaded only where the needed bytes reach into it, so
     every word read holds a byte of the image (an aligned word never crosses a page: no fault past its end).
+    The bytes are then extracted with constant shifts (the channel order is a constexpr): per-pixel variable
+    64-bit shifts were a third of the kernel's instructions, and it is issue-bound (H100 profile: 76% of issue
+    slots used at 48% of DRAM bandwidth, 480p -> 224 b64).
     """
     off = row + xx.to(tl.int64) * 3
     a8 = off & -8
     o8 = (off - a8).to(tl.int32)  # 0..7
     p = (src_ptr + a8).to(tl.pointer_type(tl.uint64))
+    # Last byte needed: o8 + 2 (one pixel, or the right border's repeated tap) or o8 + 5 (a pair).
+    last = o8 + tl.where(edge, 2, 5) if PAIR else o8 + 2
     lo = tl.load(p, mask=mask, other=0)
-    hi = tl.load(p + 1, mask=mask & (o8 + dx + 2 >= 8), other=0)
+    hi = tl.load(p + 1, mask=mask & (last >= 8), other=0)
     s = (8 * o8).to(tl.uint64)
     v = tl.where(o8 == 0, lo, (lo >> s) | (hi << (64 - s)))  # bytes off .. off+7, byte 0 lowest
-    v1 = v >> (8 * dx).to(tl.uint64)
-    kr = (8 * a).to(tl.uint64)
-    kg = (8 * (a + b)).to(tl.uint64)
-    kb = (8 * (a + 2 * b)).to(tl.uint64)
-    r0 = ((v >> kr) & 0xFF).to(tl.float32)
-    g0 = ((v >> kg) & 0xFF).to(tl.float32)
-    b0 = ((v >> kb) & 0xFF).to(tl.float32)
-    r1 = ((v1 >> kr) & 0xFF).to(tl.float32)
-    g1 = ((v1 >> kg) & 0xFF).to(tl.float32)
-    b1 = ((v1 >> kb) & 0xFF).to(tl.float32)
-    return r0, g0, b0, r1, g1, b1
+    c0 = (v & 0xFF).to(tl.float32)
+    c1 = ((v >> 8) & 0xFF).to(tl.float32)
+    c2 = ((v >> 16) & 0xFF).to(tl.float32)
+    if PAIR:
+        d0 = tl.where(edge, c0, ((v >> 24) & 0xFF).to(tl.float32))
+        d1 = tl.where(edge, c1, ((v >> 32) & 0xFF).to(tl.float32))
+        d2 = tl.where(edge, c2, ((v >> 40) & 0xFF).to(tl.float32))
+    else:
+        d0, d1, d2 = c0, c1, c2
+    if REV:
+        return c2, c1, c0, d2, d1, d0
+    return c0, c1, c2, d0, d1, d2
 
 
 @triton.jit
@@ -376,19 +384,19 @@ def _preprocess_kernel(
         else:
             iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
             ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
-        if FORMAT == 2:  # RGB24: one pixel from one or two 64-bit words (2 loads, 1 mostly masked, not 3)
-            zero = tl.zeros_like(ix)
-            r, g, b, _, _, _ = _pair_rgb24(src_ptr, frame + iy.to(tl.int64) * sh, ix, zero, m, lay[2], lay[3])
+        if FORMAT >= 2:  # RGB24: one pixel from one or two 64-bit words (2 loads, 1 mostly masked, not 3)
+            row = frame + iy.to(tl.int64) * sh
+            r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
         else:
             r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
     elif INTERP == 2:  # bilinear
         y0, y1, ly = _linear_taps(ry, scale_y, H)
         x0, x1, lx = _linear_taps(rx, scale_x, W)
-        if FORMAT == 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 64-bit window per row holds both taps
-            a, b = lay[2], lay[3]
-            dx = (x1 - x0) * 3
-            r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, frame + y0.to(tl.int64) * sh, x0, dx, m, a, b)
-            r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, frame + y1.to(tl.int64) * sh, x0, dx, m, a, b)
+        if FORMAT >= 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 64-bit window per row holds both taps
+            edge = x1 == x0
+            rev = FORMAT == 3
+            r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, frame + y0.to(tl.int64) * sh, x0, edge, m, True, rev)
+            r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, frame + y1.to(tl.int64) * sh, x0, edge, m, True, rev)
         else:
             r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
             r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
@@ -519,8 +527,11 @@ def pixel_format(config, strides: list[tuple[int, ...]], interp: int) -> int:
     keeps byte loads: its taps are single pixels in a loop, where the word shuffling would not pay."""
     if config.is_yuv:
         return YUV420
-    rgb24 = all(st[1] == 3 and abs(st[2]) == 1 for st in strides)
-    return RGB24 if interp != ANTIALIAS and rgb24 else PACKED_RGB
+    # torch has no negative strides: the channel stride is +1, and BGR input has R in the pixel's last byte.
+    rgb24 = all(st[1] == 3 and st[2] == 1 for st in strides)
+    if interp == ANTIALIAS or not rgb24:
+        return PACKED_RGB
+    return BGR24 if config.format == "bgr" else RGB24
 
 
 def copy8_ok(items: list[torch.Tensor], geometries, per_image: bool) -> bool:
@@ -564,18 +575,50 @@ def launch(
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
         c0, soc = 2 * soc, -soc
-    if fmt == RGB24 and src.data_ptr() % 8:  # the aligned-word reads need an 8-byte aligned base
+    if fmt >= RGB24 and src.data_ptr() % 8:  # the aligned-word reads need an 8-byte aligned base
         fmt, interp = PACKED_RGB, (COPY if interp == COPY8 else interp)
     if INTERPRETED:
-        by, bx = INTERP_BLOCK_Y, INTERP_BLOCK_X
+        by, bx, warps = INTERP_BLOCK_Y, INTERP_BLOCK_X, 4
     else:
-        by, bx = (COPY8_BLOCK_Y if interp == COPY8 else BLOCK_Y), BLOCK_X
+        by, bx, warps = TILE_COPY8 if interp == COPY8 else TILE_YUV if fmt == YUV420 else TILE
     grid = (triton.cdiv(out_hw[1], bx), triton.cdiv(out_hw[0], by), n)
-    args = (src, table, table_f32, out, DESC_FIELDS if per_image_rows else 0, stride_src_n, son, soc, soy, sox, c0)
-    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": NUM_WARPS}
+    ints = (DESC_FIELDS if per_image_rows else 0, stride_src_n, son, soc, soy, sox, c0, *out_hw)
+    args = (src, table, table_f32, out, *ints)
     dev = src.get_device()  # -1 on CPU; an int without building a torch.device (hot path)
     if dev >= 0 and dev != torch.cuda.current_device():
         with torch.cuda.device(src.device):  # Triton launches on the current device
-            _preprocess_kernel[grid](*args, *out_hw, **meta)
+            _launch(grid, args, ints, fmt, interp, by, bx, warps, dev)
     else:
-        _preprocess_kernel[grid](*args, *out_hw, **meta)
+        _launch(grid, args, ints, fmt, interp, by, bx, warps, dev)
+
+
+# Bound launchers of compiled kernels, by everything Triton specializes a compiled kernel on for these
+# arguments: the constexprs, the output dtype, the exact int arguments (Triton specializes ints on == 1 and
+# divisibility by 16; the exact values cover that) and whether each pointer is 16-byte aligned.
+_launchers: dict[tuple, object] = {}
+_LAUNCHERS_MAX = 256
+FAST_LAUNCH = True  # False: every launch goes through JITFunction.run (the benchmark compares both)
+
+
+def _launch(grid, args, ints, fmt: int, interp: int, by: int, bx: int, warps: int, dev: int) -> None:
+    """Launch through the compiled kernel's own launcher once it exists.
+
+    `JITFunction.run` re-binds the arguments, recomputes the specialization key and re-checks globals on every
+    call (~10-15 us of host time per launch measured on the H100's host: the whole cost of a batch-1 call).
+    The first launch of a specialization goes through it and returns the `CompiledKernel`; later launches
+    call ``compiled[grid](*args)`` (Triton's public launcher of a compiled kernel: it reads the current
+    stream and honours the launch hooks), which binds nothing.
+    """
+    src, table, _, out = args[:4]
+    aligned = (src.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0)
+    key = (fmt, interp, by, bx, warps, dev, out.dtype, ints, grid, aligned)
+    run = _launchers.get(key) if FAST_LAUNCH else None
+    if run is not None:
+        run(*args, fmt, interp, by, bx)
+        return
+    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": warps}
+    compiled = _preprocess_kernel[grid](*args, **meta)
+    if FAST_LAUNCH and not INTERPRETED and compiled is not None:
+        if len(_launchers) >= _LAUNCHERS_MAX:
+            _launchers.clear()
+        _launchers[key] = compiled[grid]

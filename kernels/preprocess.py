@@ -261,7 +261,7 @@ class _Plan:
         self.tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.interp = k.interp_code(cfg, sizes, geoms)
         self.fmt = k.pixel_format(cfg, [t.stride()[-3:] for t in items], self.interp)
-        if self.interp == k.COPY and self.fmt == k.RGB24 and k.copy8_ok(items, geoms, self.per_image):
+        if self.interp == k.COPY and self.fmt in (k.RGB24, k.BGR24) and k.copy8_ok(items, geoms, self.per_image):
             self.interp = k.COPY8
         self.n, self.single, self.out_hw = parsed.n, parsed.single, size
         shape = output_shape(parsed.n, size, cfg.layout)

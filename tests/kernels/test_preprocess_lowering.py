@@ -27,6 +27,7 @@ VARIANTS += [("PACKED_RGB", "BILINEAR", "fp16", False), ("YUV420", "BILINEAR", "
 # 3-byte pixels read as 64-bit words (the launcher never picks it with antialias)
 VARIANTS += [("RGB24", i, t, True) for i in [*INTERPS[:3], "COPY8"] for t in OUT_TYPES]
 VARIANTS += [("RGB24", "BILINEAR", "fp16", False), ("RGB24", "COPY8", "fp16", False)]
+VARIANTS += [("BGR24", i, "fp16", True) for i in [*INTERPS[:3], "COPY8"]]  # BGR byte order (a constexpr)
 
 _WORKER = r"""
 import importlib.util, json, sys
@@ -42,8 +43,9 @@ spec.loader.exec_module(mod)
 assert not mod.INTERPRETED
 fn, results = mod._preprocess_kernel, {}
 for fmt, interp, out_type, nchw in json.loads(sys.argv[2]):
-    constexprs = {"FORMAT": getattr(mod, fmt), "INTERP": getattr(mod, interp),
-                  "BLOCK_Y": mod.BLOCK_Y, "BLOCK_X": mod.BLOCK_X}
+    # the launcher's tile for this variant
+    by, bx, warps = mod.TILE_COPY8 if interp == "COPY8" else mod.TILE_YUV if fmt == "YUV420" else mod.TILE
+    constexprs = {"FORMAT": getattr(mod, fmt), "INTERP": getattr(mod, interp), "BLOCK_Y": by, "BLOCK_X": bx}
     if nchw:
         constexprs["stride_out_x"] = 1
     ptrs = {"src_ptr": "*u8", "desc_ptr": "*i64", "descf_ptr": "*fp32", "out_ptr": "*" + out_type}
@@ -56,7 +58,7 @@ for fmt, interp, out_type, nchw in json.loads(sys.argv[2]):
     except TypeError as exc:
         print(json.dumps({"skip": f"ASTSource differs in triton {triton.__version__}: {exc}"})); sys.exit()
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mod.NUM_WARPS})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         results[key] = {"cubin": len(k.asm["cubin"]), "approx_div": "div.full.f32" in k.asm["ptx"]}
     except Exception as exc:
         results[key] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -8,10 +8,22 @@ a torch.compile recompile):
    its last call is measured like a probe.
 2. Plan: probe sizes aimed at `plan_fraction` of the estimated maximum until the measured points span at least
    `min_span` of the budget (one probe when the first estimate is good), then fit ``peak = a + b · batch``.
-3. Predict the largest batch within ``budget - headroom`` (conservatively) and **run it**.
-4. Refine between the largest success and the smallest failure (an OOM, or a run whose peak exceeded the
-   target): interpolate when the failure was measured, step back from it after an OOM, bisect after two
-   OOMs in a row, until the gap is within `tolerance`.
+3. Predict the largest batch within the target ``budget - headroom`` and **run it**.
+4. Confirm: when the model sees no more room above a verified size, run one size `tolerance` above it (the
+   real boundary often lies higher than live bytes predict: under pressure the allocator frees its cache and
+   cuDNN picks smaller workspaces). Its failure proves the result within `tolerance` of the boundary.
+5. Refine between the largest success and the smallest failure (an OOM, or a run whose peak exceeded the
+   target): interpolate when the failure was measured, aim below the prediction by the fragmentation
+   allowance after an OOM (doubled per OOM in a row), bisect when the model under-predicts, until the gap
+   is within `tolerance` (or, after a success, the next estimate gains less).
+
+The target is enforced, not guessed, where the backend can (`CudaMemory.limit`): every probe runs with the
+caching allocator capped at the target, so a probe either fits for real (the allocator frees its cache under
+pressure, as it would in production) or raises a real OOM. Reserved peaks without pressure over-count (the
+allocator keeps growing its cache), so on CUDA the model is fitted to live-tensor peaks
+(``max_memory_allocated``) against the target less the reserved-but-unused gap left at the baseline; after an
+OOM it aims lower by `fragmentation` of the target. Backends without a limit (CPU RSS) are searched by
+measuring: a run whose peak exceeds the target is a failure.
 
 The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
 by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
@@ -21,6 +33,7 @@ with the batch size that triggered it noted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,13 +67,17 @@ class MaxBatchConfig(ConfigBase):
         reserved memory, weights included). None = all this process can get now (``mem_get_info``: other
         processes count; a per-process memory fraction too). Required on CPU (peak RSS).
     headroom: bytes kept free below the budget; the search targets ``budget - headroom``.
+    fragmentation: fraction of the target kept for allocator fragmentation and rounding under pressure, when
+        the model is fitted to live-tensor bytes (CUDA): after an OOM, refinements aim at ``target -
+        allowance``, the allowance being the reserved-but-unused bytes at the baseline plus this fraction.
     max_batch: the search never runs a larger batch (the result says when this was the limit).
     start: warm-up batch size; the smallest size the search can return.
     warmup: calls at `start` before measuring (cuDNN autotune, torch.compile, optimizer state).
     calls_per_probe: calls per probed size; the last one is measured.
     max_probes: probes after the warm-up before the search stops with the best verified size.
     tolerance: stop when the gap between the largest success and the smallest failure (or the predicted
-        maximum) is below this fraction of the batch size.
+        maximum) is below this fraction of the batch size; also the step of a confirmation run above a
+        verified size, so a result limited by memory is within this fraction of the boundary.
     plan_fraction / min_span: planning probes aim at this fraction of the estimated maximum, until the
         measured peaks span this fraction of the bytes left up to the target.
     slope_margin: predictions use the steepest measured bytes/item raised by this fraction.
@@ -69,12 +86,13 @@ class MaxBatchConfig(ConfigBase):
 
     memory_budget: int | None = None
     headroom: int = 256 * MiB
+    fragmentation: float = 0.03
     max_batch: int = 65536
     start: int = 2
     warmup: int = 2
     calls_per_probe: int = 2
     max_probes: int = 8
-    tolerance: float = 0.02
+    tolerance: float = 0.04
     plan_fraction: float = 0.4
     min_span: float = 0.25
     slope_margin: float = 0.01
@@ -93,7 +111,7 @@ class MaxBatchConfig(ConfigBase):
         check_positive("warmup", self.warmup)
         check_positive("calls_per_probe", self.calls_per_probe)
         check_positive("max_probes", self.max_probes)
-        for name in ("tolerance", "plan_fraction", "min_span", "slope_margin"):
+        for name in ("fragmentation", "tolerance", "plan_fraction", "min_span", "slope_margin"):
             value = getattr(self, name)
             check_type(name, value, (int, float))
             if not 0 <= value < 1:
@@ -138,6 +156,9 @@ class MaxBatchResult:
     memory_returned: bool
     backend: str
     seconds: float
+    enforced: bool  # the probes ran under the backend's limit at the target (real OOMs past it)
+    fitted_to: str  # "live" (peak_allocated_bytes, live tensors) or "peak" (peak_bytes): the model's units
+    allowance_bytes: int  # kept below the target by refinements after an OOM (MaxBatchConfig.fragmentation)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -163,23 +184,30 @@ class MaxBatchResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        peak = next((p.peak_bytes for p in reversed(self.probes) if p.ok and p.size == self.size), None)
+        run = next(p for p in reversed(self.probes) if p.ok and p.size == self.size)
+        live = f", live {run.peak_allocated_bytes / MiB:,.0f} MiB" if run.peak_allocated_bytes is not None else ""
+        how = "enforced by the allocator" if self.enforced else "measured"
         lines = [
-            f"max batch {self.size} ({self.limited_by}-limited): peak {peak / MiB:,.0f} MiB of a"
+            f"max batch {self.size} ({self.limited_by}-limited): peak {run.peak_bytes / MiB:,.0f} MiB{live} of a"
             f" {self.target_bytes / MiB:,.0f} MiB target (budget {self.budget_bytes / MiB:,.0f} MiB"
-            f" - headroom {self.headroom_bytes / MiB:,.0f} MiB) on {self.backend}",
-            f"memory model: {self.model}",
+            f" - headroom {self.headroom_bytes / MiB:,.0f} MiB, {how}) on {self.backend}",
+            f"memory model ({self.fitted_to} bytes; after an OOM, refinements aim at target -"
+            f" {self.allowance_bytes / MiB:,.0f} MiB): {self.model}",
             f"{self.num_probes} probes after warm-up ({self.num_ooms} OOM) in {self.seconds:.1f} s;"
             f" memory {'returned to' if self.memory_returned else 'did NOT return to'} baseline",
         ]
         for p in self.probes:
             mem = f"{p.peak_bytes / MiB:,.0f} MiB" if p.peak_bytes is not None else "-"
-            lines.append(f"  {p.kind:<6} batch {p.size:>7}  {p.status:<11} peak {mem:>12}  {p.seconds:.2f} s")
+            alive = f"{p.peak_allocated_bytes / MiB:,.0f} MiB" if p.peak_allocated_bytes is not None else "-"
+            lines.append(
+                f"  {p.kind:<6} batch {p.size:>7}  {p.status:<11} peak {mem:>12}  live {alive:>12}  {p.seconds:.2f} s"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def plot(self, ax=None):
-        """Probes (peak memory against batch size) on the fitted line, with the budget and target."""
+        """Probes (the bytes the model was fitted to, against batch size) on the fitted line, with the budget,
+        the target and, for a live-bytes fit, the line refinements after an OOM aim at (target - allowance)."""
         from matplotlib.figure import Figure
 
         if ax is None:
@@ -192,12 +220,13 @@ class MaxBatchResult:
         xs = [0, top * 1.1]
         ax.plot(xs, [self.model.predict(x) / gib for x in xs], color="0.6", lw=1, label=f"fit: {self.model}")
         styles = {"ok": ("o", "tab:green"), "over_budget": ("s", "tab:orange")}
+        live = self.fitted_to == "live"
         for status, (marker, color) in styles.items():
             pts = [p for p in self.probes if p.status == status]
             if pts:
                 ax.scatter(
                     [p.size for p in pts],
-                    [p.peak_bytes / gib for p in pts],
+                    [(p.peak_allocated_bytes if live else p.peak_bytes) / gib for p in pts],
                     marker=marker,
                     color=color,
                     zorder=3,
@@ -215,23 +244,44 @@ class MaxBatchResult:
             )
         ax.axhline(self.budget_bytes / gib, color="tab:red", ls="--", lw=1, label="budget")
         ax.axhline(self.target_bytes / gib, color="tab:orange", ls=":", lw=1, label="budget - headroom")
+        if live and self.allowance_bytes:
+            ax.axhline(
+                (self.target_bytes - self.allowance_bytes) / gib,
+                color="tab:purple",
+                ls=":",
+                lw=1,
+                label="target - allowance (refinements after an OOM)",
+            )
         ax.axvline(self.size, color="tab:green", ls="-.", lw=1, label=f"max batch {self.size}")
         ax.set_xlabel("batch size")
-        ax.set_ylabel(f"peak memory (GiB, {self.backend})")
+        what = "peak live-tensor memory" if live else "peak memory"
+        ax.set_ylabel(f"{what} (GiB, {self.backend})")
         ax.set_title(f"find_max_batch: {self.num_probes} probes after warm-up")
         ax.legend(fontsize="small")
         return fig
 
 
 class _Search:
-    """State of one search: the probes so far, the bracket, and the next size to run."""
+    """State of one search: the probes so far, the bracket, and the next size to run.
 
-    def __init__(self, cfg: MaxBatchConfig, target: int, base_bytes: int):
+    The model is fitted to `fitted(probe)` bytes (live-tensor peaks when `live`, else measured peaks) and
+    predicts within `fit_target` of those units; `target` (in `peak_bytes` units) judges the runs.
+    """
+
+    def __init__(
+        self, cfg: MaxBatchConfig, target: int, base_bytes: int, *, live: bool, fit_target: int, safe_target: int
+    ):
         self.cfg = cfg
         self.target = target
         self.base_bytes = base_bytes
+        self.live = live
+        self.fit_target = fit_target  # the target in fitted units: verification aims here
+        self.safe_target = safe_target  # less the fragmentation allowance: where a refinement after an OOM aims
         self.probes: list[Probe] = []
         self.failures_in_a_row = 0
+
+    def fitted(self, p: Probe) -> int:
+        return p.peak_allocated_bytes if self.live else p.peak_bytes
 
     @property
     def ok(self) -> list[Probe]:
@@ -252,7 +302,7 @@ class _Search:
 
     def model(self) -> MemoryModel:
         return fit_memory_model(
-            [(p.size, p.peak_bytes) for p in self.ok],
+            [(p.size, self.fitted(p)) for p in self.ok],
             base_bytes=self.base_bytes,
             margin=self.cfg.slope_margin,
         )
@@ -263,11 +313,11 @@ class _Search:
         if lo.size >= cfg.max_batch:
             return None, "max_batch"
         model = self.model()
-        predicted = model.max_batch(self.target)
+        predicted = model.max_batch(self.fit_target)
         if hi is None:
             first = min(self.ok, key=lambda p: p.size)
-            span = lo.peak_bytes - first.peak_bytes
-            if len(self.ok) < 2 or span < cfg.min_span * (self.target - first.peak_bytes):
+            span = self.fitted(lo) - self.fitted(first)
+            if len(self.ok) < 2 or span < cfg.min_span * (self.fit_target - self.fitted(first)):
                 # Planning: a fit over a narrow range extrapolates its noise; aim well below the estimate
                 # (a one-point estimate over-counts bytes/item, so this stays below the true maximum).
                 size = max(2 * lo.size, _floor(cfg.plan_fraction * predicted))
@@ -275,19 +325,37 @@ class _Search:
             if predicted >= cfg.max_batch:
                 return cfg.max_batch, "verify"
             if predicted < lo.size * (1 + cfg.tolerance) or predicted < lo.size + 1:
-                return None, "memory"  # the model leaves less than `tolerance` to gain above a verified size
+                # The model leaves less than `tolerance` to gain above a verified size, but the real boundary may
+                # lie higher (under pressure the allocator frees its cache and cuDNN picks smaller workspaces):
+                # run one size `tolerance` above. A failure there proves the result within `tolerance` of the
+                # boundary; a success moves the search up by that step (the refitted model decides the next).
+                return min(cfg.max_batch, max(lo.size + 1, math.ceil(lo.size * (1 + cfg.tolerance)))), "confirm"
             return _floor(predicted), "verify"
         gap = hi.size - lo.size
         if gap <= max(1, math.ceil(cfg.tolerance * hi.size)):
             return None, "memory"
         if hi.peak_bytes is not None:  # ran over the target: interpolate between two measured peaks
-            # (on convex memory curves the secant lands below the crossing, so the next run succeeds)
+            # (on convex memory curves the secant lands below the crossing, so the next run succeeds). In
+            # `peak_bytes` units: those are what the target judged.
             frac = (self.target - lo.peak_bytes) / max(hi.peak_bytes - lo.peak_bytes, 1)
             size, why = lo.size + _floor(frac * gap), "interpolate"
-        elif self.failures_in_a_row >= 2:  # two OOMs in a row: the model is off, halve the bracket
+        else:  # an OOM measures nothing: aim below the prediction by the allowance, doubled per OOM in a row
+            allowance = self.fit_target - self.safe_target
+            backoff = allowance * 2 ** max(0, self.failures_in_a_row - 1)
+            estimate = model.max_batch(self.fit_target - backoff)
+            if estimate <= lo.size:
+                size, why = lo.size + gap // 2, "bisect"  # the model under-predicts: halve the bracket
+            elif self.failures_in_a_row >= 2 and estimate > lo.size + gap // 2:
+                size, why = lo.size + gap // 2, "bisect"  # OOMs in a row: the model is off, halve the bracket
+            else:
+                size, why = _floor(estimate), "refine"
+        if why != "bisect" and self.failures_in_a_row == 0 and size < lo.size * (1 + cfg.tolerance):
+            # The last run succeeded and the estimate that includes it leaves less than `tolerance` to gain
+            # (stepping to it would creep up an item at a time). A measured failure above agrees: done. An
+            # OOM measured nothing, so the boundary may lie anywhere below it: halve the bracket.
+            if why == "interpolate":
+                return None, "memory"
             size, why = lo.size + gap // 2, "bisect"
-        else:  # an OOM measures nothing: keep the prediction, but step back from the failure
-            size, why = _floor(predicted), "refine"
         step_back = max(1, math.ceil(cfg.tolerance * hi.size))
         return max(lo.size + 1, min(size, hi.size - step_back)), why
 
@@ -350,6 +418,9 @@ def find_max_batch(
     ):
         if not callable(getattr(memory, name, None)):
             raise TypeError(f"memory must be a MemoryBackend (method {name}() is missing), got {memory!r}")
+    limit = getattr(memory, "limit", None)  # optional: a backend that can enforce the target (CUDA)
+    if limit is not None and not callable(limit):
+        raise TypeError(f"memory.limit must be a method limit(nbytes) -> context manager or absent, got {limit!r}")
     memory.cleanup()
     total = int(memory.total_bytes())
     capacity = int(memory.used_bytes() + memory.free_bytes())
@@ -400,7 +471,9 @@ def find_max_batch(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_probes + 1, desc=_WHERE, unit="probe", disable=not cfg.progress, leave=False)
-    with bar:
+    # Under the backend's limit a probe fits the target for real or fails; the previous limit is back on exit.
+    enforce = limit(target) if limit is not None else contextlib.nullcontext()
+    with bar, enforce:
         warm = run(cfg.start, cfg.warmup, "warmup")
         bar.update(1)
         if not warm.ok:
@@ -411,7 +484,21 @@ def find_max_batch(
                 f" {cfg.headroom / MiB:,.0f} MiB). Lower `start`, the headroom, or the step's memory."
             )
         baseline = int(memory.allocated_bytes())
-        search = _Search(cfg, target, base_bytes=int(memory.used_bytes()))
+        used = int(memory.used_bytes())
+        # Reserved peaks over-count without memory pressure (the allocator keeps its cache), so fit live-tensor
+        # peaks where the backend has them, and keep back what live bytes cannot show: the reserved-but-unused
+        # bytes at the baseline, plus `fragmentation` of the target for fragmentation and rounding.
+        live = warm.peak_allocated_bytes is not None
+        allowance = (max(0, used - baseline) + math.ceil(cfg.fragmentation * target)) if live else 0
+        gap = max(0, used - baseline) if live else 0
+        search = _Search(
+            cfg,
+            target,
+            base_bytes=baseline if live else used,
+            live=live,
+            fit_target=target - gap,
+            safe_target=target - allowance,
+        )
         search.probes.append(warm)
         limited_by = "max_probes"
         while True:
@@ -455,5 +542,8 @@ def find_max_batch(
         memory_returned=returned,
         backend=getattr(memory, "name", type(memory).__name__),
         seconds=time.perf_counter() - t_start,
+        enforced=limit is not None,
+        fitted_to="live" if search.live else "peak",
+        allowance_bytes=int(allowance),
         notes=notes,
     )

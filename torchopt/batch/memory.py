@@ -5,7 +5,8 @@ A backend measures one device's memory in the units the search budgets in:
 - `CudaMemory`: the caching allocator's *reserved* bytes (what the driver sees, fragmentation included), its
   peak via ``torch.cuda.max_memory_reserved`` after ``reset_peak_memory_stats``, and what this process can
   still get from ``torch.cuda.mem_get_info`` (so other processes count) capped by
-  ``torch.cuda.set_per_process_memory_fraction`` when one is set.
+  ``torch.cuda.set_per_process_memory_fraction`` when one is set. Its live-tensor peak
+  (``max_memory_allocated``) is what the search fits, and its `limit` makes the allocator enforce a budget.
 - `CpuRssMemory`: this process's resident set size (``VmRSS``), its peak (``VmHWM``, reset by writing ``5`` to
   ``/proc/self/clear_refs``) and ``MemAvailable``. Linux only. The CPU has no allocator that fails at a
   budget, so on CPU a size "fails" when its measured peak exceeds the budget.
@@ -15,11 +16,13 @@ Any object with the same methods works (`MemoryBackend`); the tests drive the se
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import gc
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -76,7 +79,15 @@ def release_memory(device: torch.device | None = None) -> None:
 
 @runtime_checkable
 class MemoryBackend(Protocol):
-    """What the search needs from a device: sizes in bytes, a resettable peak and a cleanup."""
+    """What the search needs from a device: sizes in bytes, a resettable peak and a cleanup.
+
+    Optional: ``limit(nbytes)``, a context manager under which the device refuses to hold more than `nbytes`
+    (in the units of `used_bytes`) and raises a real out-of-memory error instead, as `CudaMemory.limit` does.
+    The search then runs its probes under ``limit(target)``: a probe either fits the target for real (the
+    allocator frees its cache under pressure, as in production) or fails. Backends without it (`CpuRssMemory`)
+    are searched by measuring: a run whose peak exceeds the target counts as a failure. ``limit`` is not a
+    protocol member so that ``isinstance(backend, MemoryBackend)`` holds for both kinds.
+    """
 
     name: str
     # Bytes `allocated_bytes()` may stay above its baseline after a search and still count as returned.
@@ -125,15 +136,34 @@ class CudaMemory:
     def __repr__(self) -> str:
         return f"CudaMemory({self.device})"
 
-    def _limit(self, total: int) -> int:
+    def _fraction(self) -> float:
+        """The per-process memory fraction now (1.0 before torch 2.8, which cannot read it back)."""
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
-        return int(get_fraction(self.device) * total) if get_fraction is not None else total
+        return float(get_fraction(self.device)) if get_fraction is not None else 1.0
 
     def free_bytes(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         # The allocator refuses to reserve past fraction * total even when the driver has more.
-        return max(0, min(free, self._limit(total) - reserved))
+        return max(0, min(free, int(self._fraction() * total) - reserved))
+
+    @contextlib.contextmanager
+    def limit(self, nbytes: int) -> Iterator[None]:
+        """Make the caching allocator refuse to reserve more than `nbytes` (reserved bytes) inside the block.
+
+        Past the limit the allocator first frees its cached blocks and retries, then raises
+        ``torch.OutOfMemoryError``: exactly what happens at a real budget. A tighter fraction set before is
+        kept, and the previous fraction is restored on exit, also when the block raises.
+        """
+        if nbytes <= 0:
+            raise ValueError(f"limit(nbytes) needs nbytes > 0, got {nbytes}")
+        total = torch.cuda.mem_get_info(self.device)[1]
+        previous = self._fraction()
+        torch.cuda.set_per_process_memory_fraction(min(previous, nbytes / total), self.device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(previous, self.device)
 
     def used_bytes(self) -> int:
         return torch.cuda.memory_reserved(self.device)
