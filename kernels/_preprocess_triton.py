@@ -101,6 +101,19 @@ Notes after the first H200 run (2026-11-23, torch 2.11, triton 3.6; 4179 GB/s co
   checks looked at per image (a hit skips them) and the device table is cached by the images' offsets:
   ~14 us of our Python per list call on this VM instead of ~71 us. Prediction: list of 8 ~20-25 us, ~1.1-1.3x
   the batch of 8 per floor byte (the 4K frame alone is 30% of the list's bytes).
+
+Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; benchmarks/results/preprocess_*):
+
+* Profile (ncu, 480p -> 224 b64, logs/ncu_preprocess_480p_h100.txt): issue-bound, not DRAM-bound: 76% of issue
+  slots used at 48% of DRAM bandwidth, ~215 instructions per output pixel, 8 warps of 16 eligible (registers).
+* Tiles: thin, wide tiles (TILE) won everywhere: 480p b64 58.9 -> 40.6 us, NV12 b8 91.6 -> 37.3 us, 4K letterbox
+  49.3 -> 39.9 us (sweep: logs/preprocess_tile_sweep_h100.json). The channel order became a constexpr (BGR24),
+  so bytes come out with constant shifts: -2 to -3% only, less than the instruction count suggested.
+* Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
+  16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us.
+* Left: 1080p -> 224 b32 43.0 us = 1.17x torch.compile (50.2) and 1.38x the bytes floor; the next step is fewer
+  instructions per pixel (a row-band program that loads each source row segment once, coalesced, and
+  resamples from shared memory / registers), not tiling.
 """
 
 from __future__ import annotations
@@ -120,6 +133,7 @@ import triton.language as tl
 TILE = (1, 128, 4)  # RGB resampling, copy, nearest
 TILE_YUV = (2, 128, 2)
 TILE_COPY8 = (16, 64, 4)  # COPY8: 16 x 64 pixels = 128 groups of 8, one per thread
+WORD32 = True  # RGB24 tap pairs from 32-bit words (False: 64-bit words; the tile sweep compares both)
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
 INTERP_BLOCK_Y = 32
 INTERP_BLOCK_X = 64
@@ -234,6 +248,36 @@ def _pair_rgb24(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.conste
 
 
 @triton.jit
+def _pair_rgb24_w32(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.constexpr):
+    """`_pair_rgb24` from 32-bit words: the 6 bytes from the pixel on lie in the 3 aligned words covering them
+    (the third loaded only where they reach into it); two 32-bit funnel shifts (one SHF each) put them in
+    place, where the 64-bit window needed a multi-instruction 64-bit funnel. Needs a 4-byte aligned src_ptr."""
+    off = row + xx.to(tl.int64) * 3
+    a4 = off & -4
+    o4 = (off - a4).to(tl.int32)  # 0..3
+    p = (src_ptr + a4).to(tl.pointer_type(tl.uint32))
+    last = o4 + tl.where(edge, 2, 5) if PAIR else o4 + 2  # last byte needed, from the first word's start
+    w0 = tl.load(p, mask=mask, other=0)
+    w1 = tl.load(p + 1, mask=mask & (last >= 4), other=0)
+    s = (8 * o4).to(tl.uint32)
+    lo = tl.where(o4 == 0, w0, (w0 >> s) | (w1 << (32 - s)))  # bytes off .. off+3
+    c0 = (lo & 0xFF).to(tl.float32)
+    c1 = ((lo >> 8) & 0xFF).to(tl.float32)
+    c2 = ((lo >> 16) & 0xFF).to(tl.float32)
+    if PAIR:
+        w2 = tl.load(p + 2, mask=mask & (last >= 8), other=0)
+        hi = tl.where(o4 == 0, w1, (w1 >> s) | (w2 << (32 - s)))  # bytes off+4 .. off+7
+        d0 = tl.where(edge, c0, (lo >> 24).to(tl.float32))
+        d1 = tl.where(edge, c1, (hi & 0xFF).to(tl.float32))
+        d2 = tl.where(edge, c2, ((hi >> 8) & 0xFF).to(tl.float32))
+    else:
+        d0, d1, d2 = c0, c1, c2
+    if REV:
+        return c2, c1, c0, d2, d1, d0
+    return c0, c1, c2, d0, d1, d2
+
+
+@triton.jit
 def _copy8_rgb24(src_ptr, frame, sh, a, pid_x, pid_y, H, W, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     """(r, g, b) fp32 [BLOCK_Y, BLOCK_X] of the tile's source pixels (copy at zero offset), RGB24 with 8-byte
     aligned rows (frame, sh and src_ptr multiples of 8): a thread loads its 8 pixels as 3 aligned 64-bit words,
@@ -333,6 +377,7 @@ def _preprocess_kernel(
     INTERP: tl.constexpr,
     BLOCK_Y: tl.constexpr,
     BLOCK_X: tl.constexpr,
+    WORD32: tl.constexpr,  # RGB24 pairs from 32-bit words (_pair_rgb24_w32) instead of 64-bit ones
 ):
     pid_x = tl.program_id(0)
     pid_y = tl.program_id(1)
@@ -386,7 +431,10 @@ def _preprocess_kernel(
             ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
         if FORMAT >= 2:  # RGB24: one pixel from one or two 64-bit words (2 loads, 1 mostly masked, not 3)
             row = frame + iy.to(tl.int64) * sh
-            r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
+            if WORD32:
+                r, g, b, _, _, _ = _pair_rgb24_w32(src_ptr, row, ix, m, m, False, FORMAT == 3)
+            else:
+                r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
         else:
             r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
     elif INTERP == 2:  # bilinear
@@ -395,8 +443,14 @@ def _preprocess_kernel(
         if FORMAT >= 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 64-bit window per row holds both taps
             edge = x1 == x0
             rev = FORMAT == 3
-            r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, frame + y0.to(tl.int64) * sh, x0, edge, m, True, rev)
-            r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, frame + y1.to(tl.int64) * sh, x0, edge, m, True, rev)
+            row0 = frame + y0.to(tl.int64) * sh
+            row1 = frame + y1.to(tl.int64) * sh
+            if WORD32:
+                r00, g00, b00, r01, g01, b01 = _pair_rgb24_w32(src_ptr, row0, x0, edge, m, True, rev)
+                r10, g10, b10, r11, g11, b11 = _pair_rgb24_w32(src_ptr, row1, x0, edge, m, True, rev)
+            else:
+                r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, row0, x0, edge, m, True, rev)
+                r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, row1, x0, edge, m, True, rev)
         else:
             r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
             r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
@@ -575,7 +629,8 @@ def launch(
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
         c0, soc = 2 * soc, -soc
-    if fmt >= RGB24 and src.data_ptr() % 8:  # the aligned-word reads need an 8-byte aligned base
+    # The aligned-word reads need a base aligned to their word: 4 bytes (WORD32 pairs) or 8 (COPY8, 64-bit pairs).
+    if fmt >= RGB24 and src.data_ptr() % (4 if WORD32 and interp != COPY8 else 8):
         fmt, interp = PACKED_RGB, (COPY if interp == COPY8 else interp)
     if INTERPRETED:
         by, bx, warps = INTERP_BLOCK_Y, INTERP_BLOCK_X, 4
@@ -611,12 +666,12 @@ def _launch(grid, args, ints, fmt: int, interp: int, by: int, bx: int, warps: in
     """
     src, table, _, out = args[:4]
     aligned = (src.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0)
-    key = (fmt, interp, by, bx, warps, dev, out.dtype, ints, grid, aligned)
+    key = (fmt, interp, by, bx, WORD32, warps, dev, out.dtype, ints, grid, aligned)
     run = _launchers.get(key) if FAST_LAUNCH else None
     if run is not None:
-        run(*args, fmt, interp, by, bx)
+        run(*args, fmt, interp, by, bx, WORD32)
         return
-    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": warps}
+    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "WORD32": WORD32, "num_warps": warps}
     compiled = _preprocess_kernel[grid](*args, **meta)
     if FAST_LAUNCH and not INTERPRETED and compiled is not None:
         if len(_launchers) >= _LAUNCHERS_MAX:
