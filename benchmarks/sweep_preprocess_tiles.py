@@ -1,4 +1,4 @@
-"""Tile sweep of the preprocessing kernel (how `TILE`, `TILE_YUV` and `TILE_COPY8` in
+"""Tile sweep of the preprocessing kernel (how `TILE`, `TILE_COPY8` and `WORD32` in
 `torchopt/kernels/_preprocess_triton.py` were chosen): every (BLOCK_Y, BLOCK_X, num_warps) candidate per benchmark
 case, timed with `do_bench` (L2 flushed) and back to back (events over 100 calls), checked against the reference.
 
@@ -49,10 +49,11 @@ def sweep_case(key: str) -> dict:
     x = B._make_inputs(case, cfg, torch.Generator(device="cuda").manual_seed(0))
     ref = preprocess_ref(x, case.size, config=cfg)
     out = torch.empty_like(ref)
-    attr = "TILE_COPY8" if key == "norm_b256" else "TILE_YUV" if cfg.is_yuv else "TILE"
+    attr = "TILE_COPY8" if key == "norm_b256" else "TILE"
     default = getattr(K, attr)
     rows = []
-    words = (True, False) if attr == "TILE" else (K.WORD32,)  # RGB24 tap pairs from 32- or 64-bit words
+    # RGB24 tap pairs from 32- or 64-bit words (YUV and COPY8 do not use them)
+    words = (True, False) if attr == "TILE" and not cfg.is_yuv else (K.WORD32,)
     for tile in COPY8_TILES if key == "norm_b256" else TILES:
         for word32 in words:
             setattr(K, attr, tile)

@@ -109,6 +109,9 @@ Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; be
 * Tiles: thin, wide tiles (TILE) won everywhere: 480p b64 58.9 -> 40.6 us, NV12 b8 91.6 -> 37.3 us, 4K letterbox
   49.3 -> 39.9 us (sweep: logs/preprocess_tile_sweep_h100.json). The channel order became a constexpr (BGR24),
   so bytes come out with constant shifts: -2 to -3% only, less than the instruction count suggested.
+* WORD32: tap pairs from three 32-bit words with 32-bit funnel shifts instead of two 64-bit words with a 64-bit
+  funnel: 480p b64 40.9 -> 33.8 us, 4K letterbox 39.6 -> 38.0 us, 1080p b32 unchanged (~42 us: at 74% of the
+  copy bandwidth there, its taps 25.7 bytes apart touch every sector of the sampled rows).
 * Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
   16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us.
 * Left: 1080p -> 224 b32 43.0 us = 1.17x torch.compile (50.2) and 1.38x the bytes floor; the next step is fewer
@@ -127,11 +130,10 @@ import triton
 import triton.language as tl
 
 # Output tiles (BLOCK_Y, BLOCK_X, num_warps), measured on the H100 (benchmarks/sweep_preprocess_tiles.py; results
-# in benchmarks/results/logs/preprocess_tile_sweep_h100.json). Thin, wide tiles won for every resampling case:
-# 16 x 32 -> 1 x 128 took 480p -> 224 b64 from 58.9 to 40.6 us and NV12 1080p -> 640 b8 from 91.6 to 37.3 us
-# (2 x 128, 2 warps); more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
-TILE = (1, 128, 4)  # RGB resampling, copy, nearest
-TILE_YUV = (2, 128, 2)
+# in benchmarks/results/logs/preprocess_tile_sweep_h100*.json). Thin, wide tiles won for every resampling case:
+# 16 x 32 -> 2 x 128 took 480p -> 224 b64 from 58.9 to 33.8 us (with WORD32) and NV12 1080p -> 640 b8 from 91.6
+# to 37.3 us; more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
+TILE = (2, 128, 2)  # resampling, copy, nearest (RGB and YUV)
 TILE_COPY8 = (16, 64, 4)  # COPY8: 16 x 64 pixels = 128 groups of 8, one per thread
 WORD32 = True  # RGB24 tap pairs from 32-bit words (False: 64-bit words; the tile sweep compares both)
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
@@ -635,7 +637,7 @@ def launch(
     if INTERPRETED:
         by, bx, warps = INTERP_BLOCK_Y, INTERP_BLOCK_X, 4
     else:
-        by, bx, warps = TILE_COPY8 if interp == COPY8 else TILE_YUV if fmt == YUV420 else TILE
+        by, bx, warps = TILE_COPY8 if interp == COPY8 else TILE
     grid = (triton.cdiv(out_hw[1], bx), triton.cdiv(out_hw[0], by), n)
     ints = (DESC_FIELDS if per_image_rows else 0, stride_src_n, son, soc, soy, sox, c0, *out_hw)
     args = (src, table, table_f32, out, *ints)

@@ -44,7 +44,7 @@ assert not mod.INTERPRETED
 fn, results = mod._preprocess_kernel, {}
 for fmt, interp, out_type, nchw in json.loads(sys.argv[2]):
     # the launcher's tile for this variant
-    by, bx, warps = mod.TILE_COPY8 if interp == "COPY8" else mod.TILE_YUV if fmt == "YUV420" else mod.TILE
+    by, bx, warps = mod.TILE_COPY8 if interp == "COPY8" else mod.TILE
     constexprs = {"FORMAT": getattr(mod, fmt), "INTERP": getattr(mod, interp), "BLOCK_Y": by, "BLOCK_X": bx,
                   "WORD32": mod.WORD32}
     if nchw:
