@@ -113,7 +113,8 @@ Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; be
   funnel: 480p b64 40.9 -> 33.8 us, 4K letterbox 39.6 -> 38.0 us, 1080p b32 unchanged (~42 us: at 74% of the
   copy bandwidth there, its taps 25.7 bytes apart touch every sector of the sampled rows).
 * Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
-  16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in the committed run).
+  16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in
+  the committed run).
 * Left: 1080p -> 224 b32 43.5 us = 1.15x torch.compile (50.0) and 1.40x the bytes floor; the next step is fewer
   instructions per pixel (a row-band program that loads each source row segment once, coalesced, and
   resamples from shared memory / registers), not tiling.

@@ -283,3 +283,51 @@ def test_inductor_parity_on_gpu(make, profiles):
     hi = profiles[-1][0].max[0] + 1
     with pytest.raises(ValueError, match=r"outside the profile range|fit none of the"):
         fast(torch.randn((hi, *profiles[-1][0].min[1:]), device="cuda"))
+
+
+def _encoder(d: int = 32) -> torch.nn.Module:
+    layer = torch.nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, batch_first=True, dropout=0.0)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def test_mha_fast_path_is_off_inside_calls_and_restored_after():
+    from torchopt.backends.inductor import _has_mha_fast_path, _WithoutMHAFastPath
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.mha.get_fastpath_enabled())
+            return x
+
+    assert _has_mha_fast_path(_encoder()) and not _has_mha_fast_path(_mlp())
+    wrapped = _WithoutMHAFastPath(Probe())
+    assert torch.backends.mha.get_fastpath_enabled()
+    wrapped(torch.ones(2))
+    assert seen == [False] and torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        wrapped(torch.ones(2))
+        assert not torch.backends.mha.get_fastpath_enabled()  # the caller's own setting is kept
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.gpu
+def test_transformer_encoder_compiles_with_dynamic_batch_and_sequence_on_gpu():
+    """Under no_grad the encoder's fused fast path made dynamo build no graph at all (the model ran eager)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = _encoder(64).eval().cuda().half()
+    spec = InputSpec(name="x", min=(1, 8, 64), opt=(8, 64, 64), max=(16, 128, 64), dtype=torch.float16)
+    steps = [CastConfig(dtype="float16"), CompileConfig(backend="inductor"), ValidateConfig(measure_latency=False)]
+    recipe = Recipe(steps)
+    fast = torchopt.optimize(model, recipe, inputs=[spec], device="cuda", progress=False)
+    compile_step = next(s for s in fast.report.steps if s.step == "compile")
+    assert compile_step.details["graphs"] >= 1, compile_step
+    before = _graphs()
+    for batch, seq in [(1, 8), (3, 17), (8, 64), (16, 128)]:
+        x = torch.randn(batch, seq, 64, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x).float(), model(x).float(), atol=2e-2, rtol=2e-2)
+    assert _graphs() - before == 0

@@ -45,6 +45,27 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _has_mha_fast_path(model: torch.nn.Module) -> bool:
+    kinds = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, kinds) for m in model.modules())
+
+
+class _WithoutMHAFastPath(torch.nn.Module):
+    """Calls `compiled` with ``torch.backends.mha`` fast path disabled, restoring the caller's setting after."""
+
+    def __init__(self, compiled: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous)
+
+
 class InductorBackend(Backend):
     name = "inductor"
 
@@ -68,6 +89,13 @@ class InductorBackend(Backend):
             mode = "reduce-overhead" if mode == "default" else "max-autotune" if mode.startswith("max") else mode
         ctx.note(f"torch.compile(mode={mode!r}, fullgraph={cfg.fullgraph})")
         compiled = torch.compile(model, mode=mode, fullgraph=cfg.fullgraph)
+        if _has_mha_fast_path(model):
+            # In eval under no_grad, nn.TransformerEncoderLayer / MultiheadAttention take a fused fast path
+            # (aten._transformer_encoder_layer_fwd, _native_multi_head_attention) that dynamo cannot trace with
+            # dynamic shapes: a BERT-sized encoder in fp16 on an H200 built 0 graphs and ran eager. The standard
+            # path compiles (SDPA + fused pointwise), so calls run with the fast path off.
+            ctx.note("MHA fast path off during calls (dynamo cannot compile it with dynamic shapes)")
+            compiled = _WithoutMHAFastPath(compiled)
         before = _graph_count()
         for p, profile in enumerate(ctx.profiles):
             ctx.log(f"compiling profile {p} with Inductor")
