@@ -315,19 +315,21 @@ def test_mha_fast_path_is_off_inside_calls_and_restored_after():
 
 @pytest.mark.gpu
 def test_transformer_encoder_compiles_with_dynamic_batch_and_sequence_on_gpu():
-    """Under no_grad the encoder's fused fast path made dynamo build no graph at all (the model ran eager)."""
+    """With the fast path kept, dynamo built no graph at all for this encoder (it ran eager); mha_fast_path=False
+    compiles it with dynamic batch and sequence."""
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = _encoder(64).eval().cuda().half()
-    spec = InputSpec(name="x", min=(1, 8, 64), opt=(8, 64, 64), max=(16, 128, 64), dtype=torch.float16)
-    steps = [CastConfig(dtype="float16"), CompileConfig(backend="inductor"), ValidateConfig(measure_latency=False)]
+    model = _encoder(64).eval().cuda()
+    spec = InputSpec(name="src", min=(1, 8, 64), opt=(8, 64, 64), max=(16, 128, 64))  # fp32 in, cast to fp16
+    compile_config = CompileConfig.from_dict({"backend": "inductor", "inductor": {"mha_fast_path": False}})
+    steps = [CastConfig(dtype="float16"), compile_config, ValidateConfig(measure_latency=False)]
     recipe = Recipe(steps)
     fast = torchopt.optimize(model, recipe, inputs=[spec], device="cuda", progress=False)
     compile_step = next(s for s in fast.report.steps if s.step == "compile")
     assert compile_step.details["graphs"] >= 1, compile_step
     before = _graphs()
     for batch, seq in [(1, 8), (3, 17), (8, 64), (16, 128)]:
-        x = torch.randn(batch, seq, 64, device="cuda", dtype=torch.float16)
+        x = torch.randn(batch, seq, 64, device="cuda")
         with torch.no_grad():
-            torch.testing.assert_close(fast(x).float(), model(x).float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(fast(x).float(), model(x), atol=5e-2, rtol=5e-2)
     assert _graphs() - before == 0
