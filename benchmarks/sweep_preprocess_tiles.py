@@ -1,4 +1,4 @@
-"""Tile sweep of the preprocessing kernel (how `TILE`, `TILE_COPY8` and `WORD32` in
+"""Tile sweep of the preprocessing kernel (how `TILE` and `TILE_COPY8` in
 `torchopt/kernels/_preprocess_triton.py` were chosen): every (BLOCK_Y, BLOCK_X, num_warps) candidate per benchmark
 case, timed with `do_bench` (L2 flushed) and back to back (events over 100 calls), checked against the reference.
 
@@ -6,8 +6,9 @@ Run (CUDA required, ~1 minute on an H100)::
 
     python benchmarks/sweep_preprocess_tiles.py [TAG]  # writes results/logs/preprocess_tile_sweep_<gpu>_<TAG>.json
 
-The committed sweep (H100, 2026-11-23) merges three runs: the first two with the kernel's earlier per-pixel
-variable channel shifts, the third after the channel order became a constexpr.
+The committed sweeps (H100, 2026-11-23): preprocess_tile_sweep_h100.json merges three runs of earlier kernels
+(per-pixel variable channel shifts, then a constexpr channel order); preprocess_tile_sweep_h100_word32.json
+also compared the 64-bit tap pairs the kernel had then against the 32-bit ones it keeps.
 """
 
 from __future__ import annotations
@@ -52,21 +53,15 @@ def sweep_case(key: str) -> dict:
     attr = "TILE_COPY8" if key == "norm_b256" else "TILE"
     default = getattr(K, attr)
     rows = []
-    # RGB24 tap pairs from 32- or 64-bit words (YUV and COPY8 do not use them)
-    words = (True, False) if attr == "TILE" and not cfg.is_yuv else (K.WORD32,)
     for tile in COPY8_TILES if key == "norm_b256" else TILES:
-        for word32 in words:
-            setattr(K, attr, tile)
-            K.WORD32 = word32
-            out.fill_(float("nan"))
-            call = lambda: preprocess(x, case.size, config=cfg, out=out)  # noqa: E731
-            call()
-            err = float((out.float() - ref.float()).abs().max())
-            flushed, hot = B._do_bench(call), events_us(call)
-            rows.append({"tile": tile, "word32": word32, "flushed_us": flushed, "back_to_back_us": hot, "max_err": err})
-            print(key, rows[-1], flush=True)
+        setattr(K, attr, tile)
+        out.fill_(float("nan"))
+        call = lambda: preprocess(x, case.size, config=cfg, out=out)  # noqa: E731
+        call()
+        err = float((out.float() - ref.float()).abs().max())
+        rows.append({"tile": tile, "flushed_us": B._do_bench(call), "back_to_back_us": events_us(call), "max_err": err})
+        print(key, rows[-1], flush=True)
     setattr(K, attr, default)
-    K.WORD32 = True
     floor = sum(B.touched_bytes(case, cfg)) / (B.copy_bandwidth_gbs() * 1e9) * 1e6
     return {"constant": attr, "floor_us": floor, "tiles": rows}
 

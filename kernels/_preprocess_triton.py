@@ -109,9 +109,10 @@ Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; be
 * Tiles: thin, wide tiles (TILE) won everywhere: 480p b64 58.9 -> 40.6 us, NV12 b8 91.6 -> 37.3 us, 4K letterbox
   49.3 -> 39.9 us (sweep: logs/preprocess_tile_sweep_h100.json). The channel order became a constexpr (BGR24),
   so bytes come out with constant shifts: -2 to -3% only, less than the instruction count suggested.
-* WORD32: tap pairs from three 32-bit words with 32-bit funnel shifts instead of two 64-bit words with a 64-bit
-  funnel: 480p b64 40.9 -> 33.8 us, 4K letterbox 39.6 -> 38.0 us, 1080p b32 unchanged (~42 us: at 74% of the
-  copy bandwidth there, its taps 25.7 bytes apart touch every sector of the sampled rows).
+* 32-bit tap pairs (`_pair_rgb24`): three 32-bit words with 32-bit funnel shifts instead of two 64-bit words
+  with a 64-bit funnel (removed after this A/B): 480p b64 40.9 -> 33.8 us, 4K letterbox 39.6 -> 38.0 us,
+  1080p b32 unchanged (~42 us: at 74% of the copy bandwidth there, its taps 25.7 bytes apart touch every
+  sector of the sampled rows).
 * Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
   16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in
   the committed run).
@@ -132,11 +133,10 @@ import triton.language as tl
 
 # Output tiles (BLOCK_Y, BLOCK_X, num_warps), measured on the H100 (benchmarks/sweep_preprocess_tiles.py; results
 # in benchmarks/results/logs/preprocess_tile_sweep_h100*.json). Thin, wide tiles won for every resampling case:
-# 16 x 32 -> 2 x 128 took 480p -> 224 b64 from 58.9 to 33.8 us (with WORD32) and NV12 1080p -> 640 b8 from 91.6
-# to 37.3 us; more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
+# 16 x 32 -> 2 x 128 took 480p -> 224 b64 from 58.9 to 33.8 us (with 32-bit tap pairs) and NV12 1080p -> 640 b8
+# from 91.6 to 37.3 us; more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
 TILE = (2, 128, 2)  # resampling, copy, nearest (RGB and YUV)
 TILE_COPY8 = (16, 64, 4)  # COPY8: 16 x 64 pixels = 128 groups of 8, one per thread
-WORD32 = True  # RGB24 tap pairs from 32-bit words (False: 64-bit words; the tile sweep compares both)
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
 INTERP_BLOCK_Y = 32
 INTERP_BLOCK_X = 64
@@ -146,8 +146,8 @@ COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
 # COPY8: the copy of an RGB24 batch whose rows start 8-byte aligned, at zero offset: each thread reads 8 pixels
 # as 3 aligned 64-bit words and de-interleaves them in registers (`launch` falls back to COPY when unaligned).
 COPY8 = 4
-# RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, |channel stride| == 1) at an
-# 8-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 64-bit words (see `_pair_rgb24`).
+# RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, channel stride 1) at a
+# 4-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 32-bit words (see `_pair_rgb24`).
 # BGR24: RGB24 whose pixel bytes are B, G, R (the channel order is a constexpr: constant byte shifts).
 PACKED_RGB, YUV420, RGB24, BGR24 = 0, 1, 2, 3
 
@@ -217,44 +217,15 @@ def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
 def _pair_rgb24(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.constexpr):
     """(r0, g0, b0, r1, g1, b1) fp32 of the RGB24 pixel at column xx of the row at byte offset `row` and of
     the pixel after it (the same pixel where `edge`: the right border; PAIR=False: one pixel only).
-    REV: the pixel's bytes are B, G, R (BGR input) instead of R, G, B.
+    REV: the pixel's bytes are B, G, R (BGR input) instead of R, G, B. Needs a 4-byte aligned src_ptr.
 
-    Two aligned 64-bit loads instead of 6 byte loads: the 8 bytes from the pixel on are funnel-shifted out of
-    the aligned words covering them. The second word is loaded only where the needed bytes reach into it, so
-    every word read holds a byte of the image (an aligned word never crosses a page: no fault past its end).
-    The bytes are then extracted with constant shifts (the channel order is a constexpr): per-pixel variable
-    64-bit shifts were a third of the kernel's instructions, and it is issue-bound (H100 profile: 76% of issue
-    slots used at 48% of DRAM bandwidth, 480p -> 224 b64).
+    The 6 bytes from the pixel on lie in the 3 aligned 32-bit words covering them; the second and third are
+    loaded only where the needed bytes reach into them, so every word read holds a byte of the image (an
+    aligned word never crosses a page: no fault past its end). Two 32-bit funnel shifts (one SHF each) put the
+    bytes in place and constant shifts extract them (the channel order is a constexpr). The kernel is
+    issue-bound (H100: 76% of issue slots at 48% of DRAM bandwidth, 480p -> 224 b64), and this took 480p b64
+    from 40.9 us (two 64-bit words, a multi-instruction 64-bit funnel) to 33.8 us.
     """
-    off = row + xx.to(tl.int64) * 3
-    a8 = off & -8
-    o8 = (off - a8).to(tl.int32)  # 0..7
-    p = (src_ptr + a8).to(tl.pointer_type(tl.uint64))
-    # Last byte needed: o8 + 2 (one pixel, or the right border's repeated tap) or o8 + 5 (a pair).
-    last = o8 + tl.where(edge, 2, 5) if PAIR else o8 + 2
-    lo = tl.load(p, mask=mask, other=0)
-    hi = tl.load(p + 1, mask=mask & (last >= 8), other=0)
-    s = (8 * o8).to(tl.uint64)
-    v = tl.where(o8 == 0, lo, (lo >> s) | (hi << (64 - s)))  # bytes off .. off+7, byte 0 lowest
-    c0 = (v & 0xFF).to(tl.float32)
-    c1 = ((v >> 8) & 0xFF).to(tl.float32)
-    c2 = ((v >> 16) & 0xFF).to(tl.float32)
-    if PAIR:
-        d0 = tl.where(edge, c0, ((v >> 24) & 0xFF).to(tl.float32))
-        d1 = tl.where(edge, c1, ((v >> 32) & 0xFF).to(tl.float32))
-        d2 = tl.where(edge, c2, ((v >> 40) & 0xFF).to(tl.float32))
-    else:
-        d0, d1, d2 = c0, c1, c2
-    if REV:
-        return c2, c1, c0, d2, d1, d0
-    return c0, c1, c2, d0, d1, d2
-
-
-@triton.jit
-def _pair_rgb24_w32(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.constexpr):
-    """`_pair_rgb24` from 32-bit words: the 6 bytes from the pixel on lie in the 3 aligned words covering them
-    (the third loaded only where they reach into it); two 32-bit funnel shifts (one SHF each) put them in
-    place, where the 64-bit window needed a multi-instruction 64-bit funnel. Needs a 4-byte aligned src_ptr."""
     off = row + xx.to(tl.int64) * 3
     a4 = off & -4
     o4 = (off - a4).to(tl.int32)  # 0..3
@@ -380,7 +351,6 @@ def _preprocess_kernel(
     INTERP: tl.constexpr,
     BLOCK_Y: tl.constexpr,
     BLOCK_X: tl.constexpr,
-    WORD32: tl.constexpr,  # RGB24 pairs from 32-bit words (_pair_rgb24_w32) instead of 64-bit ones
 ):
     pid_x = tl.program_id(0)
     pid_y = tl.program_id(1)
@@ -432,28 +402,21 @@ def _preprocess_kernel(
         else:
             iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
             ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
-        if FORMAT >= 2:  # RGB24: one pixel from one or two 64-bit words (2 loads, 1 mostly masked, not 3)
+        if FORMAT >= 2:  # RGB24: one pixel from one or two 32-bit words (2 loads, 1 mostly masked, not 3)
             row = frame + iy.to(tl.int64) * sh
-            if WORD32:
-                r, g, b, _, _, _ = _pair_rgb24_w32(src_ptr, row, ix, m, m, False, FORMAT == 3)
-            else:
-                r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
+            r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
         else:
             r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
     elif INTERP == 2:  # bilinear
         y0, y1, ly = _linear_taps(ry, scale_y, H)
         x0, x1, lx = _linear_taps(rx, scale_x, W)
-        if FORMAT >= 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 64-bit window per row holds both taps
+        if FORMAT >= 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 3-word window per row holds both taps
             edge = x1 == x0
             rev = FORMAT == 3
             row0 = frame + y0.to(tl.int64) * sh
             row1 = frame + y1.to(tl.int64) * sh
-            if WORD32:
-                r00, g00, b00, r01, g01, b01 = _pair_rgb24_w32(src_ptr, row0, x0, edge, m, True, rev)
-                r10, g10, b10, r11, g11, b11 = _pair_rgb24_w32(src_ptr, row1, x0, edge, m, True, rev)
-            else:
-                r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, row0, x0, edge, m, True, rev)
-                r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, row1, x0, edge, m, True, rev)
+            r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, row0, x0, edge, m, True, rev)
+            r10, g10, b10, r11, g11, b11 = _pair_rgb24(src_ptr, row1, x0, edge, m, True, rev)
         else:
             r00, g00, b00 = _sample(src_ptr, frame, y0, x0, m, lay, yuv, FORMAT)
             r01, g01, b01 = _sample(src_ptr, frame, y0, x1, m, lay, yuv, FORMAT)
@@ -579,8 +542,8 @@ def interp_code(config, sizes, geometries) -> int:
 
 
 def pixel_format(config, strides: list[tuple[int, ...]], interp: int) -> int:
-    """The FORMAT constexpr: RGB24 where pixels can be read as 64-bit words (every image has 3-byte pixels with
-    adjacent channels; `launch` still checks the 8-byte alignment of the source pointer per call). Antialias
+    """The FORMAT constexpr: RGB24 where pixels can be read as whole words (every image has 3-byte pixels with
+    adjacent channels; `launch` still checks the source pointer's alignment per call). Antialias
     keeps byte loads: its taps are single pixels in a loop, where the word shuffling would not pay."""
     if config.is_yuv:
         return YUV420
@@ -632,8 +595,8 @@ def launch(
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
         c0, soc = 2 * soc, -soc
-    # The aligned-word reads need a base aligned to their word: 4 bytes (WORD32 pairs) or 8 (COPY8, 64-bit pairs).
-    if fmt >= RGB24 and src.data_ptr() % (4 if WORD32 and interp != COPY8 else 8):
+    # The aligned-word reads need a base aligned to their word: 4 bytes (32-bit tap pairs) or 8 (COPY8).
+    if fmt >= RGB24 and src.data_ptr() % (8 if interp == COPY8 else 4):
         fmt, interp = PACKED_RGB, (COPY if interp == COPY8 else interp)
     if INTERPRETED:
         by, bx, warps = INTERP_BLOCK_Y, INTERP_BLOCK_X, 4
@@ -669,12 +632,12 @@ def _launch(grid, args, ints, fmt: int, interp: int, by: int, bx: int, warps: in
     """
     src, table, _, out = args[:4]
     aligned = (src.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0)
-    key = (fmt, interp, by, bx, WORD32, warps, dev, out.dtype, ints, grid, aligned)
+    key = (fmt, interp, by, bx, warps, dev, out.dtype, ints, grid, aligned)
     run = _launchers.get(key) if FAST_LAUNCH else None
     if run is not None:
-        run(*args, fmt, interp, by, bx, WORD32)
+        run(*args, fmt, interp, by, bx)
         return
-    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "WORD32": WORD32, "num_warps": warps}
+    meta = {"FORMAT": fmt, "INTERP": interp, "BLOCK_Y": by, "BLOCK_X": bx, "num_warps": warps}
     compiled = _preprocess_kernel[grid](*args, **meta)
     if FAST_LAUNCH and not INTERPRETED and compiled is not None:
         if len(_launchers) >= _LAUNCHERS_MAX:

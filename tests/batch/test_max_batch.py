@@ -455,12 +455,18 @@ def test_real_model_on_gpu_close_to_the_oom_boundary(memory_limit):
     print(res, file=sys.stderr)
     assert res.tested and res.memory_returned and res.limited_by == "memory"
     assert res.enforced and res.fitted_to == "live"
-    # Within 5 % of the real boundary: a batch 5 % larger fails or exceeds the target.
+    _assert_within_5_percent_of_the_boundary(model, make, res)
+
+
+def _assert_within_5_percent_of_the_boundary(fn_or_model, make, res) -> None:
+    """A batch 5 % larger than the result fails: another search from the result stops below it (same headroom),
+    and two calls at that size run out of memory with the allocator capped at the result's target."""
     bigger = int(res.size * 1.05) + 1
-    check = find_max_batch(model, make, headroom=32 * MiB, start=res.size, max_batch=bigger, progress=False)
+    check = find_max_batch(
+        fn_or_model, make, headroom=res.headroom_bytes, start=res.size, max_batch=bigger, progress=False
+    )
     assert check.size < bigger, (res.size, check.size)
-    assert _fails_under_the_limit(model, make, bigger, res.target_bytes), (res.size, bigger)
-    print(res, file=sys.stderr)
+    assert _fails_under_the_limit(fn_or_model, make, bigger, res.target_bytes), (res.size, bigger)
 
 
 def _fails_under_the_limit(fn_or_model, make, size: int, target: int) -> bool:
@@ -539,8 +545,5 @@ def test_training_step_on_gpu_close_to_the_oom_boundary(memory_limit):
     res = find_max_batch(train_step, make, headroom=32 * MiB, progress=False)
     assert res.tested and res.memory_returned and res.num_probes <= 6
     assert res.enforced and res.fitted_to == "live"
-    bigger = int(res.size * 1.05) + 1
-    check = find_max_batch(train_step, make, headroom=32 * MiB, start=res.size, max_batch=bigger, progress=False)
-    assert check.size < bigger, (res.size, check.size)
-    assert _fails_under_the_limit(train_step, make, bigger, res.target_bytes), (res.size, bigger)
+    _assert_within_5_percent_of_the_boundary(train_step, make, res)
     print(res, file=sys.stderr)

@@ -45,8 +45,7 @@ fn, results = mod._preprocess_kernel, {}
 for fmt, interp, out_type, nchw in json.loads(sys.argv[2]):
     # the launcher's tile for this variant
     by, bx, warps = mod.TILE_COPY8 if interp == "COPY8" else mod.TILE
-    constexprs = {"FORMAT": getattr(mod, fmt), "INTERP": getattr(mod, interp), "BLOCK_Y": by, "BLOCK_X": bx,
-                  "WORD32": mod.WORD32}
+    constexprs = {"FORMAT": getattr(mod, fmt), "INTERP": getattr(mod, interp), "BLOCK_Y": by, "BLOCK_X": bx}
     if nchw:
         constexprs["stride_out_x"] = 1
     ptrs = {"src_ptr": "*u8", "desc_ptr": "*i64", "descf_ptr": "*fp32", "out_ptr": "*" + out_type}

@@ -95,13 +95,14 @@ class InductorBackend(Backend):
             mode = "reduce-overhead" if mode == "default" else "max-autotune" if mode.startswith("max") else mode
         ctx.note(f"torch.compile(mode={mode!r}, fullgraph={cfg.fullgraph})")
         compiled = torch.compile(model, mode=mode, fullgraph=cfg.fullgraph)
-        if not cfg.mha_fast_path and _has_mha_fast_path(model):
+        has_mha_fast_path = _has_mha_fast_path(model)
+        if not cfg.mha_fast_path and has_mha_fast_path:
             # In eval under no_grad, nn.TransformerEncoderLayer / MultiheadAttention take a fused fast path
             # (aten._transformer_encoder_layer_fwd, _native_multi_head_attention) that dynamo cannot trace with
             # dynamic shapes: a BERT-sized encoder built 0 graphs and ran eager. The standard path compiles.
             ctx.note("MHA fast path off during calls (inductor.mha_fast_path=False)")
             compiled = _WithoutMHAFastPath(compiled)
-        elif _has_mha_fast_path(model) and any(spec.dynamic_dims for profile in ctx.profiles for spec in profile):
+        elif has_mha_fast_path and any(spec.dynamic_dims for profile in ctx.profiles for spec in profile):
             ctx.note(
                 "the model's MultiheadAttention/TransformerEncoderLayer fast path cannot be compiled with dynamic"
                 " shapes and may run eager; inductor.mha_fast_path=False compiles the standard path instead"

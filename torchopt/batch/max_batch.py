@@ -313,8 +313,8 @@ class _Search:
         if lo.size >= cfg.max_batch:
             return None, "max_batch"
         model = self.model()
-        predicted = model.max_batch(self.fit_target)
         if hi is None:
+            predicted = model.max_batch(self.fit_target)
             first = min(self.ok, key=lambda p: p.size)
             span = self.fitted(lo) - self.fitted(first)
             if len(self.ok) < 2 or span < cfg.min_span * (self.fit_target - self.fitted(first)):
