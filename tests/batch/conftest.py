@@ -19,14 +19,25 @@ import torch
 MiB = 2**20
 
 
-class _Block:
-    """Simulated device bytes, freed when the object dies (as a tensor's storage is)."""
+def format_size(nbytes: int) -> str:
+    """Sizes as c10's CUDA caching allocator prints them in its OOM message (2 decimals, binary units)."""
+    if nbytes <= 1024:
+        return f"{nbytes} bytes"
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20)):
+        if nbytes <= 1024 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 2**30:.2f} GiB"
 
-    def __init__(self, device: SimDevice, nbytes: int):
-        self.device, self.nbytes = device, nbytes
+
+class _Block:
+    """Simulated device bytes, freed when the object dies (as a tensor's storage is). `fragment`: free bytes of
+    its segment that stay reserved while it lives (it was carved out of a larger freed block)."""
+
+    def __init__(self, device: SimDevice, nbytes: int, fragment: int = 0):
+        self.device, self.nbytes, self.fragment = device, nbytes, fragment
 
     def __del__(self) -> None:
-        self.device.free(self.nbytes)
+        self.device.free(self.nbytes, self.fragment)
 
 
 class SimDevice:
@@ -38,12 +49,20 @@ class SimDevice:
     Allocator model (``used_bytes`` = reserved, ``allocated_bytes`` = live):
 
     - `fragmentation`: holding ``live`` bytes reserves ``live × (1 + fragmentation)``, also under pressure;
+    - `split`: the step's activations fragment the cache as a transformer block's temporaries do: a temporary
+      of ``curve(n) × (1/2 + split)`` bytes is freed, the next ``curve(n) / 2`` are carved out of its block,
+      and the rest of that block, ``split × curve(n)``, stays reserved but unusable for the last
+      ``curve(n) / 2`` (it cannot be released while its segment holds a live block). Live peaks then
+      under-count what a size needs by that fraction, under pressure too;
     - `cache`: the allocator keeps freed blocks and grows its reserve by ``cache`` of what it needs, but only
       while that fits under ``min(capacity, limit)``: under pressure it releases the cache (``cleanup`` too);
     - an allocation fails when the reserve it needs exceeds ``min(capacity, limit)``; `limit(nbytes)` sets
       the limit for a block (the CUDA backend's per-process fraction). `SimDeviceWithoutLimit` has none:
       a budget below the capacity can then only be judged by measuring;
-    - `live_peaks=False` reports no live-tensor peak (``peak_allocated_bytes() is None``), like CPU RSS.
+    - `live_peaks=False` reports no live-tensor peak (``peak_allocated_bytes() is None``), like CPU RSS;
+    - an OOM's message gives the allocator's account in the words and number format of CUDA's caching allocator
+      (requested, allocated, reserved but unallocated: what `torchopt.batch.memory.oom_report` reads);
+      `reports=False` raises a message without it (another allocator, a library workspace).
 
     With the defaults (no fragmentation, no cache) reserved = live at every moment.
     """
@@ -61,7 +80,9 @@ class SimDevice:
         total: int | None = None,
         fragmentation: float = 0.0,
         cache: float = 0.0,
+        split: float = 0.0,
         live_peaks: bool = True,
+        reports: bool = True,
     ):
         self.capacity = capacity
         self.total = total if total is not None else capacity
@@ -69,7 +90,10 @@ class SimDevice:
         self.workspace = workspace
         self.fragmentation = fragmentation
         self.cache = cache
+        self.split = split
+        self.fragments = 0  # reserved, unallocated and not releasable (see `split`)
         self.live_peaks = live_peaks
+        self.reports = reports
         self.live = 0
         self.reserved = 0
         self.peak = 0  # reserved
@@ -90,9 +114,16 @@ class SimDevice:
         return self.capacity if self.limit_bytes is None else min(self.capacity, self.limit_bytes)
 
     def alloc(self, nbytes: int) -> _Block:
-        need = self.reserved_for(self.live + nbytes)
+        need = self.reserved_for(self.live + self.fragments + nbytes)
         if need > self.ceiling:
-            self.reserved = self.reserved_for(self.live)  # the allocator released its cache, then gave up
+            # The allocator released its cache, then gave up.
+            self.reserved = self.reserved_for(self.live + self.fragments)
+            if self.reports:
+                raise torch.OutOfMemoryError(
+                    f"simulated: CUDA out of memory. Tried to allocate {format_size(nbytes)}. Of the allocated"
+                    f" memory {format_size(self.live)} is allocated by PyTorch, and"
+                    f" {format_size(self.reserved - self.live)} is reserved by PyTorch but unallocated."
+                )
             raise torch.OutOfMemoryError(
                 f"simulated: tried to allocate {nbytes / MiB:.1f} MiB with {self.live / MiB:.1f} MiB live,"
                 f" {need / MiB:.1f} MiB to reserve of {self.ceiling / MiB:.1f} MiB allowed"
@@ -104,20 +135,39 @@ class SimDevice:
         self.peak_live = max(self.peak_live, self.live)
         return _Block(self, nbytes)
 
-    def free(self, nbytes: int) -> None:
+    def carve(self, block: _Block, nbytes: int) -> _Block:
+        """Free `block` and allocate `nbytes` <= its size inside it: the rest of it becomes a fragment."""
+        rest = block.nbytes - nbytes
+        block.nbytes = 0  # its bytes move to the carved block and the fragment; it dies freeing nothing
+        self.live -= rest
+        self.fragments += rest
+        return _Block(self, nbytes, fragment=rest)
+
+    def free(self, nbytes: int, fragment: int = 0) -> None:
         self.live -= nbytes
+        self.fragments -= fragment
         if not self.cache:  # no caching allocator: the reserve follows the live bytes
-            self.reserved = self.reserved_for(self.live)
+            self.reserved = self.reserved_for(self.live + self.fragments)
 
     def need(self, n: int) -> int:
-        """Peak bytes above the weights at batch n."""
-        return self.workspace + int(self.curve(n))
+        """Peak bytes above the weights at batch n (to reserve; `split` fragments included)."""
+        c = int(self.curve(n))
+        if not self.split:
+            return self.workspace + c
+        first = int(c * (0.5 + self.split))
+        return self.workspace + max(first, first + c - c // 2)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         self.calls.append(n)
         workspace = self.alloc(self.workspace)  # noqa: F841  (held while the activations are allocated)
-        activations = self.alloc(int(self.curve(n)))  # noqa: F841
+        c = int(self.curve(n))
+        if not self.split:
+            activations = self.alloc(c)  # noqa: F841
+            return x.sum()
+        first = self.alloc(int(c * (0.5 + self.split)))  # a temporary ...
+        second = self.carve(first, c // 2)  # noqa: F841  ... freed; the next tensor is carved out of its block
+        third = self.alloc(c - c // 2)  # noqa: F841  (does not fit in the fragment: a new segment)
         return x.sum()
 
     def true_max(self, target: int, limit: int = 1 << 20) -> int:
@@ -170,7 +220,8 @@ class SimDevice:
         if sys.exc_info()[0] is not None:
             self.cleanups_in_except += 1
         gc.collect(0)  # the blocks are freed by reference counting; a full collection costs ~0.15 s here
-        self.reserved = self.reserved_for(self.live)  # empty_cache: only fragmentation of live blocks stays
+        # empty_cache: only fragmentation of live blocks (and fragments of their segments) stays
+        self.reserved = self.reserved_for(self.live + self.fragments)
         self.live_at_cleanup.append(self.live)
 
     def synchronize(self) -> None:
@@ -194,7 +245,8 @@ def make_batch(n: int) -> torch.Tensor:
 @pytest.fixture
 def sim_device() -> Callable[..., SimDevice]:
     """Factory: ``sim_device(capacity, curve, weights=..., workspace=..., total=..., fragmentation=...,
-    cache=..., live_peaks=True, enforce=True)``; ``enforce=False`` presents the backend without `limit`."""
+    cache=..., split=..., live_peaks=True, reports=True, enforce=True)``; ``enforce=False`` presents the backend
+    without `limit`."""
     return make_sim_device
 
 

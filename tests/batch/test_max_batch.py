@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from torchopt.batch import MaxBatchConfig, find_max_batch
 from torchopt.batch._step import as_step, run_guarded
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, is_out_of_memory
+from torchopt.batch.memory import CpuRssMemory, CudaMemory, OomReport, is_out_of_memory, oom_report
 
 MiB = 2**20
 GiB = 2**30
@@ -183,6 +183,55 @@ def test_fitting_cached_reserved_peaks_undershoots(sim_device, sim_inputs, curve
     assert res.num_probes > fair.num_probes
 
 
+# A transformer-like allocator: temporaries split the cache's blocks, so `split` of the activations stays
+# reserved but unusable, under pressure too (ViT-B/16 on an H100: reserved ~25-32 % above live at the limit).
+# The live-bytes fit then overshoots by that fraction; each OOM's account (live + fragments + requested) says
+# by how much. (capacity, curve, args, workspace)
+SPLIT_CASES = [
+    (8 * GiB, "linear", (4 * MiB,), 0),
+    (24 * GiB, "linear", (20 * MiB,), 0),
+    (16 * GiB, "linear", (5 * MiB,), 0),
+    (4 * GiB, "linear", (1 * MiB,), 0),
+    (80 * GiB, "linear", (3 * MiB,), 0),
+]
+
+
+@pytest.mark.parametrize(("capacity", "curve", "args", "workspace"), SPLIT_CASES)
+@pytest.mark.parametrize("split", [0.15, 0.25, 0.32])
+@pytest.mark.parametrize("headroom", [0, 256 * MiB])
+def test_fragments_that_persist_under_pressure_are_read_from_the_oom(
+    sim_device, sim_inputs, curves, capacity, curve, args, workspace, split, headroom
+):
+    sim = sim_device(capacity, curves[curve](*args), workspace=workspace, split=split, cache=0.3)
+    baseline = sim.live
+    res = _search(sim, sim_inputs, headroom=headroom)
+    true_max = sim.true_max(res.target_bytes)
+    assert res.num_probes <= 4, [(p.size, p.status) for p in res.probes]
+    assert 0.95 * true_max <= res.size <= true_max, (res.size, true_max)
+    ooms = [p for p in res.probes if p.status == "oom"]
+    assert ooms and all(p.oom is not None and p.oom.fragment_bytes > 0.1 * split * p.oom.allocated_bytes for p in ooms)
+    _check_tested_and_clean(res, sim, baseline)
+
+    # Negative control: the same device whose OOMs carry no account. The live fit alone steps down from the
+    # overshoot by the fragmentation allowance and bisects: more probes, and it may run out of them.
+    blind = sim_device(capacity, curves[curve](*args), workspace=workspace, split=split, cache=0.3, reports=False)
+    res_blind = _search(blind, sim_inputs, headroom=headroom)
+    assert all(p.oom is None for p in res_blind.probes)
+    assert res_blind.num_probes > res.num_probes
+
+
+def test_a_bound_disproved_by_a_success_is_ignored(sim_device, sim_inputs, curves):
+    """Memory that bends upward and fragments (the account of an OOM far above the boundary scales down too
+    far): confirmation runs climb above the bound, which is then ignored; the search still returns a size it
+    ran, within its bracket."""
+    sim = sim_device(8 * GiB, curves["superlinear"](2 * MiB, 2000), workspace=500 * MiB, split=0.25)
+    baseline = sim.live
+    res = _search(sim, sim_inputs, headroom=0, max_probes=12)
+    true_max = sim.true_max(res.target_bytes)
+    assert res.limited_by == "memory" and 0.95 * true_max <= res.size <= true_max, (res.size, true_max)
+    _check_tested_and_clean(res, sim, baseline)
+
+
 def test_cpu_rss_style_backend_keeps_the_measuring_rule(sim_device, sim_inputs, curves):
     """No `limit` and no live-tensor peaks (like CpuRssMemory): runs over the target are "over_budget"."""
     sim = sim_device(40 * GiB, curves["superlinear"](10 * MiB, 300), enforce=False, live_peaks=False)
@@ -293,6 +342,39 @@ def test_oom_classification(message, is_oom):
             raise RuntimeError("backend compiler failed") from exc
     except RuntimeError as outer:
         assert is_out_of_memory(outer)  # e.g. torch.compile wrapping an OOM
+
+
+# Messages of CUDA's caching allocator: from the H100 runs of benchmarks/bench_batch.py (ViT-B/16 under an 8 GiB
+# limit), and the size formats it prints (c10's format_size: bytes, KiB, MiB, GiB with 2 decimals).
+VIT_OOM = (
+    "CUDA out of memory. Tried to allocate 2.21 GiB. GPU 0 has a total capacity of 79.18 GiB of which 70.73 GiB is"
+    " free. Including non-PyTorch memory, this process has 8.44 GiB memory in use. 8.00 GiB allowed; Of the"
+    " allocated memory 5.73 GiB is allocated by PyTorch, and 2.04 GiB is reserved by PyTorch but unallocated. If"
+    " reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to"
+    " avoid fragmentation.  See documentation for Memory Management"
+)
+SMALL_OOM = (
+    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 8.00 GiB of which 0 bytes is"
+    " free. Of the allocated memory 7.51 GiB is allocated by PyTorch, and 512 bytes is reserved by PyTorch but"
+    " unallocated."
+)
+
+
+def test_oom_report_reads_the_caching_allocators_account():
+    vit = oom_report(torch.OutOfMemoryError(VIT_OOM))
+    assert vit == OomReport(round(2.21 * GiB), round(5.73 * GiB), round(2.04 * GiB))
+    assert vit.demand_bytes == round(2.21 * GiB) + round(5.73 * GiB) + round(2.04 * GiB)
+    small = oom_report(torch.OutOfMemoryError(SMALL_OOM))
+    assert small == OomReport(20 * MiB, round(7.51 * GiB), 512)
+    try:  # wrapped, e.g. by torch.compile: the account is found along the cause chain
+        try:
+            raise torch.OutOfMemoryError(SMALL_OOM.replace("20.00 MiB", "1.50 KiB"))
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("backend compiler failed") from exc
+    except RuntimeError as outer:
+        assert oom_report(outer).requested_bytes == 1536
+    for other in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory. Tried to allocate"):
+        assert oom_report(RuntimeError(other)) is None
 
 
 def test_make_inputs_with_the_wrong_batch_size(sim_device, curves):
@@ -409,6 +491,30 @@ def test_cuda_backend_sees_the_per_process_limit(memory_limit):
     del x, y
     cuda.cleanup()
     assert cuda.allocated_bytes() == before
+
+
+@pytest.mark.gpu
+def test_oom_report_of_a_real_cuda_oom(memory_limit):
+    """The account read from a real OOM matches the allocator's own counters at the failure."""
+    cuda = CudaMemory()
+    cuda.cleanup()
+    with cuda.limit(cuda.used_bytes() + GiB):
+        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
+        allocated = torch.cuda.memory_allocated()
+        failure = None
+        try:
+            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
+        except torch.OutOfMemoryError as exc:
+            failure = exc
+        del x
+    assert failure is not None
+    report = oom_report(failure)
+    assert report is not None, str(failure)
+    assert report.requested_bytes == 700 * MiB
+    assert abs(report.allocated_bytes - allocated) <= 0.01 * GiB  # printed with 2 decimals of its unit
+    assert report.fragment_bytes <= 0.01 * GiB + 2 * MiB  # the allocator freed its cache before failing
+    del failure
+    cuda.cleanup()
 
 
 @pytest.mark.gpu

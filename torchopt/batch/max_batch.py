@@ -13,17 +13,21 @@ a torch.compile recompile):
    real boundary often lies higher than live bytes predict: under pressure the allocator frees its cache and
    cuDNN picks smaller workspaces). Its failure proves the result within `tolerance` of the boundary.
 5. Refine between the largest success and the smallest failure (an OOM, or a run whose peak exceeded the
-   target): interpolate when the failure was measured, aim below the prediction by the fragmentation
-   allowance after an OOM (doubled per OOM in a row), bisect when the model under-predicts, until the gap
-   is within `tolerance` (or, after a success, the next estimate gains less).
+   target): interpolate when the failure was measured; after an OOM, scale the allocator's own account of
+   the failed allocation (live + fragments + requested bytes, `OomReport`) down to the target, and aim below
+   the live-bytes prediction by the fragmentation allowance (doubled per OOM in a row), whichever is lower;
+   bisect when the model under-predicts; until the gap is within `tolerance` (or, after a success, the
+   next estimate gains less).
 
 The target is enforced, not guessed, where the backend can (`CudaMemory.limit`): every probe runs with the
 caching allocator capped at the target, so a probe either fits for real (the allocator frees its cache under
 pressure, as it would in production) or raises a real OOM. Reserved peaks without pressure over-count (the
 allocator keeps growing its cache), so on CUDA the model is fitted to live-tensor peaks
 (``max_memory_allocated``) against the target less the reserved-but-unused gap left at the baseline; after an
-OOM it aims lower by `fragmentation` of the target. Backends without a limit (CPU RSS) are searched by
-measuring: a run whose peak exceeds the target is a failure.
+OOM it aims lower by `fragmentation` of the target, and where the allocator's fragments were what failed
+(attention and MLP temporaries of transformers split its segments: reserved stays ~25 % above live bytes even
+at the limit), the OOM's own account scales the failed size down to the target in one step. Backends without
+a limit (CPU RSS) are searched by measuring: a run whose peak exceeds the target is a failure.
 
 The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
 by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
@@ -49,7 +53,7 @@ from torchopt.batch._step import (
     resolve_config,
     run_guarded,
 )
-from torchopt.batch.memory import MemoryBackend, memory_backend
+from torchopt.batch.memory import MemoryBackend, OomReport, memory_backend, oom_report
 from torchopt.batch.memory_model import MemoryModel, fit_memory_model
 from torchopt.config import ConfigBase, check_positive, check_type
 
@@ -132,6 +136,7 @@ class Probe:
     kind: str = "probe"  # "warmup" or "probe"
     peak_allocated_bytes: int | None = None
     message: str = ""  # the OOM message
+    oom: OomReport | None = None  # the CUDA allocator's account of the failed allocation, when it gave one
 
     @property
     def ok(self) -> bool:
@@ -199,8 +204,15 @@ class MaxBatchResult:
         for p in self.probes:
             mem = f"{p.peak_bytes / MiB:,.0f} MiB" if p.peak_bytes is not None else "-"
             alive = f"{p.peak_allocated_bytes / MiB:,.0f} MiB" if p.peak_allocated_bytes is not None else "-"
+            account = (
+                f"  (needed {p.oom.demand_bytes / MiB:,.0f} MiB, {p.oom.fragment_bytes / MiB:,.0f} MiB of them"
+                " fragments)"
+                if p.oom is not None
+                else ""
+            )
             lines.append(
                 f"  {p.kind:<6} batch {p.size:>7}  {p.status:<11} peak {mem:>12}  live {alive:>12}  {p.seconds:.2f} s"
+                + account
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -300,6 +312,24 @@ class _Search:
         failed = [p for p in self.probes if not p.ok and p.size > self.lo.size]
         return min(failed, key=lambda p: p.size) if failed else None
 
+    def oom_bound(self, p: Probe) -> float | None:
+        """The size at which the allocator's account of `p`'s failure would fit the target; None without an
+        account (or for a fit to measured peaks).
+
+        At the failure the step needed ``demand = live + fragments + requested`` reserved bytes. Everything
+        but the bytes held without a batch (weights, optimizer state: `base_bytes`) scales with the batch, so
+        the same point of the step fits at ``size · (target - base) / (demand - base)``, its bytes per item
+        raised by `slope_margin` like every prediction. Unlike the live-bytes model this counts the fragments,
+        which only show under pressure, so no fragmentation allowance is taken off. Used only where the
+        fragments exceed that allowance (else the failure is what the allowance is for, and the account may
+        come from an allocation before the step's peak: scaling it would overshoot).
+        """
+        if not self.live or p.oom is None or p.oom.fragment_bytes <= self.fit_target - self.safe_target:
+            return None
+        room = self.target - self.base_bytes
+        per_batch = (p.oom.demand_bytes - self.base_bytes) * (1 + self.cfg.slope_margin)
+        return p.size * room / per_batch if room > 0 and per_batch > 0 else None
+
     def model(self) -> MemoryModel:
         return fit_memory_model(
             [(p.size, self.fitted(p)) for p in self.ok],
@@ -339,10 +369,19 @@ class _Search:
             # `peak_bytes` units: those are what the target judged.
             frac = (self.target - lo.peak_bytes) / max(hi.peak_bytes - lo.peak_bytes, 1)
             size, why = lo.size + _floor(frac * gap), "interpolate"
-        else:  # an OOM measures nothing: aim below the prediction by the allowance, doubled per OOM in a row
+        else:  # an OOM: aim below the prediction by the allowance, doubled per OOM in a row
             allowance = self.fit_target - self.safe_target
             backoff = allowance * 2 ** max(0, self.failures_in_a_row - 1)
             estimate = model.max_batch(self.fit_target - backoff)
+            bound = self.oom_bound(hi)
+            if bound is not None and bound >= lo.size:  # a success above it would disprove it: then ignored
+                # The allocator's account of the failure scaled to the target; it also sees the fragments.
+                estimate = min(estimate, bound)
+                if estimate < lo.size * (1 + cfg.tolerance):
+                    # Less than `tolerance` to gain by both accounts: one run `tolerance` above the verified
+                    # size proves the bracket (or moves it up, above the bound, which is then ignored).
+                    size = max(lo.size + 1, math.ceil(lo.size * (1 + cfg.tolerance)))
+                    return min(size, hi.size - 1), "confirm"
             if estimate <= lo.size:
                 size, why = lo.size + gap // 2, "bisect"  # the model under-predicts: halve the bracket
             elif self.failures_in_a_row >= 2 and estimate > lo.size + gap // 2:
@@ -462,7 +501,8 @@ def find_max_batch(
 
         peaks, failure = run_guarded(attempt, size, _WHERE, memory.cleanup)
         if failure is not None:
-            return Probe(size, "oom", None, time.perf_counter() - t0, kind, message=oom_text(failure))
+            seconds = time.perf_counter() - t0
+            return Probe(size, "oom", None, seconds, kind, message=oom_text(failure), oom=oom_report(failure))
         memory.cleanup()
         peak, peak_alloc = peaks
         status = "ok" if peak <= target else "over_budget"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import gc
 import re
@@ -32,8 +33,10 @@ __all__ = [
     "CpuRssMemory",
     "CudaMemory",
     "MemoryBackend",
+    "OomReport",
     "is_out_of_memory",
     "memory_backend",
+    "oom_report",
     "release_memory",
 ]
 
@@ -64,6 +67,58 @@ def is_out_of_memory(exc: BaseException) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+_UNITS = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE = r"([0-9]+(?:\.[0-9]+)?) (bytes|KiB|MiB|GiB|TiB)"
+_REQUEST = re.compile(rf"Tried to allocate {_SIZE}")
+_ACCOUNT = re.compile(rf"{_SIZE} is allocated by PyTorch, and {_SIZE} is reserved by PyTorch but unallocated")
+
+
+@dataclasses.dataclass(frozen=True)
+class OomReport:
+    """The caching allocator's account of one failed allocation (from its out-of-memory message).
+
+    At the failure the allocator has already freed every cached block it could, so what stays reserved but
+    unallocated are fragments: free parts of segments that also hold live blocks. The allocation failed
+    because ``allocated + fragments + requested`` exceeded what it was allowed to reserve.
+    """
+
+    requested_bytes: int  # the allocation that failed
+    allocated_bytes: int  # live tensor bytes at that moment
+    fragment_bytes: int  # reserved by PyTorch but unallocated, after the allocator released its cache
+
+    @property
+    def demand_bytes(self) -> int:
+        """Reserved bytes the failed allocation needed, its fragments included."""
+        return self.requested_bytes + self.allocated_bytes + self.fragment_bytes
+
+
+def _bytes(number: str, unit: str) -> int:
+    return round(float(number) * _UNITS[unit])
+
+
+def oom_report(exc: BaseException) -> OomReport | None:
+    """What the CUDA caching allocator reported when it raised `exc` (or an error `exc` was raised from); None
+    when no error in the chain carries its account (another allocator, a library workspace, a CPU OOM).
+
+    The numbers come from the message's ``Tried to allocate X`` and ``Y is allocated by PyTorch, and Z is
+    reserved by PyTorch but unallocated`` (the format of c10's CUDACachingAllocator since PyTorch 1.x, sizes
+    rounded to 2 decimals of their unit). Other fields of the message are not needed.
+    """
+    seen = 0
+    while exc is not None and seen < 8:  # the cause chain is short; the bound guards against cycles
+        text = str(exc)
+        request, account = _REQUEST.search(text), _ACCOUNT.search(text)
+        if request and account:
+            return OomReport(
+                requested_bytes=_bytes(*request.groups()),
+                allocated_bytes=_bytes(*account.groups()[:2]),
+                fragment_bytes=_bytes(*account.groups()[2:]),
+            )
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def release_memory(device: torch.device | None = None) -> None:
