@@ -116,9 +116,14 @@ Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; be
 * Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
   16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in
   the committed run).
-* Left: 1080p -> 224 b32 43.5 us = 1.15x torch.compile (50.0) and 1.40x the bytes floor; the next step is fewer
-  instructions per pixel (a row-band program that loads each source row segment once, coalesced, and
-  resamples from shared memory / registers), not tiling.
+* 1080p -> 224 b32 against measured floors (benchmarks/diag_preprocess_floor.py, logs/preprocess_floor_h100.json):
+  a kernel that only reads the 448 touched rows per frame, whole, with 128-bit loads, and writes the output's
+  bytes takes 38.8 us under do_bench's L2 flush (which leaves ~50 MB of dirty lines to evict), 33.0 us after a
+  clean flush; ours 40.8-43.1 us and 34.5 us, i.e. 1.05-1.11x an access pattern with no resampling at all. The
+  1.33x-torch.compile target (37.6 us) is below that read; the 1.25x-floor target (38.9 us) equals it. A
+  row-band variant gathering taps from coalesced row segments (tl.gather) could win at most that 5-11%; its
+  first version did not compile on sm_90 (it used a Python loop over tensors), not pursued. Tiles: (1, 128, 4)
+  and (1, 256, 8) were ~1 us faster than TILE here, within run-to-run noise and slower at 480p / NV12.
 """
 
 from __future__ import annotations
