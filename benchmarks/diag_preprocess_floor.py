@@ -42,9 +42,9 @@ TILES = [(2, 128, 2), (1, 128, 4), (1, 256, 4), (1, 256, 8), (1, 64, 2), (1, 128
 def _ideal_rows_kernel(src, out, rows_ptr, H, W3, OH, OW, BLOCK: tl.constexpr, OUT_BLOCK: tl.constexpr):
     """One program per (output row, image): reads its source rows y0 and y1 whole, writes 3 x OW fp16.
 
-    Each thread reads BLOCK / OUT_BLOCK consecutive words of both rows (128-bit loads: rows start 16-byte
-    aligned) and folds them into its own output value: no cross-thread reduction, nothing between the loads
-    and the stores but an XOR and a sum in registers.
+    Each thread reads BLOCK / OUT_BLOCK consecutive words of both rows (rows start 16-byte aligned, so the
+    loads can be vectorized) and folds them into its own output value: no cross-thread reduction, nothing
+    between the loads and the stores but an XOR and a sum in registers.
     """
     oy = tl.program_id(0)
     n = tl.program_id(1)

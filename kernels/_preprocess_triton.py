@@ -117,7 +117,7 @@ Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; be
   16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in
   the committed run).
 * 1080p -> 224 b32 against measured floors (benchmarks/diag_preprocess_floor.py, logs/preprocess_floor_h100.json):
-  a kernel that only reads the 448 touched rows per frame, whole, with 128-bit loads, and writes the output's
+  a kernel that only reads the 448 touched rows per frame, whole and coalesced, and writes the output's
   bytes takes 38.8 us under do_bench's L2 flush (which leaves ~50 MB of dirty lines to evict), 33.0 us after a
   clean flush; ours 40.8-43.1 us and 34.5 us, i.e. 1.05-1.11x an access pattern with no resampling at all. The
   1.33x-torch.compile target (37.6 us) is below that read; the 1.25x-floor target (38.9 us) equals it. A
