@@ -42,6 +42,10 @@ with 16 CPU cores and PCIe Gen5, see benchmarks/results/bench_feeder.md):
 * Not done, measured: pinning the caller's frames in place with cudaHostRegister instead of copying them.
   Register + unregister of 1080p frames runs at 10-13 GB/s whatever the thread count (the driver serializes
   it), slower than copying. GPU decoding (NVDEC) keeps frames off the host entirely and needs no feeder.
+* Not done, measured: non-temporal stores for the copies (glibc's memcpy switches to them above a threshold,
+  ``GLIBC_TUNABLES=glibc.cpu.x86_non_temporal_threshold``; a 6.2 MB frame is below the default). One thread
+  went 5.5 -> 8.8 GB/s, but 12-16 threads stayed at 33-38 GB/s and the pipeline did not gain
+  (benchmarks/results/logs/h100_bench_feeder_rerun_*: that rerun's host was slower, 49% with the default).
 
 The staging slots are ordinary host tensors page-locked with ``cudaHostRegister`` rather than
 ``pin_memory=True``: PyTorch's caching host allocator rounds every block up to a power of two (a 199 MB slot
