@@ -1,8 +1,9 @@
 """torchopt.batch: batch sizes that fit, that are fast, and that adapt.
 
 - `find_max_batch`: the largest batch within a memory budget — warm up, probe, fit ``peak = a + b · batch``,
-  predict, **verify by running it**, refine; never returns a size it has not run. CUDA (caching allocator +
-  ``mem_get_info``); on CPU only with an explicit ``memory_budget`` (peak RSS).
+  predict, **verify by running it**, refine (after an OOM, from the allocator's own account of it:
+  `oom_report`); never returns a size it has not run. CUDA (caching allocator + ``mem_get_info``); on CPU
+  only with an explicit ``memory_budget`` (peak RSS).
 - `find_optimal_batch`: the best throughput whose latency percentile meets a budget (CPU and CUDA).
 - `batch_profile`: those results as a dynamic-shape profile (``opt`` = optimal, ``max`` = max fit); the
   recipe step ``auto_batch`` does it inside `torchopt.optimize`.
@@ -22,7 +23,7 @@ matplotlib is imported only by the ``plot()`` methods.
 
 from torchopt.batch.adaptive import AdaptiveBatchConfig, AdaptiveBatchSizer, SizerEvent
 from torchopt.batch.max_batch import MaxBatchConfig, MaxBatchResult, Probe, find_max_batch
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, MemoryBackend, is_out_of_memory
+from torchopt.batch.memory import CpuRssMemory, CudaMemory, MemoryBackend, OomReport, is_out_of_memory, oom_report
 from torchopt.batch.memory_model import MemoryModel, fit_memory_model
 from torchopt.batch.optimal import OptimalBatchConfig, OptimalBatchResult, SweepPoint, find_optimal_batch
 from torchopt.batch.shapes import batch_profile
@@ -36,6 +37,7 @@ __all__ = [
     "MaxBatchResult",
     "MemoryBackend",
     "MemoryModel",
+    "OomReport",
     "OptimalBatchConfig",
     "OptimalBatchResult",
     "Probe",
@@ -46,4 +48,5 @@ __all__ = [
     "find_optimal_batch",
     "fit_memory_model",
     "is_out_of_memory",
+    "oom_report",
 ]
