@@ -391,7 +391,8 @@ class _Search:
         if why != "bisect" and self.failures_in_a_row == 0 and size < lo.size * (1 + cfg.tolerance):
             # The last run succeeded and the estimate that includes it leaves less than `tolerance` to gain
             # (stepping to it would creep up an item at a time). A measured failure above agrees: done. An
-            # OOM measured nothing, so the boundary may lie anywhere below it: halve the bracket.
+            # OOM without the allocator's account measured nothing, so the boundary may lie anywhere below it:
+            # halve the bracket.
             if why == "interpolate":
                 return None, "memory"
             size, why = lo.size + gap // 2, "bisect"
