@@ -186,23 +186,23 @@ def test_fitting_cached_reserved_peaks_undershoots(sim_device, sim_inputs, curve
 # A transformer-like allocator: temporaries split the cache's blocks, so `split` of the activations stays
 # reserved but unusable, under pressure too (ViT-B/16 on an H100: reserved ~25-32 % above live at the limit).
 # The live-bytes fit then overshoots by that fraction; each OOM's account (live + fragments + requested) says
-# by how much. (capacity, curve, args, workspace)
+# by how much. (capacity, bytes per item of a linear curve)
 SPLIT_CASES = [
-    (8 * GiB, "linear", (4 * MiB,), 0),
-    (24 * GiB, "linear", (20 * MiB,), 0),
-    (16 * GiB, "linear", (5 * MiB,), 0),
-    (4 * GiB, "linear", (1 * MiB,), 0),
-    (80 * GiB, "linear", (3 * MiB,), 0),
+    (8 * GiB, 4 * MiB),
+    (24 * GiB, 20 * MiB),
+    (16 * GiB, 5 * MiB),
+    (4 * GiB, 1 * MiB),
+    (80 * GiB, 3 * MiB),
 ]
 
 
-@pytest.mark.parametrize(("capacity", "curve", "args", "workspace"), SPLIT_CASES)
+@pytest.mark.parametrize(("capacity", "per_item"), SPLIT_CASES)
 @pytest.mark.parametrize("split", [0.15, 0.25, 0.32])
 @pytest.mark.parametrize("headroom", [0, 256 * MiB])
 def test_fragments_that_persist_under_pressure_are_read_from_the_oom(
-    sim_device, sim_inputs, curves, capacity, curve, args, workspace, split, headroom
+    sim_device, sim_inputs, curves, capacity, per_item, split, headroom
 ):
-    sim = sim_device(capacity, curves[curve](*args), workspace=workspace, split=split, cache=0.3)
+    sim = sim_device(capacity, curves["linear"](per_item), split=split, cache=0.3)
     baseline = sim.live
     res = _search(sim, sim_inputs, headroom=headroom)
     true_max = sim.true_max(res.target_bytes)
@@ -214,7 +214,7 @@ def test_fragments_that_persist_under_pressure_are_read_from_the_oom(
 
     # Negative control: the same device whose OOMs carry no account. The live fit alone steps down from the
     # overshoot by the fragmentation allowance and bisects: more probes, and it may run out of them.
-    blind = sim_device(capacity, curves[curve](*args), workspace=workspace, split=split, cache=0.3, reports=False)
+    blind = sim_device(capacity, curves["linear"](per_item), split=split, cache=0.3, reports=False)
     res_blind = _search(blind, sim_inputs, headroom=headroom)
     assert all(p.oom is None for p in res_blind.probes)
     assert res_blind.num_probes > res.num_probes

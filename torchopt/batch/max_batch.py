@@ -292,6 +292,11 @@ class _Search:
         self.probes: list[Probe] = []
         self.failures_in_a_row = 0
 
+    @property
+    def fragment_allowance(self) -> int:
+        """Bytes a refinement after an OOM keeps below the fitted target (`fragmentation` of the target)."""
+        return self.fit_target - self.safe_target
+
     def fitted(self, p: Probe) -> int:
         return p.peak_allocated_bytes if self.live else p.peak_bytes
 
@@ -324,7 +329,7 @@ class _Search:
         fragments exceed that allowance (else the failure is what the allowance is for, and the account may
         come from an allocation before the step's peak: scaling it would overshoot).
         """
-        if not self.live or p.oom is None or p.oom.fragment_bytes <= self.fit_target - self.safe_target:
+        if not self.live or p.oom is None or p.oom.fragment_bytes <= self.fragment_allowance:
             return None
         room = self.target - self.base_bytes
         per_batch = (p.oom.demand_bytes - self.base_bytes) * (1 + self.cfg.slope_margin)
@@ -370,8 +375,7 @@ class _Search:
             frac = (self.target - lo.peak_bytes) / max(hi.peak_bytes - lo.peak_bytes, 1)
             size, why = lo.size + _floor(frac * gap), "interpolate"
         else:  # an OOM: aim below the prediction by the allowance, doubled per OOM in a row
-            allowance = self.fit_target - self.safe_target
-            backoff = allowance * 2 ** max(0, self.failures_in_a_row - 1)
+            backoff = self.fragment_allowance * 2 ** max(0, self.failures_in_a_row - 1)
             estimate = model.max_batch(self.fit_target - backoff)
             bound = self.oom_bound(hi)
             if bound is not None and bound >= lo.size:  # a success above it would disprove it: then ignored
