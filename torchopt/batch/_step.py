@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchopt.batch.memory import is_out_of_memory
+from torchopt.batch.memory import exception_chain, is_out_of_memory
 from torchopt.config import ConfigBase, check_type
 from torchopt.inputs import InputSpec
 from torchopt.profile import infer_device
@@ -162,12 +162,8 @@ def oom_text(exc: BaseException) -> str:
 
 def _detach_tracebacks(exc: BaseException) -> BaseException:
     # A traceback references every frame it passed through, and so every tensor those frames hold.
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 8:
+    for e in exception_chain(exc):
         e.__traceback__ = None
-        e = e.__cause__ or e.__context__
-        seen += 1
     return exc
 
 

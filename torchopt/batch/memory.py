@@ -52,20 +52,27 @@ OOM_MESSAGES = (
 )
 
 
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then the error it was raised from (``__cause__``, else ``__context__``), and so on: at most 8 (the
+    chain is short; the bound guards against cycles)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True when `exc` (or one it was raised from, e.g. inside torch.compile) is an allocation failure.
 
     ``torch.OutOfMemoryError`` is recognized by type; `OOM_MESSAGES` covers the library paths that raise a
     plain RuntimeError. Any other error is a real failure of the step and must not be taken for "too large".
     """
-    seen = 0
-    while exc is not None and seen < 8:  # the cause chain is short; the bound guards against cycles
-        if isinstance(exc, torch.OutOfMemoryError):
+    for e in exception_chain(exc):
+        if isinstance(e, torch.OutOfMemoryError):
             return True
-        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES):
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES):
             return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
     return False
 
 
@@ -106,9 +113,8 @@ def oom_report(exc: BaseException) -> OomReport | None:
     reserved by PyTorch but unallocated`` (the format of c10's CUDACachingAllocator since PyTorch 1.x, sizes
     rounded to 2 decimals of their unit). Other fields of the message are not needed.
     """
-    seen = 0
-    while exc is not None and seen < 8:  # the cause chain is short; the bound guards against cycles
-        text = str(exc)
+    for e in exception_chain(exc):
+        text = str(e)
         request, account = _REQUEST.search(text), _ACCOUNT.search(text)
         if request and account:
             return OomReport(
@@ -116,8 +122,6 @@ def oom_report(exc: BaseException) -> OomReport | None:
                 allocated_bytes=_bytes(*account.groups()[:2]),
                 fragment_bytes=_bytes(*account.groups()[2:]),
             )
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
     return None
 
 
