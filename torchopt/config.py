@@ -1,7 +1,10 @@
-"""Config base class: every option of torchopt lives in exactly one dataclass derived from `ConfigBase`.
+"""The bottom of torchopt: the config base class, the checks every option uses, and the one vocabulary of
+dtypes and devices.
 
-A config validates itself in ``__post_init__`` and round-trips through plain dicts (and so JSON/YAML):
-``type(cfg).from_dict(cfg.to_dict()) == cfg``. Unknown keys are an error that names the key and the valid ones.
+Every option of torchopt lives in exactly one dataclass derived from `ConfigBase`. A config validates itself in
+``__post_init__`` and round-trips through plain dicts (and so JSON/YAML): ``type(cfg).from_dict(cfg.to_dict())
+== cfg``. Unknown keys are an error that names the key and the valid ones. `ConfigBase.merge` is the one way an
+entry point combines a config with keyword overrides.
 """
 
 from __future__ import annotations
@@ -14,9 +17,44 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar, Union
 
+import torch
+
 C = TypeVar("C", bound="ConfigBase")
 
-__all__ = ["ConfigBase", "check_choice", "check_positive", "check_type", "closest"]
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "ConfigBase",
+    "check_choice",
+    "check_positive",
+    "check_range",
+    "check_type",
+    "closest",
+    "dtype_name",
+    "parse_dtype",
+    "resolve_device",
+]
+
+# The one dtype vocabulary: canonical names (as serialized) and the aliases every option accepts.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "long": "int64",
+}
 
 
 def closest(word: str, choices: Iterable[str]) -> str:
@@ -51,6 +89,73 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, types_=(i
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    types_: type | tuple[type, ...] = (int, float),
+) -> None:
+    """Raise TypeError unless `value` is one of `types_`, ValueError unless it lies in the range.
+
+    The range is ``[low, high]`` (``(low, high]`` with `low_open`); either bound may be None (unbounded).
+    """
+    check_type(name, value, types_)
+    below = value is not None and low is not None and (value <= low if low_open else value < low)
+    above = high is not None and value > high
+    if below or above:
+        left = "(" if low_open else "["
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name of a torch dtype in torchopt's vocabulary."""
+    for key, dt in DTYPES.items():
+        if dt == dtype:
+            return key
+    raise ValueError(f"dtype {dtype} is not supported; expected one of {list(DTYPES)}")
+
+
+def parse_dtype(name: str, value: Any, choices: Sequence[str] | None = None) -> str:
+    """The canonical dtype name for `value` (a torch.dtype, a name or an alias such as 'fp16').
+
+    `name` is the option being parsed (for the error); `choices` limits the accepted canonical names.
+    """
+    allowed = list(choices) if choices is not None else list(DTYPES)
+    if isinstance(value, torch.dtype):
+        key = dtype_name(value)
+    else:
+        check_type(name, value, (str, torch.dtype), "a torch.dtype or a dtype name")
+        key = _DTYPE_ALIASES.get(value, value)
+    check_choice(name, key, allowed)
+    return key
+
+
+def resolve_device(name: str, value: Any, *, kinds: Sequence[str] = ("cpu", "cuda")) -> torch.device:
+    """The torch.device for an option `name`: None or "auto" (CUDA when available, else CPU), a device
+    string, a torch.device or a CUDA index. A CUDA device gets its index; a missing GPU is a ValueError."""
+    if value is None or value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    check_type(name, value, (str, torch.device, int), "a device like 'cpu', 'cuda', 'cuda:1' or a CUDA index")
+    try:
+        device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name} {value!r} is not a valid device string ({exc})") from None
+    check_choice(f"{name} type", device.type, list(kinds))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {value!r} needs CUDA, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {value!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -103,6 +208,21 @@ class ConfigBase:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def merge(cls: type[C], config: C | None, /, *, where: str | None = None, **overrides: Any) -> C:
+        """`config` (the defaults when None) with `overrides` applied, validated like `from_dict`.
+
+        Example::
+
+            cfg = LatencyConfig.merge(config, iters=50)   # the entry points' `config=..., **overrides`
+        """
+        where = where or f"{cls.__name__} options"
+        if config is not None:
+            check_type("config", config, cls)
+            if not overrides:
+                return config
+        return cls.from_dict({**(config.to_dict() if config else {}), **overrides}, where=where)
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None, *, where: str | None = None) -> C:

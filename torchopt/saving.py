@@ -22,63 +22,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torchopt.export import export_program
 from torchopt.inputs import InputSpec
+from torchopt.quantize import export_quantized
 
 if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule
 
-__all__ = ["FORMAT_VERSION", "export_dynamic_shapes", "export_program", "load", "save"]
+__all__ = ["FORMAT_VERSION", "load", "save"]
 
 FORMAT_VERSION = 1
-
-
-def export_dynamic_shapes(profiles: list[list[InputSpec]]) -> dict[str, dict[int, object]]:
-    """`torch.export` dynamic_shapes covering every profile (one Dim per named dim, union of the ranges)."""
-    from torch.export import Dim  # noqa: PLC0415
-
-    ranges: dict[str, tuple[int, int]] = {}
-    for prof in profiles:
-        for s in prof:
-            for d in s.dynamic_dims:
-                name = s.dim_name(d)
-                lo, hi = ranges.get(name, (s.min[d], s.max[d]))
-                ranges[name] = (min(lo, s.min[d]), max(hi, s.max[d]))
-    dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items()}
-    return {s.name: {d: dims[s.dim_name(d)] for d in s.dynamic_dims} for s in profiles[0]}
-
-
-def _export_args(profiles: list[list[InputSpec]], device: torch.device, dtype: torch.dtype):
-    """Examples at the opt point with every dynamic dim >= 2 (export specializes sizes 0 and 1)."""
-    args = []
-    for s in profiles[0]:
-        shape = tuple(max(2, o) if d in s.dynamic_dims else o for d, o in enumerate(s.opt))
-        shape = tuple(min(v, mx) for v, mx in zip(shape, s.max, strict=True))
-        t = torch.rand(shape) if s.torch_dtype.is_floating_point else torch.randint(0, 2, shape)
-        t = t.to(device=device, dtype=dtype if s.torch_dtype.is_floating_point else s.torch_dtype)
-        args.append(t)
-    return tuple(args)
-
-
-def export_program(
-    module: torch.nn.Module,
-    profiles: list[list[InputSpec]],
-    device: torch.device,
-    dtype: torch.dtype,
-    quantized: bool,
-) -> torch.export.ExportedProgram:
-    """`torch.export` of a prepared module over `profiles`' dynamic dims (examples from `_export_args`).
-
-    Q/DQ models go through ModelOpt's `export_torch_mode()` (`torchopt.quantize.export_quantized`, CUDA only),
-    so their quantizers become `tensorrt::quantize_op` nodes.
-    """
-    args = _export_args(profiles, device, dtype)
-    dynamic = export_dynamic_shapes(profiles)
-    with torch.no_grad():
-        if quantized:
-            from torchopt.quantize import export_quantized  # noqa: PLC0415
-
-            return export_quantized(module, args, dynamic_shapes=dynamic)
-        return torch.export.export(module, args, dynamic_shapes=dynamic)
 
 
 def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
@@ -92,7 +45,13 @@ def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
     module = optimized.module
     fmt = "pickle"
     try:
-        program = export_program(module, optimized.profiles, optimized._device, optimized._dtype, optimized._quantized)
+        program = export_program(
+            module,
+            optimized.profiles,
+            optimized._device,
+            optimized._dtype,
+            export_fn=export_quantized if optimized._quantized else None,
+        )
         with warnings.catch_warnings():
             # torch.export.save warns about channels_last (non-contiguous) weights on CPU; they save correctly.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")

@@ -36,7 +36,9 @@ import torch
 
 from torchopt.backends.base import Backend
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type, closest
+from torchopt.export import export_program
 from torchopt.inputs import InputSpec
+from torchopt.quantize.export import export_quantized
 
 if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule, StepContext
@@ -302,7 +304,7 @@ def input_kwargs(spec: InputSpec, dtype: torch.dtype) -> tuple[dict[str, Any], l
 
     Every input is named (unnamed dynamic Inputs share one export Dim), every dynamic dim is listed in
     `shared_dims` under its `InputSpec.dim_name` (the same name on several inputs ties those dims, as in
-    `torchopt.saving.export_dynamic_shapes`), an opt of 1 on a dynamic axis becomes 2 (export and TensorRT's
+    `torchopt.export.export_dynamic_shapes`), an opt of 1 on a dynamic axis becomes 2 (export and TensorRT's
     save re-trace at opt, and size 1 specializes), and an opt outside [min, max] is clamped.
     """
     check_type("spec", spec, InputSpec)
@@ -419,10 +421,8 @@ def export_profile(
         ep = export_profile(model, [InputSpec("x", min=(1, 3, 224, 224), max=(32, 3, 224, 224))],
                             device=torch.device("cuda"), dtype=torch.float16)
     """
-    from torchopt.saving import export_program
-
     try:
-        return export_program(model, [profile], device, dtype, quantized)
+        return export_program(model, [profile], device, dtype, export_fn=export_quantized if quantized else None)
     except Exception as exc:  # torch.export raises UserError, RuntimeError, GuardOnDataDependent...
         err = explain_export_error(exc, profile, index)
         if not isinstance(err, ValueError) and isinstance(exc, (ValueError, TypeError)):
