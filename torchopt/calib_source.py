@@ -119,9 +119,10 @@ def _checked(source: str, samples: torch.Tensor, spec: InputSpec) -> torch.Tenso
     lo, hi = spec.min[1:], spec.max[1:]
     fits = samples.dim() == spec.rank and all(a <= s <= b for s, a, b in zip(got, lo, hi, strict=True))
     if not fits or samples.shape[0] == 0:
+        expected = f"shape {lo}" if lo == hi else f"a shape within {lo}..{hi}"
         raise ValueError(
             f"--calib {source!r}: samples of shape {got} (tensor {tuple(samples.shape)}, dim 0 = samples) do not"
-            f" fit input {spec.name!r}, which expects each sample within {lo}..{hi}"
+            f" fit input {spec.name!r}, which expects each sample to have {expected}"
         )
     if samples.dtype.is_floating_point != spec.torch_dtype.is_floating_point:
         raise TypeError(f"--calib {source!r}: samples are {samples.dtype}, input {spec.name!r} is {spec.dtype}")
