@@ -21,9 +21,7 @@ def test_image_folder_is_resized_scaled_and_batched(tmp_path):
     assert [tuple(b.shape) for b in batches] == [(2, 3, 12, 10), (1, 3, 12, 10)]
     assert all(b.dtype == torch.float32 and b.min() >= 0 and b.max() <= 1 for b in batches)
     # The image already at the target size keeps its pixels (RGB, HWC -> CHW).
-    assert torch.equal(
-        batches[1][0], torch.from_numpy(np.array(image.open(tmp_path / "2.png"))).permute(2, 0, 1) / 255
-    )
+    assert torch.equal(batches[1][0], torch.from_numpy(np.array(image.open(tmp_path / "2.png"))).permute(2, 0, 1) / 255)
 
 
 def test_npy_file_is_cut_into_opt_sized_batches(tmp_path):
