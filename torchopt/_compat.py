@@ -10,10 +10,11 @@ import contextlib
 import functools
 import importlib
 import io
-import sys
 from types import ModuleType
 
 import torch
+
+from torchopt.torchvision_compat import enable_cpu_torchvision
 
 __all__ = [
     "cuda_available",
@@ -65,27 +66,8 @@ def import_modelopt_quantization() -> ModuleType:
 
 @functools.cache
 def import_torchvision() -> ModuleType:
-    """Import torchvision, also next to a CPU-only torch.
-
-    The torchvision wheel on PyPI is a CUDA build; next to the CPU torch its `_C` extension fails to load and
-    `import torchvision` raises "operator torchvision::nms does not exist" (pytorch/vision#9085) because its
-    meta registrations refer to ops the extension would have defined. Declaring those op schemas first lets
-    the models and transforms (pure PyTorch) work; nms and image io stay unavailable.
-    """
+    """Import torchvision, also next to a CPU-only torch (see `torchopt.torchvision_compat`)."""
     try:
-        return importlib.import_module("torchvision")
+        return enable_cpu_torchvision()
     except ImportError as exc:
         raise ImportError(f"this feature needs torchvision: `pip install torchvision` ({exc})") from exc
-    except RuntimeError as exc:
-        if "torchvision::nms" not in str(exc):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _KEEP_ALIVE.append(lib)  # the schemas live as long as the Library object
-    return importlib.import_module("torchvision")
-
-
-_KEEP_ALIVE: list[object] = []

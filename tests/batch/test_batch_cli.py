@@ -88,7 +88,9 @@ def test_memory_search_on_cpu_with_a_budget(model_file, tmp_path, capsys):
     assert code == 0, printed.err
     data = json.loads((tmp_path / "find_batch.json").read_text())
     assert data["max_batch"]["size"] == 32 and data["max_batch"]["backend"] == "cpu-rss"
-    assert "profile (max = max fit, opt kept): --input x=1-2-32x16" in printed.out
+    # 32 is the --max-batch cap the search reached, not the memory boundary: the label says which.
+    label = "opt kept from --input, max = 32, the --max-batch cap (fits in memory: memory search)"
+    assert f"profile ({label}): --input x=1-2-32x16" in printed.out
     assert (tmp_path / "max_batch.png").stat().st_size > 0
 
 
@@ -115,3 +117,27 @@ def test_parse_bytes_rejects(text):
 def test_bad_budget_text_is_a_clear_cli_error(model_file, tmp_path, capsys):
     code = main(["find-batch", model_file, "--input", "x=1x16", "--memory-budget", "lots", "--out", str(tmp_path)])
     assert code == 2 and "--memory-budget must be" in capsys.readouterr().err
+
+
+def test_sweep_respects_the_given_batch_range_and_labels_the_profile(model_file, tmp_path, capsys):
+    # No memory search on CPU without --memory-budget: the input's range 2..32 bounds the sweep, and the printed
+    # max is the input's own, said to be so (it used to sweep to 64 and call the result "max fit").
+    out = tmp_path / "out"
+    args = ["find-batch", model_file, "--input", "x=2-8-32x16", "--device", "cpu", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "find_batch.json").read_text())
+    sizes = sorted({p["size"] for p in data["optimal_batch"]["points"]})
+    assert sizes[0] == 2 and sizes[-1] <= 32, sizes
+    assert "max_batch" not in data and data["profile"][0]["max"][0] == 32
+    label = f"opt = optimal of the sizes swept (2..{sizes[-1]}), max = 32 kept from --input (no memory search ran)"
+    assert data["profile_label"] == label
+    assert f"profile ({label}): --input x=2-" in printed and "-32x16" in printed
+    assert "max fit" not in printed.split("profile (")[1]
+
+
+def test_find_batch_failure_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["find-batch", "resnet5", "--input", "x=1-2-4x3x8x8", "--device", "cpu", "--out", str(out)])
+    assert code == 2 and "did you mean 'resnet50'" in capsys.readouterr().err
+    assert not out.exists()

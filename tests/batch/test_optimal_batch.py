@@ -1,7 +1,10 @@
-"""find_optimal_batch: picks the right size on steps with a known latency per batch size."""
+"""find_optimal_batch: picks the right size on steps with a known latency per batch size.
+
+The sweeps run on a deterministic latency model (the `timer=` injection point) rather than on sleeps: a sleep
+only bounds a latency from below, and on a loaded host the sweep's decisions then depend on the machine's speed.
+"""
 
 import json
-import time
 
 import pytest
 import torch
@@ -9,19 +12,45 @@ from matplotlib.figure import Figure
 
 from torchopt.batch import OptimalBatchConfig, find_optimal_batch
 from torchopt.inputs import InputSpec
+from torchopt.profile import LatencyResult
+from torchopt.profile.stats import summarize
 
-# Few, short timing windows: the steps below sleep a known time, so there is little noise to average out.
+# Short timing windows for the few tests that measure a real module.
 FAST = {"warmup": 2, "iters": 10, "max_time_s": 0.2}
 
 
-def sleeper(latency_ms):
-    """A step that takes `latency_ms(batch)` milliseconds (sleeps: no CPU contention between tests)."""
+def modelled(latency_ms):
+    """A timer with the signature of `torchopt.profile.latency` whose every sample is `latency_ms(batch, n)`
+    milliseconds, `n` counting the earlier measurements of that batch size. It runs the step once, so the
+    step's own errors (out of memory, bugs) surface as they would when measured."""
+    seen: dict[int, int] = {}
 
-    def step(x):
-        time.sleep(latency_ms(x.shape[0]) / 1000)
-        return x
+    def timer(call, *args, batch_size, device, **options):
+        call(*args)
+        n = seen.get(batch_size, 0)
+        seen[batch_size] = n + 1
+        samples = [float(latency_ms(batch_size, n))] * 10
+        stats = summarize(samples)
+        return LatencyResult(
+            **{f"{k}_ms": v for k, v in stats.items()},
+            throughput=batch_size * 1000.0 / stats["mean"],
+            stable=True,
+            samples_ms=samples,
+            device=device,
+            iters=len(samples),
+            batch_size=batch_size,
+        )
 
-    return step
+    return timer
+
+
+def per_size(latency_ms):
+    """A model whose latency depends on the batch size alone."""
+    return modelled(lambda n, _: latency_ms(n))
+
+
+def identity(x):
+    return x
 
 
 def batch(n):
@@ -30,10 +59,9 @@ def batch(n):
 
 def test_latency_budget_picks_the_largest_size_within_it():
     # 4 ms + 0.05 ms per item: throughput keeps rising, so the budget decides. p50 <= 8.75 ms ⇔ batch <= 95;
-    # the doubling sweep stops at 128 (10.4 ms) and bisection tries 96 (8.8 ms, over: sleeps only overshoot)
-    # then 80 (8.0 ms: 0.75 ms of margin for scheduling noise).
+    # the doubling sweep stops at 128 (10.4 ms) and bisection tries 96 (8.8 ms, over) then 80 (8.0 ms).
     res = find_optimal_batch(
-        sleeper(lambda n: 4 + 0.05 * n), batch, latency_budget_ms=8.75, percentile=50, latency=FAST, progress=False
+        identity, batch, latency_budget_ms=8.75, percentile=50, timer=per_size(lambda n: 4 + 0.05 * n), progress=False
     )
     assert res.size == 80, str(res)
     assert res.stop_reason == "latency_budget"
@@ -47,38 +75,35 @@ def test_latency_budget_picks_the_largest_size_within_it():
         (80, "refine"),
     ]
     assert res.latency_ms <= 8.75 and res.best_point.meets_budget
-    assert 80 / 10e-3 < res.throughput < 80 / 8.0e-3
+    assert res.latency_ms == pytest.approx(8.0) and res.throughput == pytest.approx(80 / 8.0e-3)
 
 
 def test_plateau_stops_the_sweep():
     # The device is "underused" below 16 items (2 ms per call whatever the batch), then time grows linearly:
-    # the throughput plateaus at 16 and the sweep stops two doublings later, a few more where sleep jitter on a
-    # loaded host makes a point of the flat plateau look faster (seen on a 2-core CI machine: 512).
-    res = find_optimal_batch(sleeper(lambda n: max(2.0, 0.125 * n)), batch, latency=FAST, progress=False)
+    # the throughput plateaus at 16 and the sweep stops two doublings later (patience 2).
+    res = find_optimal_batch(identity, batch, timer=per_size(lambda n: max(2.0, 0.125 * n)), progress=False)
     assert res.stop_reason == "plateau", str(res)
     assert max(p.size for p in res.points) <= 1024  # far below the 65536 limit the sweep would go to
+    assert [p.size for p in res.points] == [1, 2, 4, 8, 16, 32, 64]
     assert res.size >= 16  # not in the underused range
+    assert res.size == 16  # 32 and 64 tie with it (same throughput): the smallest, lowest latency, wins
     best = max(p.throughput for p in res.points)
     assert res.throughput >= 0.9 * best
 
 
 @pytest.mark.parametrize("recheck", [True, False])
 def test_a_miss_is_rechecked_before_it_ends_the_sweep(recheck):
-    calls = {"n": 0}
-
-    def step(x):
-        # The first 15 calls at 32 items are slow (another process was busy), the rest are not.
-        slow = x.shape[0] == 32 and calls["n"] < 15
-        calls["n"] += x.shape[0] == 32
-        time.sleep((10.0 if slow else 1.0 + 0.03 * x.shape[0]) / 1000)
+    def latency_ms(n, measured_before):
+        # The first measurement at 32 items is slow (another process was busy), later ones are not.
+        return 10.0 if n == 32 and measured_before == 0 else 1.0 + 0.03 * n
 
     res = find_optimal_batch(
-        step,
+        identity,
         batch,
         latency_budget_ms=4.0,
         percentile=50,
         max_batch=64,
-        latency=FAST,
+        timer=modelled(latency_ms),
         recheck_misses=recheck,
         progress=False,
     )
@@ -90,18 +115,20 @@ def test_a_miss_is_rechecked_before_it_ends_the_sweep(recheck):
 
 
 def test_max_batch_caps_the_sweep_and_is_swept():
-    res = find_optimal_batch(sleeper(lambda n: 2 + 0.01 * n), batch, max_batch=12, latency=FAST, progress=False)
+    res = find_optimal_batch(identity, batch, max_batch=12, timer=per_size(lambda n: 2 + 0.01 * n), progress=False)
     assert [p.size for p in res.points] == [1, 2, 4, 8, 12]
     assert res.stop_reason == "max_batch" and res.size in (8, 12)
+    assert res.size == 12  # 12 / 2.12 ms beats 8 / 2.08 ms by 46 %
 
 
 def test_out_of_memory_ends_the_sweep_and_is_refined():
     def step(x):
         if x.shape[0] > 20:
             raise torch.OutOfMemoryError("simulated: too large")
-        time.sleep((5 + 0.01 * x.shape[0]) / 1000)  # 20 items: +24 % throughput over 16
+        return x
 
-    res = find_optimal_batch(step, batch, latency=FAST, progress=False)
+    # 20 items: +24 % throughput over 16.
+    res = find_optimal_batch(step, batch, timer=per_size(lambda n: 5 + 0.01 * n), progress=False)
     assert res.stop_reason == "oom"
     statuses = {p.size: p.status for p in res.points}
     assert statuses[32] == "oom" and statuses[24] == "oom" and statuses[20] == "ok"
@@ -114,13 +141,13 @@ def test_non_oom_error_is_reraised_with_the_batch_size():
             raise IndexError("index 7 is out of bounds")
 
     with pytest.raises(IndexError, match="out of bounds") as info:
-        find_optimal_batch(step, batch, latency=FAST, progress=False)
+        find_optimal_batch(step, batch, timer=per_size(lambda n: 1.0), progress=False)
     assert any("batch size 8" in n for n in info.value.__notes__)
 
 
 def test_no_size_meets_the_budget():
     with pytest.raises(ValueError, match=r"no batch size meets latency_budget_ms=1.0 at p99.*batch 1"):
-        find_optimal_batch(sleeper(lambda n: 3.0), batch, latency_budget_ms=1.0, latency=FAST, progress=False)
+        find_optimal_batch(identity, batch, latency_budget_ms=1.0, timer=per_size(lambda n: 3.0), progress=False)
 
 
 def test_input_specs_and_a_module():
@@ -132,7 +159,7 @@ def test_input_specs_and_a_module():
 
 def test_result_figure_and_json():
     res = find_optimal_batch(
-        sleeper(lambda n: 2 + 0.1 * n), batch, latency_budget_ms=50, max_batch=16, latency=FAST, progress=False
+        identity, batch, latency_budget_ms=50, max_batch=16, timer=per_size(lambda n: 2 + 0.1 * n), progress=False
     )
     fig = res.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
@@ -151,16 +178,17 @@ def test_result_figure_and_json():
         ({"latency": {"batch_size": 4}}, ValueError, "latency.batch_size is set per swept size"),
         ({"latency": {"iters": 0}}, ValueError, "iters must be > 0"),
         ({"refine": 2}, ValueError, "unknown key 'refine'"),
+        ({"timer": 5.0}, TypeError, "timer must be callable like torchopt.profile.latency, got float"),
     ],
 )
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
-        find_optimal_batch(sleeper(lambda n: 1.0), batch, progress=False, **options)
+        find_optimal_batch(identity, batch, progress=False, **{"timer": per_size(lambda n: 1.0), **options})
 
 
 def test_make_inputs_with_the_wrong_batch_size():
     with pytest.raises(ValueError, match=r"make_inputs\(1\) returned argument 0 with 2 items"):
-        find_optimal_batch(sleeper(lambda n: 1.0), lambda n: torch.ones(n + 1, 3), progress=False)
+        find_optimal_batch(identity, lambda n: torch.ones(n + 1, 3), timer=per_size(lambda n: 1.0), progress=False)
 
 
 def test_config_round_trip_keeps_the_sweep_latency_defaults():

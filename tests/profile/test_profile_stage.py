@@ -87,15 +87,15 @@ def test_stage_enters_record_function_under_the_profiler():
     assert {"outer", "outer/inner"} <= names
 
 
-def test_cheap_without_profiler():
-    n = 20_000
-    t0 = time.perf_counter()
-    for _ in range(n):
+def test_cheap_without_profiler(monkeypatch):
+    # Cheap means: outside a profiler session a stage starts no record_function (a profiler range per call is
+    # what made it slow). Checked by what it calls, not by timing it: timings depend on the machine's load.
+    started = []
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", lambda *a, **k: started.append(a))
+    for _ in range(1000):
         with tp.stage("x"):
             pass
-    per_call_us = (time.perf_counter() - t0) / n * 1e6
-    # ~1 µs here; the bound leaves room for a loaded CI machine and still catches a profiler started per call.
-    assert per_call_us < 30, per_call_us
+    assert started == []
 
 
 def test_stage_modules_marks_children_and_removes_hooks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torchopt.backends.base import Backend
+from torchopt.backends.base import Backend, BackendUnavailableError
 from torchopt.backends.eager import EagerBackend
 from torchopt.backends.inductor import InductorBackend, InductorConfig
 from torchopt.backends.tensorrt import TensorRTBackend, TensorRTConfig
@@ -13,6 +13,7 @@ __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "Backend",
+    "BackendUnavailableError",
     "InductorConfig",
     "TensorRTConfig",
     "choose_backend",
@@ -37,7 +38,7 @@ def choose_backend(name: str, device: torch.device) -> tuple[Backend, str]:
         backend = get_backend(name)
         why = backend.unavailable_reason(device)
         if why:
-            raise RuntimeError(f"backend {name!r} was requested but is unavailable on {device}: {why}")
+            raise BackendUnavailableError(f"backend {name!r} was requested but is unavailable on {device}: {why}")
         return backend, f"{name} requested by the recipe"
     skipped = []
     for cand in AUTO_ORDER:
@@ -49,4 +50,4 @@ def choose_backend(name: str, device: torch.device) -> tuple[Backend, str]:
             reason = f"auto: {cand} is the best available on {device.type}"
             return backend, reason + (f" ({'; '.join(skipped)})" if skipped else "")
         skipped.append(f"{cand} unavailable: {why}")
-    raise RuntimeError(f"no backend is available on {device}: {'; '.join(skipped)}")
+    raise BackendUnavailableError(f"no backend is available on {device}: {'; '.join(skipped)}")

@@ -12,7 +12,12 @@ if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule, StepContext
     from torchopt.recipes.compile import CompileConfig
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "BackendUnavailableError"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run here (missing package, library or device); the message says why and how
+    to install it. A RuntimeError, as before it had its own type."""
 
 
 class Backend:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchopt.backends.base import Backend
+from torchopt.backends.base import Backend, BackendUnavailableError
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type, closest
 from torchopt.export import export_program
 from torchopt.inputs import InputSpec
@@ -556,7 +556,7 @@ def _import_torch_tensorrt():
 
     trt, why = tensorrt_status()
     if trt is None:
-        raise RuntimeError(f"the tensorrt backend needs Torch-TensorRT: {why}; {INSTALL_HINT}")
+        raise BackendUnavailableError(f"the tensorrt backend needs Torch-TensorRT: {why}; {INSTALL_HINT}")
     return trt
 
 

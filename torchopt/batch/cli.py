@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchopt.cli import add_model_arguments, check_out_dir
+
 __all__ = ["parse_bytes", "register", "run_find_batch"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -40,7 +42,6 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from torchopt.cli import add_model_arguments  # noqa: PLC0415  (torchopt.cli imports this module)
 
     add_model_arguments(
         p,
@@ -77,6 +78,35 @@ def _spec_text(spec) -> str:
     return f"{spec.name}{dtype}={'x'.join(dims)}"
 
 
+def _given_batch_range(specs) -> tuple[int | None, int | None]:
+    """(min, max) of dim 0 over the inputs when any of them gives a dynamic batch range, else (None, None)."""
+    dynamic = [s for s in specs if s.min[0] != s.max[0]]
+    if not dynamic:
+        return None, None
+    return max(s.min[0] for s in dynamic), min(s.max[0] for s in dynamic)
+
+
+def _profile_label(mx, best, max_fit: int, max_batch: int | None, given_hi: int | None) -> str:
+    """What each number of the printed profile is, and where it came from."""
+    if best is not None:
+        sizes = [p.size for p in best.points if p.status == "ok"]
+        opt = f"opt = optimal of the sizes swept ({min(sizes)}..{max(sizes)})"
+    else:
+        opt = "opt kept from --input"
+    if mx is not None and mx.limited_by == "max_batch":
+        source = "--max-batch" if max_batch is not None else "--input"
+        top = f"max = {max_fit}, the {source} cap (fits in memory: memory search)"
+    elif mx is not None:
+        top = f"max = max fit (memory search, {mx.limited_by}-limited)"
+    elif max_batch is not None:
+        top = f"max = {max_fit} from --max-batch (no memory search ran)"
+    elif given_hi is not None and max_fit == given_hi:
+        top = f"max = {max_fit} kept from --input (no memory search ran)"
+    else:
+        top = f"max = {max_fit}, the largest size swept that ran (no memory search ran)"
+    return f"{opt}, {top}"
+
+
 def run_find_batch(args: argparse.Namespace) -> int:
     """`torchopt find-batch`: see the module docstring."""
     import torch
@@ -93,10 +123,7 @@ def run_find_batch(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r} needs CUDA, but no CUDA device is available here")
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {args.out!r} cannot be created: {exc}") from None
+    check_out_dir(out)  # now, before the searches; the folder itself is made when the first result is written
     dtype = DTYPES[args.dtype]
     model = load_model(args.model).to(device=device, dtype=dtype)
     progress = not args.no_progress
@@ -106,15 +133,18 @@ def run_find_batch(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
 
-    max_fit = args.max_batch
-    best = None
+    # The searches stay inside the batch range the inputs give (dim 0 min..max when it is dynamic);
+    # --max-batch overrides the top. A static batch dim gives no range: the searches go as far as they can.
+    given_lo, given_hi = _given_batch_range(specs)
+    cap = args.max_batch if args.max_batch is not None else given_hi
+    max_fit = cap
+    best = mx = None
     if run_max:
         print(f"searching the largest batch of {args.model} that fits on {device} ...", file=sys.stderr)
         make = as_make_inputs(specs, model, "find-batch", which="max", float_dtype=dtype)
-        mx = find_max_batch(
-            model, make, memory_budget=budget, headroom=headroom, max_batch=args.max_batch, progress=progress
-        )
+        mx = find_max_batch(model, make, memory_budget=budget, headroom=headroom, max_batch=cap, progress=progress)
         print(mx)
+        out.mkdir(parents=True, exist_ok=True)
         mx.plot().savefig(out / "max_batch.png", dpi=120)
         report["max_batch"] = mx.to_dict()
         max_fit = mx.size
@@ -123,15 +153,18 @@ def run_find_batch(args: argparse.Namespace) -> int:
     if run_opt:
         print(f"sweeping batch sizes of {args.model} for throughput ...", file=sys.stderr)
         make = as_make_inputs(specs, model, "find-batch", which="opt", float_dtype=dtype)
+        start = min(given_lo or 1, max_fit or given_lo or 1)
         best = find_optimal_batch(
             model,
             make,
             latency_budget_ms=args.latency_budget_ms,
             percentile=args.percentile,
             max_batch=max_fit,
+            start=start,
             progress=progress,
         )
         print(best)
+        out.mkdir(parents=True, exist_ok=True)
         best.plot().savefig(out / "optimal_batch.png", dpi=120)
         report["optimal_batch"] = best.to_dict()
         if max_fit is None:  # no memory search and no cap: the largest size swept that ran
@@ -139,8 +172,10 @@ def run_find_batch(args: argparse.Namespace) -> int:
     if max_fit is not None:
         profile = batch_profile(specs, max_fit, best)
         report["profile"] = [s.to_dict() for s in profile]
-        what = "opt = optimal, max = max fit" if run_opt else "max = max fit, opt kept"
+        what = _profile_label(mx, best, max_fit, args.max_batch, given_hi)
+        report["profile_label"] = what
         print(f"profile ({what}): " + " ".join(f"--input {_spec_text(s)}" for s in profile))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "find_batch.json").write_text(json.dumps(report, indent=2))
     print(f"results: {out / 'find_batch.json'}; figures in {out}")
     return 0

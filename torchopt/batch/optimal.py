@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torchopt.batch._step import (
@@ -27,7 +28,7 @@ from torchopt.batch._step import (
 )
 from torchopt.batch.memory import release_memory
 from torchopt.config import ConfigBase, check_positive, check_type
-from torchopt.profile import LatencyConfig, latency
+from torchopt.profile import LatencyConfig, LatencyResult, latency
 from torchopt.profile import percentile as percentile_of
 
 __all__ = ["OptimalBatchConfig", "OptimalBatchResult", "SweepPoint", "find_optimal_batch"]
@@ -220,6 +221,7 @@ def find_optimal_batch(
     percentile: float | None = None,
     max_batch: int | None = None,
     config: OptimalBatchConfig | None = None,
+    timer: Callable[..., LatencyResult] = latency,
     **overrides: Any,
 ) -> OptimalBatchResult:
     """The batch size with the best throughput whose latency percentile (p99 by default) meets the budget.
@@ -231,6 +233,10 @@ def find_optimal_batch(
         latency_budget_ms / percentile / max_batch: see `OptimalBatchConfig` (None = the config's value;
             percentile defaults to 99).
         config: an `OptimalBatchConfig`; other fields can be overridden as keyword arguments.
+        timer: times one size: called like `torchopt.profile.latency` (``timer(call, *args, **options)``
+            with the config's latency options, ``device`` and ``batch_size``) and returns a `LatencyResult`.
+            The default measures; a latency model in its place (e.g. a simulator of a target device, or a
+            test's deterministic cost per size) makes the sweep's decisions reproducible.
 
     Example::
 
@@ -239,6 +245,8 @@ def find_optimal_batch(
         print(res.size, res.throughput, res.latency_ms)
         res.plot().savefig("optimal_batch.png")
     """
+    if not callable(timer):
+        raise TypeError(f"timer must be callable like torchopt.profile.latency, got {type(timer).__name__}")
     t_start = time.perf_counter()
     given = {"latency_budget_ms": latency_budget_ms, "percentile": percentile, "max_batch": max_batch}
     cfg = resolve_config(OptimalBatchConfig, config, given, overrides, _WHERE)
@@ -250,7 +258,7 @@ def find_optimal_batch(
     def measure_once(size: int, phase: str) -> SweepPoint:
         def attempt() -> SweepPoint:
             args, kwargs = build_batch(make, size, _WHERE)
-            res = latency(lambda *a: step(*a, **kwargs), *args, **{**latency_options, "batch_size": size})
+            res = timer(lambda *a: step(*a, **kwargs), *args, **{**latency_options, "batch_size": size})
             value = percentile_of(sorted(res.samples_ms), cfg.percentile)
             meets = cfg.latency_budget_ms is None or value <= cfg.latency_budget_ms
             median_throughput = size * 1000.0 / res.p50_ms if res.p50_ms > 0 else math.inf
