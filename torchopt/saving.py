@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from torchopt.inputs import InputSpec
+from torchopt.inputs import InputSpec, StructuredInputs
 
 if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule
@@ -72,7 +72,12 @@ def export_program(
     so their quantizers become `tensorrt::quantize_op` nodes.
     """
     args = _export_args(profiles, device, dtype)
-    dynamic = export_dynamic_shapes(profiles)
+    # Positional, as the runners are called: the specs' names need not be the forward's argument names (a
+    # single input binds by position; dict/list inputs come flat through `StructuredInputs.forward(*leaves)`).
+    by_name = export_dynamic_shapes(profiles)
+    dynamic = tuple(by_name[s.name] for s in profiles[0])
+    if isinstance(module, StructuredInputs):
+        dynamic = (dynamic,)  # one *leaves argument
     with torch.no_grad():
         if quantized:
             from torchopt.quantize import export_quantized  # noqa: PLC0415
