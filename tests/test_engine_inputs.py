@@ -1,6 +1,8 @@
 """optimize() with the inputs people pass: one spec of any name, dict and list arguments, tied dims,
 calib_data checked up front, a forward that returns nothing."""
 
+import json
+
 import pytest
 import torch
 
@@ -79,7 +81,9 @@ def test_dict_argument_one_spec_per_key(seed, backend):
 def test_dict_argument_save_and_load(seed, tmp_path):
     model = DictModel()
     fast = torchopt.optimize(model, _recipe(), inputs=_dict_specs(), progress=False)
-    loaded = torchopt.load(fast.save(tmp_path / "m"))
+    path = fast.save(tmp_path / "m")
+    assert json.loads((path / "meta.json").read_text())["module_format"] == "export"  # flat program, no pickle
+    loaded = torchopt.load(path)
     batch = _dict_batch(2, 9)
     torch.testing.assert_close(loaded(batch), model(batch), rtol=1e-5, atol=1e-6)
 
@@ -263,3 +267,23 @@ def test_validate_warmup_zero_is_rejected_by_the_recipe():
     with pytest.raises(ValueError, match=r"validate.warmup must be > 0, got 0"):
         Recipe.from_dict({"name": "r", "steps": [{"validate": {"warmup": 0}}]})
     ValidateConfig(warmup=1)
+
+
+def test_dict_inputs_quantize_with_dict_calib_data(seed):
+    pytest.importorskip("modelopt")
+    model = DictModel()
+    recipe = Recipe.from_dict(
+        {
+            "name": "q",
+            "steps": [
+                {"quantize": {"format": "int8", "method": "max"}},
+                {"compile": {"backend": "eager"}},
+                {"validate": QUICK},
+            ],
+        }
+    )
+    batches = [_dict_batch(2, 6, seed=i) for i in range(3)]
+    fast = torchopt.optimize(model, recipe, inputs=_dict_specs(), calib_data=batches, progress=False)
+    assert fast.report.steps[0].details["calib_batches"] == 3
+    batch = _dict_batch(3, 8, seed=9)
+    assert torch.nn.functional.cosine_similarity(fast(batch).flatten(), model(batch).flatten(), dim=0) > 0.95
