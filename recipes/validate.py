@@ -61,7 +61,8 @@ class ValidateConfig(StepConfig):
             raise ValueError(f"validate.min_cosine must be in [-1, 1], got {self.min_cosine}")
         check_positive("validate.batches", self.batches)
         check_type("validate.measure_latency", self.measure_latency, bool)
-        check_positive("validate.warmup", self.warmup, allow_zero=True)
+        # The latency timer (`torchopt.profile.LatencyConfig`) needs at least one warm-up call.
+        check_positive("validate.warmup", self.warmup)
         check_positive("validate.iters", self.iters)
 
     def limits(self, precision: str) -> dict[str, float]:

@@ -129,3 +129,39 @@ def test_parse_input_spec():
         parse_input_spec("x=1-2-3-4x3")
     with pytest.raises(ValueError, match="not of the form"):
         parse_input_spec("3x224")
+
+
+class OneArg(torch.nn.Module):
+    def forward(self, input):
+        return input
+
+
+def test_one_argument_forward_takes_one_spec_of_any_name():
+    check_signature(OneArg(), [InputSpec("x", shape=(1, 2))])
+    check_signature(torch.nn.Sequential(), [InputSpec("images", shape=(1, 2))])
+    with pytest.raises(ValueError, match=r"inputs name 2 inputs \['x', 'y'\], but OneArg.forward takes 1"):
+        check_signature(OneArg(), [InputSpec("x", shape=(1,)), InputSpec("y", shape=(1,))])
+
+
+def test_check_signature_uses_the_argument_of_a_path():
+    check_signature(
+        TwoInputs(), [InputSpec("ids.a", shape=(1,)), InputSpec("ids.b", shape=(1,)), InputSpec("mask", shape=(1,))]
+    )
+    with pytest.raises(ValueError, match=r"inputs\[0\] is named 'batch' but TwoInputs.forward's argument 0 is 'ids'"):
+        check_signature(TwoInputs(), [InputSpec("batch.a", shape=(1,)), InputSpec("mask", shape=(1,))])
+
+
+def test_bind_call_flattens_nested_arguments_in_profile_order():
+    prof = [InputSpec(n, shape=(1,)) for n in ("b.y", "a", "b.x", "c.0", "c.1.k")]
+    assert bind_call(prof, ({"x": 3, "y": 1}, 2), {"c": [4, {"k": 5}]}) == [1, 2, 3, 4, 5]
+    with pytest.raises(TypeError, match=r"input 'c.1' must be a dict with keys \['k'\], got int"):
+        bind_call(prof, ({"x": 3, "y": 1}, 2, [4, 5]), {})
+
+
+def test_tied_sizes_checked_when_selecting_a_profile():
+    a = InputSpec("a", min=(1, 4), max=(8, 4), dim_names={0: "batch"})
+    b = InputSpec("b", min=(1, 2), max=(8, 2), dim_names={0: "batch"})
+    profiles = normalize_profiles([a, b])
+    assert select_profile(profiles, [torch.zeros(3, 4), torch.zeros(3, 2)]) == 0
+    with pytest.raises(ValueError, match=r"input 'a' dim 0 is 3 but input 'b' dim 0 is 5; both are the dim 'batch'"):
+        select_profile(profiles, [torch.zeros(3, 4), torch.zeros(5, 2)])

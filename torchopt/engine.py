@@ -13,16 +13,26 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchopt.accuracy import AccuracyMetrics, compare_outputs
+from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs
 from torchopt.config import check_type
-from torchopt.inputs import InputSpec, bind_call, check_signature, normalize_profiles, select_profile
+from torchopt.inputs import (
+    InputSpec,
+    StructuredInputs,
+    bind_call,
+    check_signature,
+    input_tree,
+    is_structured,
+    normalize_profiles,
+    select_profile,
+)
 from torchopt.profile.report import environment
+from torchopt.quantize.calibrate import CalibData
 from torchopt.recipe import Recipe, get_handler
 from torchopt.report import OptimizeReport, StepRecord
 
@@ -93,12 +103,13 @@ class StepContext:
 
 def check_profiles_run(ctx) -> None:
     """Run the prepared module once at each profile's min shapes, so that a profile that does not fit the
-    model (wrong rank, wrong static dim) fails with torchopt's message instead of inside a compiler."""
+    model (wrong rank, wrong static dim) fails with torchopt's message instead of inside a compiler, and a
+    forward that returns no tensor (nothing to compile or compare) is refused."""
     for p, profile in enumerate(ctx.profiles):
         args = ctx.example_inputs(profile_index=p, which="min")
         try:
             with torch.no_grad():
-                ctx.model(*args)
+                out = ctx.model(*args)
         except Exception as exc:  # any failure of the user's forward on these shapes
             shapes = {s.name: tuple(a.shape) for s, a in zip(profile, args, strict=True)}
             first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -107,6 +118,13 @@ def check_profiles_run(ctx) -> None:
                 f" check that each InputSpec has the rank and static dims {type(ctx.model).__name__}.forward"
                 " expects"
             ) from exc
+        if not flatten_outputs(out):
+            name = type(ctx.model.model if isinstance(ctx.model, StructuredInputs) else ctx.model).__name__
+            returned = "None" if out is None else f"a {type(out).__name__} holding no tensor"
+            raise ValueError(
+                f"{name}.forward returned {returned} on profile {p}'s min shapes; torchopt compiles and checks"
+                " models that return a tensor, or a tuple/list/dict of tensors (does forward miss a `return`?)"
+            )
 
 
 def resolve_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
@@ -140,27 +158,65 @@ def _resolve_device(device: Any, model: torch.nn.Module) -> torch.device:
     return dev
 
 
-def _batches(calib_data: Any, profiles: list[list[InputSpec]], n: int) -> Iterable[list[torch.Tensor]]:
-    """Validation batches: calibration batches first, then random examples at the profile points."""
-    count = 0
-    if calib_data is not None and not callable(calib_data):
-        for batch in calib_data:
-            if isinstance(batch, torch.Tensor):
-                batch = [batch]
-            elif isinstance(batch, dict):
-                batch = [batch[s.name] for s in profiles[0]]
-            elif isinstance(batch, (list, tuple)):
-                batch = list(batch)[: len(profiles[0])]
-            else:
-                continue
-            try:
-                select_profile(profiles, batch)
-            except (ValueError, TypeError):
-                continue  # a calibration batch outside the profiles cannot be run by the optimized module
-            yield batch
-            count += 1
-            if count >= n:
-                return
+def _check_calib_data(
+    calib_data: Any, model: torch.nn.Module, profiles: list[list[InputSpec]], limit: int | None, keep: int
+) -> tuple[Any, list[list[torch.Tensor]]]:
+    """Check `calib_data` before any step runs: its type, that it has batches, and that each of the first
+    `limit` batches (None: all) fits the profiles. Returns the data the steps read (a generator read into a
+    list; for dict/list inputs, each batch as its flat tensors) and the first `keep` batches as input lists.
+    """
+    if calib_data is None:
+        return None, []
+    data = CalibData(calib_data, max_batches=limit, num_inputs=len(input_tree(profiles[0])), name="calib_data")
+    structured = is_structured(profiles[0])
+    if data.is_callable:
+        if structured:
+            raise ValueError(
+                "calib_data as a callable fn(model) is not supported when inputs sit inside dict or list"
+                " arguments (dotted InputSpec names); pass the batches instead (a list or a DataLoader)"
+            )
+        return calib_data, []
+    batches = []
+    for i, batch in enumerate(data.batches()):
+        inputs = _calib_inputs(data, batch, i, model, profiles)
+        if structured or i < keep:
+            batches.append(inputs)
+    if not batches:
+        raise ValueError(
+            "calib_data is empty: it yielded no batch (an exhausted generator or an empty list?); pass input"
+            " batches (a list, a DataLoader) or leave calib_data out"
+        )
+    return ([tuple(b) for b in batches] if structured else data.data), batches[:keep]
+
+
+def _calib_inputs(
+    data: CalibData, batch: Any, index: int, model: torch.nn.Module, profiles: list[list[InputSpec]]
+) -> list[torch.Tensor]:
+    """One calibration batch as the profile's input tensors; a clear error naming the batch when it does not fit."""
+    roots = list(input_tree(profiles[0]))
+    if len(roots) == 1 and isinstance(batch, Mapping) and isinstance(input_tree(profiles[0])[roots[0]], dict):
+        args, kwargs = ((batch,), {}) if roots[0] not in batch else ((), dict(batch))  # the one dict argument
+    else:
+        args, kwargs = data.call_of(batch, index, model)
+    kwargs = {k: v for k, v in kwargs.items() if k in roots}  # labels and other keys the inputs do not name
+    try:
+        inputs = bind_call(profiles[0], tuple(args), kwargs)
+        for spec, value in zip(profiles[0], inputs, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        chosen = select_profile(profiles, inputs)
+        for spec, value in zip(profiles[chosen], inputs, strict=True):
+            if value.is_floating_point() != spec.torch_dtype.is_floating_point:
+                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"calib_data batch {index}: {exc}") from None
+    return inputs
+
+
+def _batches(calib: list[list[torch.Tensor]], profiles: list[list[InputSpec]], n: int) -> Iterable[list[torch.Tensor]]:
+    """Validation batches: the (checked) calibration batches first, then random examples at the profile points."""
+    yield from calib[:n]
+    count = min(n, len(calib))
     points = ["opt", "max", "min"]
     for i, (p, which) in enumerate(itertools.product(range(len(profiles)), points)):
         if count >= n:
@@ -201,8 +257,11 @@ class OptimizedModule(torch.nn.Module):
         return f"recipe={self.recipe.name!r}, backend={self.report.backend!r}, precision={self.report.precision!r}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call_flat(*bind_call(self.profiles[0], args, kwargs))
+
+    def call_flat(self, *inputs: Any) -> Any:
+        """Run the profile's input tensors given flat, in the profile's order (dict/list arguments flattened)."""
         profile0 = self.profiles[0]
-        inputs = bind_call(profile0, args, kwargs)
         for spec, value in zip(profile0, inputs, strict=True):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
@@ -258,9 +317,9 @@ def _check_accuracy(reference, optimized, ctx: StepContext, cfg: Any) -> None:
     report = ctx.report
     metrics = []
     with torch.no_grad():
-        for batch in _batches(ctx.calib_data, ctx.profiles, cfg.batches):
+        for batch in _batches(ctx.extras.get("calib_inputs", []), ctx.profiles, cfg.batches):
             ref_args = [a.to(ctx.device) for a in batch]
-            metrics.append(compare_outputs(reference(*ref_args), optimized(*ref_args)))
+            metrics.append(compare_outputs(reference(*ref_args), optimized.call_flat(*ref_args)))
     merged = AccuracyMetrics.merge(metrics)
     precision = "quantized" if ctx.quantized else report.precision
     limits = cfg.limits(precision)
@@ -325,6 +384,8 @@ def optimize(
         report.notes.append("the model was in training mode; the optimized copy runs in eval mode")
     reference = copy.deepcopy(model).eval().to(dev)
     work = copy.deepcopy(model).eval().to(dev)
+    if is_structured(profiles[0]):  # dict/list arguments: the steps and backends see flat tensor inputs
+        reference, work = StructuredInputs(reference, profiles[0]), StructuredInputs(work, profiles[0])
     for p in work.parameters():
         p.requires_grad_(False)
     ctx = StepContext(
@@ -346,6 +407,11 @@ def optimize(
         from torchopt.recipes.validate import ValidateConfig  # noqa: PLC0415
 
         validate_cfg = ValidateConfig()
+    quantize_cfg = recipe.step("quantize")
+    limit = validate_cfg.batches if quantize_cfg is None else quantize_cfg.max_batches
+    ctx.calib_data, ctx.extras["calib_inputs"] = _check_calib_data(
+        calib_data, model, profiles, limit and max(limit, validate_cfg.batches), validate_cfg.batches
+    )
     if validate_cfg.measure_latency:
         ctx.log("measuring the original module's latency")
         report.latency_before = _measure(reference, ctx.example_inputs(which="opt"), validate_cfg)
@@ -366,7 +432,7 @@ def optimize(
     if validate_cfg.measure_latency:
         ctx.log("measuring the optimized module's latency")
         report.latency_after = _measure(
-            optimized, [s.example("opt", seed=0).to(dev) for s in profiles[0]], validate_cfg
+            optimized.call_flat, [s.example("opt", seed=0).to(dev) for s in profiles[0]], validate_cfg
         )
     if dev.type == "cuda":
         report.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from torchopt.inputs import InputSpec
+from torchopt.inputs import InputSpec, StructuredInputs
 
 __all__ = ["export_args", "export_dynamic_shapes", "export_program"]
 
@@ -57,6 +57,11 @@ def export_program(
     `torchopt.quantize.export_quantized`).
     """
     args = export_args(profiles, device, dtype)
-    dynamic: Any = export_dynamic_shapes(profiles)
+    # Positional, as the runners are called: the specs' names need not be the forward's argument names (a
+    # single input binds by position; dict/list inputs come flat through `StructuredInputs.forward(*leaves)`).
+    by_name = export_dynamic_shapes(profiles)
+    dynamic: Any = tuple(by_name[s.name] for s in profiles[0])
+    if isinstance(module, StructuredInputs):
+        dynamic = (dynamic,)  # one *leaves argument
     with torch.no_grad():
         return (export_fn or torch.export.export)(module, args, dynamic_shapes=dynamic)

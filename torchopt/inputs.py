@@ -20,8 +20,13 @@ __all__ = [
     "DTYPES",
     "WHICH",
     "InputSpec",
+    "StructuredInputs",
     "bind_call",
     "check_signature",
+    "check_tied_sizes",
+    "input_path",
+    "input_tree",
+    "is_structured",
     "normalize_profiles",
     "parse_input_spec",
     "select_profile",
@@ -94,8 +99,7 @@ class InputSpec(ConfigBase):
 
     def __post_init__(self) -> None:
         check_type("InputSpec.name", self.name, str)
-        if not self.name.isidentifier():
-            raise ValueError(f"InputSpec.name must be a Python identifier (a forward argument), got {self.name!r}")
+        input_path(self.name)  # raises unless a forward argument, or a path into one
         self.dtype = _dtype_name(self.dtype)
         where = f"InputSpec {self.name!r}"
         self.shape = _shape(f"{where}.shape", self.shape)
@@ -164,7 +168,7 @@ class InputSpec(ConfigBase):
         """Symbol name of a dynamic dim: from `dim_names` or unique per input and dim."""
         if self.dim_names and dim in self.dim_names:
             return self.dim_names[dim]
-        return f"{self.name}_dim{dim}"
+        return f"{self.name.replace('.', '_')}_dim{dim}"
 
     def contains(self, shape: Sequence[int]) -> bool:
         return len(shape) == self.rank and all(
@@ -242,6 +246,7 @@ def normalize_profiles(inputs: Any) -> list[list[InputSpec]]:
         for s, s0 in zip(prof, profiles[0], strict=True):
             if s.rank != s0.rank or s.dtype != s0.dtype:
                 raise ValueError(f"input {s.name!r} differs in rank or dtype between profile 0 and profile {i}")
+    input_tree(profiles[0])  # dotted names must describe one structure
     _check_no_overlap(profiles)
     for i, prof in enumerate(profiles):
         _check_tied_dims(prof, i)
@@ -287,16 +292,144 @@ def _check_no_overlap(profiles: list[list[InputSpec]]) -> None:
 
 
 def select_profile(profiles: list[list[InputSpec]], args: Sequence[torch.Tensor]) -> int:
-    """Index of the profile that contains every argument's shape; a clear ValueError when none does."""
-    for i, prof in enumerate(profiles):
-        if all(s.contains(tuple(a.shape)) for s, a in zip(prof, args, strict=True)):
-            return i
+    """Index of the profile that contains every argument's shape; a clear ValueError when none does, or when
+    dims tied by `dim_names` have different sizes."""
+    index = next(
+        (
+            i
+            for i, prof in enumerate(profiles)
+            if all(s.contains(tuple(a.shape)) for s, a in zip(prof, args, strict=True))
+        ),
+        None,
+    )
+    if index is not None:
+        check_tied_sizes(profiles[index], args)
+        return index
     if len(profiles) == 1:
         for s, a in zip(profiles[0], args, strict=True):
             s.check(a)  # raises with the dim, value and range
     shapes = {s.name: tuple(a.shape) for s, a in zip(profiles[0], args, strict=True)}
     ranges = [{s.name: (s.min, s.max) for s in p} for p in profiles]
     raise ValueError(f"input shapes {shapes} fit none of the {len(profiles)} profiles: {ranges}")
+
+
+def check_tied_sizes(profile: list[InputSpec], args: Sequence[torch.Tensor]) -> None:
+    """Dims tied by `dim_names` (one symbol for the backends) must have the same size in one call."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for s, a in zip(profile, args, strict=True):
+        for d, name in (s.dim_names or {}).items():
+            size = int(a.shape[d])
+            other, od, osize = seen.setdefault(name, (s.name, d, size))
+            if osize != size:
+                raise ValueError(
+                    f"input {other!r} dim {od} is {osize} but input {s.name!r} dim {d} is {size}; both are the"
+                    f" dim {name!r} (InputSpec.dim_names) and must have the same size"
+                )
+
+
+def input_path(name: str) -> tuple[str | int, ...]:
+    """The path an InputSpec name denotes: ``"x"`` → ``("x",)`` (a forward argument), ``"batch.input_ids"`` →
+    ``("batch", "input_ids")`` (a key of a dict argument), ``"pair.1"`` → ``("pair", 1)`` (a list position)."""
+    parts = name.split(".")
+    if not parts[0].isidentifier() or not all(p.isidentifier() or _POSITION_RE.match(p) for p in parts[1:]):
+        raise ValueError(
+            "InputSpec.name must be a forward argument's name or a dotted path into one (dict keys that are"
+            f" identifiers, list positions 0, 1, ...), e.g. 'x', 'batch.input_ids', 'pair.0'; got {name!r}"
+        )
+    return (parts[0], *(int(p) if _POSITION_RE.match(p) else p for p in parts[1:]))
+
+
+_POSITION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+
+# The nesting the specs' paths declare: {root: node}, a node being a spec index (a tensor leaf) or a dict of
+# children (str keys: a dict argument; int keys 0..n-1: a list argument).
+InputTree = dict[Any, Any]
+
+
+def input_tree(profile: list[InputSpec]) -> InputTree:
+    """The argument structure the profile's spec names declare; ValueError when the paths contradict."""
+    tree: InputTree = {}
+    for index, spec in enumerate(profile):
+        *parents, last = input_path(spec.name)
+        node = tree
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(map(str, parents[: depth + 1]))
+                raise ValueError(
+                    f"InputSpec {spec.name!r} reaches into {prefix!r}, which another InputSpec names as a tensor"
+                )
+        if last in node:
+            raise ValueError(f"InputSpec {spec.name!r} names a tensor where other InputSpecs name its contents")
+        node[last] = index
+    _check_containers(tree, "")
+    return tree
+
+
+def _check_containers(node: InputTree, where: str) -> None:
+    for key, child in node.items():
+        if not isinstance(child, dict):
+            continue
+        path = f"{where}{key}"
+        positions = [k for k in child if isinstance(k, int)]
+        if positions and len(positions) != len(child):
+            raise ValueError(f"inputs under {path!r} mix dict keys and list positions: {list(child)}")
+        if positions and sorted(positions) != list(range(len(positions))):
+            raise ValueError(f"inputs under {path!r} name list positions {sorted(positions)}; they must be 0..n-1")
+        _check_containers(child, f"{path}.")
+
+
+def is_structured(profile: list[InputSpec]) -> bool:
+    """Whether some input is a tensor inside a dict or list argument (a dotted spec name)."""
+    return any("." in s.name for s in profile)
+
+
+class StructuredInputs(torch.nn.Module):
+    """Wraps a model whose forward takes dicts or lists of tensors: the wrapper takes the tensors flat, in
+    the profile's order, and rebuilds the arguments (dicts for key paths, lists for positions), so that
+    compilers, export and saving see a plain positional module."""
+
+    def __init__(self, model: torch.nn.Module, profile: list[InputSpec]):
+        super().__init__()
+        self.model = model
+        self.tree = input_tree(profile)
+
+    def forward(self, *leaves: torch.Tensor) -> Any:
+        return self.model(*(_rebuild(node, leaves) for node in self.tree.values()))
+
+
+def _rebuild(node: Any, leaves: Sequence[torch.Tensor]) -> Any:
+    if not isinstance(node, dict):
+        return leaves[node]
+    if all(isinstance(k, int) for k in node):
+        return [_rebuild(node[i], leaves) for i in range(len(node))]
+    return {k: _rebuild(v, leaves) for k, v in node.items()}
+
+
+def _flatten(value: Any, node: Any, where: str, out: dict[int, Any]) -> None:
+    """Put the tensors of an argument into `out` by spec index, checking its structure against `node`."""
+    if not isinstance(node, dict):
+        out[node] = value
+        return
+    if all(isinstance(k, int) for k in node):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"input {where!r} must be a list or tuple of {len(node)} items, got {type(value).__name__}")
+        if len(value) != len(node):
+            raise ValueError(f"input {where!r} has {len(value)} items, the InputSpecs name {len(node)}")
+        for i, item in enumerate(value):
+            _flatten(item, node[i], f"{where}.{i}", out)
+        return
+    if not isinstance(value, Mapping):
+        raise TypeError(f"input {where!r} must be a dict with keys {list(node)}, got {type(value).__name__}")
+    missing, extra = [k for k in node if k not in value], [k for k in value if k not in node]
+    if missing or extra:
+        raise ValueError(
+            f"input {where!r} has keys {list(value)}, the InputSpecs name {list(node)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; no InputSpec for {extra} (add one, e.g. '{where}.{extra[0]}', or drop the key)" if extra else "")
+        )
+    for k, sub in node.items():
+        _flatten(value[k], sub, f"{where}.{k}", out)
 
 
 def _forward_params(model: torch.nn.Module) -> list[inspect.Parameter]:
@@ -308,13 +441,19 @@ def _forward_params(model: torch.nn.Module) -> list[inspect.Parameter]:
 
 
 def check_signature(model: torch.nn.Module, profile: list[InputSpec]) -> None:
-    """Check that the specs name the forward arguments in order and cover every required one."""
+    """Check that the specs name the forward arguments in order and cover every required one.
+
+    A forward that takes exactly one positional argument takes one spec whatever its name (the call binds it
+    by position); names matter where they say which of several arguments an input is.
+    """
     params = _forward_params(model)
     if not params or any(p.kind == p.VAR_POSITIONAL for p in params):
         return  # *args forward: nothing to check by name
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in positional]
-    given = [s.name for s in profile]
+    given = list(input_tree(profile))
+    if len(given) == 1 and len(names) == 1:
+        return
     if len(given) > len(names):
         raise ValueError(
             f"inputs name {len(given)} inputs {given}, but {type(model).__name__}.forward takes"
@@ -332,21 +471,29 @@ def check_signature(model: torch.nn.Module, profile: list[InputSpec]) -> None:
 
 
 def bind_call(profile: list[InputSpec], args: tuple, kwargs: dict) -> list[Any]:
-    """Map a call's positional and keyword arguments onto the profile's input order."""
-    names = [s.name for s in profile]
+    """Map a call's positional and keyword arguments onto the profile's inputs, in the profile's order.
+
+    Arguments are the specs' root names (``batch`` for ``batch.input_ids``); a dict or list argument is
+    flattened into its tensors, and its keys / length must be exactly those the specs name.
+    """
+    tree = input_tree(profile)
+    names = list(tree)
     if len(args) > len(names):
         raise TypeError(f"expected at most {len(names)} inputs {names}, got {len(args)} positional arguments")
-    out: dict[str, Any] = dict(zip(names, args, strict=False))
+    bound: dict[str, Any] = dict(zip(names, args, strict=False))
     for k, v in kwargs.items():
         if k not in names:
             raise TypeError(f"unexpected input {k!r}; the inputs are {names}")
-        if k in out:
+        if k in bound:
             raise TypeError(f"input {k!r} given twice (positionally and by name)")
-        out[k] = v
-    missing = [n for n in names if n not in out]
+        bound[k] = v
+    missing = [n for n in names if n not in bound]
     if missing:
         raise TypeError(f"missing inputs {missing}; the inputs are {names}")
-    return [out[n] for n in names]
+    leaves: dict[int, Any] = {}
+    for name, node in tree.items():
+        _flatten(bound[name], node, name, leaves)
+    return [leaves[i] for i in range(len(profile))]
 
 
 _SPEC_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(?::(?P<dtype>\w+))?=(?P<shape>.+)$")

@@ -29,13 +29,34 @@ from torchopt.quantize import export_quantized
 if TYPE_CHECKING:
     from torchopt.engine import OptimizedModule
 
-__all__ = ["FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT_VERSION", "DamagedSaveError", "load", "save"]
 
 FORMAT_VERSION = 1
+# meta.json keys `load` reads, with the JSON types they must have.
+_META_KEYS: dict[str, type | tuple[type, ...]] = {
+    "module_format": str,
+    "recipe": dict,
+    "profiles": list,
+    "dtype": str,
+    "quantized": bool,
+    "cast_outputs": bool,
+    "report": dict,
+}
+_MODULE_FILES = {"export": "module.pt2", "pickle": "module.pt"}
+
+
+class DamagedSaveError(ValueError):
+    """A saved torchopt module whose files are missing, truncated or not what `save` writes."""
 
 
 def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
-    path = Path(path)
+    from torchopt.engine import OptimizedModule  # noqa: PLC0415
+
+    if not isinstance(optimized, OptimizedModule):
+        raise TypeError(
+            f"save needs the OptimizedModule that torchopt.optimize returned, got {type(optimized).__name__}"
+        )
+    path = _as_path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -97,17 +118,9 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
     from torchopt.recipe import Recipe, get_handler  # noqa: PLC0415
     from torchopt.report import OptimizeReport  # noqa: PLC0415
 
-    path = Path(path)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise ValueError(f"path {str(path)!r} is not a saved torchopt module (no meta.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    if meta["module_format"] == "export":
-        module = torch.export.load(path / "module.pt2").module()
-    else:
-        module = torch.load(path / "module.pt", weights_only=False)
+    path = _as_path(path)
+    meta = _read_meta(path)
+    module = _read_module(path, meta["module_format"])
     dev = _resolve_device(device, module)
     module = module.to(dev)
     recipe = Recipe.from_dict(meta["recipe"])
@@ -130,3 +143,57 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
         get_handler(compile_step)(compile_step, ctx)
     runners = ctx.runners or [module for _ in profiles]
     return OptimizedModule(module, runners, profiles, recipe, report, ctx)
+
+
+def _as_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a directory), got {type(path).__name__} {path!r}")
+    return Path(path)
+
+
+def _damaged(file: Path, what: str) -> DamagedSaveError:
+    return DamagedSaveError(f"{str(file)!r} is damaged: {what}; save the optimized module again")
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json as a dict with every key `load` reads; DamagedSaveError naming the file otherwise."""
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise ValueError(f"path {str(path)!r} is not a saved torchopt module (no meta.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(meta_file, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(meta_file, f"it holds a JSON {type(meta).__name__}, not the object torchopt writes")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise _damaged(meta_file, f"keys {missing} are missing")
+    for key, types_ in _META_KEYS.items():
+        if not isinstance(meta[key], types_):
+            raise _damaged(meta_file, f"{key!r} is a {type(meta[key]).__name__}")
+    if meta["module_format"] not in _MODULE_FILES:
+        raise _damaged(meta_file, f"module_format is {meta['module_format']!r}, expected one of {list(_MODULE_FILES)}")
+    return meta
+
+
+def _read_module(path: Path, module_format: str) -> torch.nn.Module:
+    """The saved eager module (an exported program's module, or the pickle); DamagedSaveError naming the file."""
+    file = path / _MODULE_FILES[module_format]
+    if not file.is_file():
+        raise _damaged(path, f"{file.name} is missing (meta.json says module_format {module_format!r})")
+    try:
+        if module_format == "export":
+            return torch.export.load(file).module()
+        return torch.load(file, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        if module_format == "export":
+            raise _damaged(file, f"it cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise ValueError(
+            f"{str(file)!r} is a pickled module whose class cannot be imported here ({exc}); import the"
+            " package that defines the model first"
+        ) from exc
+    except Exception as exc:  # zipfile, pickle, EOF and torch's own errors: all mean the file is unreadable
+        raise _damaged(file, f"it cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from exc

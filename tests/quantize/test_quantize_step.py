@@ -157,7 +157,10 @@ def test_recipe_budget_keeps_the_sensitive_layer(cnn, digits):
     [
         (None, r"recipe step 'quantize' needs calibration data: call torchopt.optimize"),
         ([], r"calib_data is empty"),
-        ([torch.randn(4, 3, 8, 8)], r"calib_data batch 0 with inputs \(\(4, 3, 8, 8\) float32\) does not fit"),
+        (
+            [torch.randn(4, 3, 8, 8)],
+            r"calib_data batch 0: input 'x' dim 1 is 3, outside the profile range \[1, 1\] \(shape \(4, 3, 8, 8\)",
+        ),
     ],
 )
 def test_step_calibration_data_errors(cnn, calib, match):

@@ -189,6 +189,17 @@ class CalibData:
             f" {type(batch).__name__}"
         )
 
+    def call_of(self, batch: Any, index: int, model: torch.nn.Module) -> Call:
+        """The (args, kwargs) that batch `index` becomes for `model` (not moved); clear errors for bad batches."""
+        arity = _forward_arity(model)
+        return self._as_call(batch, index, (self.num_inputs, arity[1]) if self.num_inputs is not None else arity)
+
+    def batches(self) -> Iterator[Any]:
+        """The raw batches, at most `max_batches` (iterables only)."""
+        if self.is_callable:
+            raise TypeError(f"{self.name} is a callable: its batches cannot be listed, use forward_loop()")
+        return itertools.islice(self.data, self.max_batches)
+
     def calls(self, model: torch.nn.Module) -> Iterator[Call]:
         """(args, kwargs) per batch, on the model's device. Raises ValueError when there is no batch."""
         if self.is_callable:

@@ -1,0 +1,92 @@
+"""torchopt.load on damaged saves: each damage ends in one DamagedSaveError (a ValueError) naming the file."""
+
+import json
+
+import pytest
+import torch
+
+import torchopt
+from torchopt import InputSpec, Recipe
+from torchopt.recipes import CompileConfig, ValidateConfig
+from torchopt.saving import DamagedSaveError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    spec = InputSpec("x", min=(1, 6), opt=(4, 6), max=(8, 6))
+    recipe = Recipe([CompileConfig(backend="eager"), ValidateConfig(measure_latency=False)])
+    fast = torchopt.optimize(model, recipe, inputs=[spec], progress=False)
+    path = fast.save(tmp_path_factory.mktemp("saved") / "m")
+    assert json.loads((path / "meta.json").read_text())["module_format"] == "export"
+    return path
+
+
+def _copy(saved, tmp_path):
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    for f in saved.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_intact_save_loads(saved):
+    x = torch.randn(3, 6)
+    assert torchopt.load(saved)(x).shape == (3, 3)
+
+
+def _meta_without_module_format(text):
+    meta = json.loads(text)
+    del meta["module_format"]
+    return json.dumps(meta)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_meta_without_module_format, r"meta\.json' is damaged: keys \['module_format'\] are missing"),
+        (lambda text: json.dumps([1, 2]), r"meta\.json' is damaged: it holds a JSON list"),
+        (lambda text: text[: len(text) // 2], r"meta\.json' is damaged: not valid JSON"),
+        (lambda text: text.replace('"export"', '"onnx"'), r"meta\.json' is damaged: module_format is 'onnx'"),
+        (lambda text: text.replace('"quantized": false', '"quantized": "no"'), r"'quantized' is a str"),
+    ],
+    ids=["no-module-format", "json-list", "truncated", "unknown-format", "wrong-type"],
+)
+def test_damaged_meta_json(saved, tmp_path, damage, message):
+    path = _copy(saved, tmp_path)
+    meta = path / "meta.json"
+    meta.write_text(damage(meta.read_text()))
+    with pytest.raises(DamagedSaveError, match=message) as info:
+        torchopt.load(path)
+    assert isinstance(info.value, ValueError) and "save the optimized module again" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: data[: len(data) // 2], lambda data: b"this is not a zip archive\n" * 10, lambda data: b""],
+    ids=["truncated", "text", "empty"],
+)
+def test_damaged_module_pt2(saved, tmp_path, damage):
+    path = _copy(saved, tmp_path)
+    pt2 = path / "module.pt2"
+    pt2.write_bytes(damage(pt2.read_bytes()))
+    with pytest.raises(DamagedSaveError, match=r"module\.pt2' is damaged: it cannot be read"):
+        torchopt.load(path)
+
+
+def test_missing_module_file(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    (path / "module.pt2").unlink()
+    with pytest.raises(DamagedSaveError, match=r"is damaged: module\.pt2 is missing"):
+        torchopt.load(path)
+
+
+def test_path_must_be_a_path(saved):
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike .*got NoneType None"):
+        torchopt.load(None)
+    fast = torchopt.load(saved)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike .*got NoneType None"):
+        fast.save(None)
+    with pytest.raises(TypeError, match="save needs the OptimizedModule .* got NoneType"):
+        torchopt.saving.save(None, saved)
