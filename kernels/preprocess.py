@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
+import struct
 from typing import Any
 
 import torch
@@ -90,12 +92,92 @@ def _pixels_to_rgb(x: torch.Tensor, fmt: str, hw: tuple[int, int], yuv: tuple[fl
     return rgb.clamp_(0, 255)
 
 
+def _f32(v: float) -> float:
+    """v rounded to fp32 (C++'s ``(float)v``)."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+Taps = tuple[torch.Tensor, torch.Tensor]  # source indices (count, taps) int64 and their weights (count, taps) fp32
+
+
+def _axis_taps(n_in: int, n_resized: int, start: int, count: int, interpolation: str, antialias: bool, device) -> Taps:
+    """The taps of resized positions ``start .. start + count - 1`` of an axis resized from `n_in` to
+    `n_resized`, by F.interpolate's formulas (align_corners=False; scale = in/out rounded to fp32):
+
+    * nearest: ``min(floor(dst * scale), in - 1)`` (PyTorch's legacy nearest), one tap of weight 1;
+    * bilinear: ``src = max((dst + 0.5) scale - 0.5, 0)``, taps floor(src) and the next one (clamped);
+    * antialias: PyTorch's `_compute_indices_min_size_weights_aa` triangle filter, weights normalized.
+    """
+    dst = torch.arange(start, start + count, device=device)
+    one = torch.ones(count, 1, device=device)
+    if n_in == n_resized:  # every mode is the identity at scale 1
+        return dst[:, None], one
+    scale = _f32(n_in / n_resized)  # n_in / n_resized is far from an fp32 tie: rounding twice is exact
+    if interpolation == "nearest":
+        return (dst.float() * scale).floor().long().clamp_(max=n_in - 1)[:, None], one
+    if not antialias:
+        # Rounded once, as PyTorch's CPU kernel computes it (a fused multiply-add); an unfused build is 1 ulp off.
+        src = ((dst.double() + 0.5) * scale - 0.5).float().clamp_(min=0)
+        i0 = src.floor().long().clamp_(max=n_in - 1)
+        lam = (src - i0.float()).clamp_(0, 1)
+        i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+        return torch.stack([i0, i1], 1), torch.stack([1 - lam, lam], 1)
+    # PyTorch's types: center and support are fp32, the sums with 0.5 double, invscale fp32.
+    support, invscale = max(scale, 1.0), _f32(1.0 / scale) if scale >= 1.0 else 1.0
+    center = (scale * (dst.double() + 0.5)).float()
+    lo = ((center - support).double() + 0.5).long().clamp_(min=0)
+    hi = ((center + support).double() + 0.5).long().clamp_(max=n_in)
+    j = lo[:, None] + torch.arange(2 * math.ceil(support) + 1, device=device)  # PyTorch's max_interp_size
+    w = (1 - (((j.float() - center[:, None]).double() + 0.5) * invscale).float().abs()).clamp_(min=0)
+    w = torch.where(j < hi[:, None], w, 0.0)
+    total = w.sum(1, keepdim=True)
+    return j.clamp_(max=n_in - 1), w / torch.where(total != 0, total, 1.0)
+
+
+def _crop_window_taps(hw: tuple[int, int], geometry: PreprocessParams, config: PreprocessConfig, device):
+    """(y taps, x taps) of the output pixels of a center crop (`_resize_window`), None for other geometries."""
+    (H, W), (nh, nw) = hw, geometry.resized_size
+    (oh, ow), (top, left) = geometry.output_size, geometry.offset
+    if nh <= oh and nw <= ow:  # stretch or letterbox: the whole resized image is used
+        return None
+    mode = (config.interpolation, config.antialias, device)
+    return _axis_taps(H, nh, -top, oh, *mode), _axis_taps(W, nw, -left, ow, *mode)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, taps: Taps) -> torch.Tensor:
+    """``out[..., i, ...] = sum_k w[i, k] x[..., idx[i, k], ...]`` along `dim`, the taps summed in order."""
+    idx, w = taps
+    view = [1] * x.dim()
+    view[dim] = -1
+    out = x.index_select(dim, idx[:, 0]) * w[:, 0].view(view)
+    for k in range(1, idx.shape[1]):
+        out += x.index_select(dim, idx[:, k]) * w[:, k].view(view)
+    return out
+
+
+def _resize_window(rgb: torch.Tensor, window: tuple[Taps, Taps]) -> torch.Tensor:
+    """The part of the resized image that a center crop keeps, computed alone from its taps.
+
+    The resize is separable (an output pixel's y taps depend on its row only, its x taps on its column): one
+    axis is resampled first, then the other, in the order with the smaller intermediate (window rows x source
+    width, or source height x window columns), so no tensor is larger than both the source and the window,
+    where the whole resized image can be orders of magnitude larger (a 1 x 4000 strip cropped to 112 resizes
+    to 112 x 448000). Same taps and weights as F.interpolate; the sums round differently in fp32 only.
+    """
+    ys, xs = window
+    (H, W), oh, ow = rgb.shape[-2:], ys[0].shape[0], xs[0].shape[0]
+    if oh * W <= H * ow:
+        return _resample_axis(_resample_axis(rgb, 2, ys), 3, xs)
+    return _resample_axis(_resample_axis(rgb, 3, xs), 2, ys)
+
+
 def _reference_chain(
     x: torch.Tensor,
     *,
     fmt: str,
     hw: tuple[int, int],
     geometry: PreprocessParams,
+    window: tuple[Taps, Taps] | None,
     interpolation: str,
     antialias: bool,
     mean: torch.Tensor,
@@ -109,20 +191,19 @@ def _reference_chain(
     """The eager chain for a batch of same-size images; `torch.compile`-friendly (the benchmark compiles it)."""
     rgb = _pixels_to_rgb(x, fmt, hw, yuv)
     nh, nw = geometry.resized_size
-    if (nh, nw) != tuple(hw):
+    (oh, ow), (top, left) = geometry.output_size, geometry.offset
+    if window is not None:  # center crop: only the window that survives it
+        rgb = _resize_window(rgb, window)
+    elif (nh, nw) != tuple(hw):
         if interpolation == "nearest":
             rgb = F.interpolate(rgb, size=(nh, nw), mode="nearest")
         else:
             rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", align_corners=False, antialias=antialias)
     y = (rgb / 255 - mean) / std
-    (oh, ow), (top, left) = geometry.output_size, geometry.offset
-    if (nh, nw) != (oh, ow):
-        if nh <= oh and nw <= ow:  # letterbox: the image inside a normalized pad border
-            canvas = pad.expand(x.shape[0], 3, oh, ow).clone()
-            canvas[:, :, top : top + nh, left : left + nw] = y
-            y = canvas
-        else:  # center crop (offsets <= 0)
-            y = y[:, :, -top : -top + oh, -left : -left + ow]
+    if (nh, nw) != (oh, ow) and window is None:  # letterbox: the image inside a normalized pad border
+        canvas = pad.expand(x.shape[0], 3, oh, ow).clone()
+        canvas[:, :, top : top + nh, left : left + nw] = y
+        y = canvas
     if output_order == "bgr":
         y = y.flip(1)
     if layout == "NHWC":
@@ -134,10 +215,12 @@ def _chain_kwargs(config: PreprocessConfig, hw: tuple[int, int], size: tuple[int
     """Arguments of `_reference_chain` for images of luma size `hw`."""
     view = (1, 3, 1, 1)
     _, _, pad = normalization_constants(config)
+    geometry = plan_geometry(hw, size, config.fit, config.crop_pct)
     return {
         "fmt": config.format,
         "hw": hw,
-        "geometry": plan_geometry(hw, size, config.fit, config.crop_pct),
+        "geometry": geometry,
+        "window": _crop_window_taps(hw, geometry, config, device),
         "interpolation": config.interpolation,
         "antialias": config.antialias,
         "mean": torch.tensor(config.mean, dtype=torch.float32, device=device).view(view),

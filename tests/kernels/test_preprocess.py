@@ -150,6 +150,26 @@ def test_center_crop_matches_reference(src, size, crop_pct):
     assert_matches(got, ref, "crop")
 
 
+@pytest.mark.parametrize(
+    ("name", "h", "w", "crop_pct", "antialias", "dtype"),
+    [
+        ("china.jpg", 300, 451, 0.875, False, torch.float32),  # long side int(384.85) = 384
+        ("flower.jpg", 451, 300, 0.95, False, torch.float16),  # short side floor(235.8) = 235
+        ("flower.jpg", 481, 257, 0.95, True, torch.float32),
+    ],
+)
+def test_crop_is_the_torchvision_eval_transform_on_photos(name, h, w, crop_pct, antialias, dtype, photo, tv2):
+    """Resize(floor(224 / crop_pct)) + CenterCrop(224) + normalize, torchvision's own transforms, on real photos."""
+    x = photo(name, h, w)
+    img = x.permute(2, 0, 1).float()  # float pixels: torchvision resizes with F.interpolate, no uint8 rounding
+    tv = tv2.CenterCrop(224)(tv2.Resize(math.floor(224 / crop_pct), antialias=antialias)(img))
+    expected = (tv / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = torch.full((3, 224, 224), math.nan, dtype=dtype, device=DEVICE)
+    options = {"fit": "crop", "crop_pct": crop_pct, "antialias": antialias, "dtype": dtype}
+    got = preprocess(to_device(x), 224, out=out, backend="triton", **options, **NORM)
+    assert_matches(got.cpu(), expected.to(dtype), f"{name} {h}x{w} crop_pct={crop_pct}")
+
+
 @pytest.mark.parametrize("fmt", ["rgb", "bgr"])
 @pytest.mark.parametrize("output_order", ["rgb", "bgr"])
 def test_channel_orders(fmt, output_order):
