@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess, preprocess_ref
 
-PP = importlib.import_module("torchopt.kernels.preprocess")  # the module (its name is shadowed by the function)
+PP = importlib.import_module("torchopt.kernels.preprocess_op")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and not PP._INTERPRET:

@@ -5,9 +5,10 @@ limited/full range) -> resize (nearest, bilinear, antialiased bilinear) with str
 geometry -> ``(x / 255 - mean) / std`` -> NCHW or NHWC, fp32/fp16/bf16, optionally into ``out=``.
 
 Reference: `preprocess_ref` runs the same chain in plain torch, fp32 math: ``F.interpolate(x.float(), size,
-mode, align_corners=False, antialias=...)``, then the normalization, then the cast. The Triton kernel
-(`_preprocess_triton`, math and performance notes there) matches it within 1e-3 (fp32), 2e-3 (fp16), 1 ulp
-(bf16); nearest picks exactly the same source pixels; the letterbox border is the same bits.
+mode, align_corners=False, antialias=...)`` (for a center crop, the same taps and weights for the kept window
+only), then the normalization, then the cast. The Triton kernel (`_preprocess_triton`: the kernel, its math and
+every launch decision) matches it within 1e-3 (fp32), 2e-3 (fp16), 1 ulp (bf16); nearest picks exactly the same
+source pixels; the letterbox border is the same bits.
 
 Inputs: uint8 HWC ``(H, W, 3)`` / ``(N, H, W, 3)`` with any strides (crops, channel slices of RGBA, ...) or a
 list of differently sized images, processed in one launch; YUV 4:2:0 frames as one ``(H*3/2, W)`` buffer
@@ -16,7 +17,8 @@ Output: ``(N, 3, h, w)`` (NCHW) or ``(N, h, w, 3)`` (NHWC); a single image gives
 
 Where it runs: CUDA tensors -> the Triton kernel; CPU tensors -> the reference, or Triton's interpreter when
 TRITON_INTERPRET=1 was set when this module was imported (how the tests run the kernel without a GPU);
-``backend="triton"|"reference"`` forces one. Launch plans (the descriptor table on the device) are cached per
+``backend="triton"|"reference"`` forces one. This module holds the public functions, the reference and the
+cache of launch plans (`_preprocess_triton.LaunchPlan`, the descriptor table on the device) per
 (config, size, shape, strides, device): after the first call a batch call allocates only its output (none
 with ``out=``) and does no host-device synchronization. Warm up once before capturing a CUDA graph.
 """
@@ -62,7 +64,6 @@ __all__ = [
 # Read once, like Triton reads it when the kernels are decorated (on first launch).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PLAN_CACHE_SIZE = 64  # distinct (config, size, input layout, device) combinations kept
-_LIST_TABLES_PER_PLAN = 16  # device descriptor tables of a list plan, one per set of image addresses
 
 Images = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -303,56 +304,7 @@ def _kernels():
     return _triton_mod
 
 
-class _Plan:
-    """Everything a launch needs besides the tensors, built once per (config, size, input layout, device)."""
-
-    __slots__ = (
-        "fmt",
-        "interp",
-        "n",
-        "out_hw",
-        "out_shape",
-        "params",
-        "per_image",
-        "single",
-        "table",
-        "table_f32",
-        "tables",
-    )
-
-    def __init__(self, k, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
-        self.per_image = parsed.batch is None  # a list: one descriptor row per image
-        if self.per_image and k.INTERPRETED and parsed.device.type != "cpu":
-            # The interpreter copies each tensor argument to the host; the other images of a list, addressed
-            # from the first one's pointer, would be read at their device addresses.
-            raise RuntimeError("a list of GPU images cannot run in Triton's interpreter; unset TRITON_INTERPRET")
-        items = parsed.items if self.per_image else [parsed.batch]
-        sizes = parsed.sizes if self.per_image else parsed.sizes[:1]
-        consts = normalization_constants(cfg)
-        yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
-        geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
-        rows = [
-            k.descriptor_row(0, hw, t.stride()[-2:] if cfg.is_yuv else t.stride()[-3:], g, cfg, consts, yuv)
-            for t, hw, g in zip(items, sizes, geoms, strict=True)
-        ]
-        # A batch's table lives on the device for good; a list's is a host template whose frame offsets
-        # (the images' addresses) are filled in per call.
-        self.table = torch.tensor(rows, dtype=torch.int64) if self.per_image else k.to_device_table(rows, parsed.device)
-        self.table_f32 = self.table.view(torch.float32)  # the kernel reads the fp32 fields through this view
-        # A list's device tables by the images' offsets from the first one: a pipeline cycling through the same
-        # buffers uploads nothing after warm-up (each upload is a pinned allocation + copy, ~20-60 us of host).
-        self.tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.interp = k.interp_code(cfg, sizes, geoms)
-        self.fmt = k.pixel_format(cfg, [t.stride()[-3:] for t in items], self.interp)
-        if self.interp == k.COPY and self.fmt in (k.RGB24, k.BGR24) and k.copy8_ok(items, geoms, self.per_image):
-            self.interp = k.COPY8
-        self.n, self.single, self.out_hw = parsed.n, parsed.single, size
-        shape = output_shape(parsed.n, size, cfg.layout)
-        self.out_shape = shape[1:] if parsed.single else shape
-        self.params = geoms if self.per_image else geoms * parsed.n
-
-
-_plans: dict = {}
+_plans: dict = {}  # LaunchPlan by everything its building looked at (`_plan`)
 
 
 def _list_key(images: Any) -> tuple | None:
@@ -365,7 +317,7 @@ def _list_key(images: Any) -> tuple | None:
         return None
 
 
-def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> _Plan:
+def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]):
     """The cached plan for this call. Inputs are checked when the plan is built only: the key holds everything
     the checks looked at (per image of a list: shape, strides, dtype, device), so a hit is a valid input."""
     if isinstance(images, torch.Tensor):
@@ -376,7 +328,7 @@ def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> _Plan
         key = None if items is None or len(items) != len(images) else (cfg, size, items)
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan = _Plan(k, cfg, parse_images(images, cfg.format), size)
+        plan = k.LaunchPlan(cfg, parse_images(images, cfg.format), size)
         if len(_plans) >= _PLAN_CACHE_SIZE:
             # The oldest (dicts keep insertion order); another thread may be evicting at the same time.
             with contextlib.suppress(StopIteration, RuntimeError):
@@ -436,48 +388,13 @@ def preprocess(
     if not _use_triton(images, cfg):
         return preprocess_ref(images, size, config=cfg, out=out, return_params=return_params)
     size = check_size(size)
-    k = _kernels()
-    plan = _plan(k, cfg, images, size)
-    if plan.per_image:  # one launch over the list: every image is addressed from the first one's pointer
-        src, stride_src_n = images[0], 0
-        base = src.data_ptr()
-        offsets = tuple(t.data_ptr() - base for t in images)
-        tables = plan.tables.get(offsets)
-        if tables is None:
-            host = plan.table.clone()
-            host[:, 0] = torch.tensor(offsets, dtype=torch.int64)
-            table = k.to_device_table(host, src.device)
-            tables = (table, table.view(torch.float32))
-            if len(plan.tables) >= _LIST_TABLES_PER_PLAN:
-                with contextlib.suppress(StopIteration, RuntimeError):
-                    plan.tables.pop(next(iter(plan.tables)), None)
-            plan.tables[offsets] = tables
-        table, table_f32 = tables
-    else:
-        src, table, table_f32 = images, plan.table, plan.table_f32
-        stride_src_n = 0 if plan.single else images.stride(0)
-
+    plan = _plan(_kernels(), cfg, images, size)
+    device = images[0].device if plan.per_image else images.device
     if out is None:
-        out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=src.device)
+        out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=device)
     else:
-        check_out(out, plan.out_shape, cfg.torch_dtype, src.device)
-    st = out.stride()
-    if plan.single:
-        st = (0, *st)
-    k.launch(
-        src,
-        table,
-        table_f32,
-        out,
-        st if cfg.layout == "NCHW" else (st[0], st[3], st[1], st[2]),  # as (n, c, y, x)
-        plan.out_hw,
-        n=plan.n,
-        per_image_rows=plan.per_image,
-        stride_src_n=stride_src_n,
-        fmt=plan.fmt,
-        interp=plan.interp,
-        bgr_out=cfg.output_order == "bgr",
-    )
+        check_out(out, plan.out_shape, cfg.torch_dtype, device)
+    plan.run(images, out)
     return (out, list(plan.params)) if return_params else out
 
 
