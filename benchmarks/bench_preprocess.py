@@ -51,7 +51,7 @@ from torchopt.kernels import (
 )
 from torchopt.profile.report import environment
 
-PP = importlib.import_module("torchopt.kernels.preprocess")  # for _reference_chain / _chain_kwargs
+PP = importlib.import_module("torchopt.kernels.preprocess_op")  # for _reference_chain / _chain_kwargs
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTOR = 32  # bytes: the DRAM/L2 access granularity the floor counts in
 

@@ -32,7 +32,7 @@ import bench_preprocess as bench  # noqa: E402
 from torchopt.kernels import PreprocessConfig, preprocess  # noqa: E402
 from torchopt.profile.report import environment  # noqa: E402
 
-PP = importlib.import_module("torchopt.kernels.preprocess")
+PP = importlib.import_module("torchopt.kernels.preprocess_op")
 KERNELS = importlib.import_module("torchopt.kernels._preprocess_triton")
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
 TILES = [(2, 128, 2), (1, 128, 4), (1, 256, 4), (1, 256, 8), (1, 64, 2), (1, 128, 2), (2, 256, 4), (4, 64, 2)]

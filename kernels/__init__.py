@@ -8,7 +8,7 @@ on CPU tensors the torch reference runs (Triton's interpreter when TRITON_INTERP
 """
 
 from torchopt.kernels.captured import CapturedPreprocess
-from torchopt.kernels.preprocess import (
+from torchopt.kernels.preprocess_op import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessConfig,

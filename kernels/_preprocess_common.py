@@ -83,8 +83,9 @@ class PreprocessConfig(ConfigBase):
         the rest with `pad_value` (YOLO); "crop" keeps the aspect ratio, covers `size` and crops the center.
     pad_value: letterbox fill in pixel units (0..255), one number or one per RGB channel; normalized like
         the pixels. YOLO uses 114.
-    crop_pct: with fit="crop", the crop covers this fraction of the resized image (timm's crop_pct; ImageNet
-        eval uses 0.875, i.e. resize to 256 then crop 224). 1.0 crops only the excess of the aspect ratio.
+    crop_pct: with fit="crop", the crop covers this fraction of the resized image: timm's eval transform,
+        ``Resize(floor(size / crop_pct))`` (torchvision's, short side) + ``CenterCrop(size)``; ImageNet eval
+        uses 0.875, i.e. resize to 256 then crop 224. 1.0 crops only the excess of the aspect ratio.
     mean, std: ``(x / 255 - mean) / std`` per output channel (RGB order), one number or three; the default
         (0, 1) only scales to [0, 1]. See `IMAGENET_MEAN` / `IMAGENET_STD`.
     yuv_matrix, yuv_range: colour matrix ("bt601" SD, "bt709" HD) and range ("limited": Y in 16..235,
@@ -272,8 +273,8 @@ def plan_geometry(src: tuple[int, int], size: tuple[int, int], fit: str, crop_pc
     """Resized size and placement of a source of `src` (H, W) in an output of `size` (h, w).
 
     letterbox: r = min(h/H, w/W), resized (round(H r), round(W r)), centered with the extra pixel of an odd
-    margin at the bottom/right (YOLO's LetterBox). crop: r = max(h/H, w/W) / crop_pct, centered crop with
-    torchvision CenterCrop's offset ``round((resized - h) / 2)``.
+    margin at the bottom/right (YOLO's LetterBox). crop: the standard evaluation transform, see `_crop_resize`,
+    then torchvision CenterCrop's offset ``int(round((resized - h) / 2.0))``.
     """
     (H, W), (oh, ow) = src, size
     if fit == "stretch":
@@ -282,9 +283,30 @@ def plan_geometry(src: tuple[int, int], size: tuple[int, int], fit: str, crop_pc
         r = min(oh / H, ow / W)
         nh, nw = min(oh, max(1, round(H * r))), min(ow, max(1, round(W * r)))
         return PreprocessParams(src, size, (nh, nw), ((oh - nh) // 2, (ow - nw) // 2))
-    r = max(oh / H, ow / W) / crop_pct
-    nh, nw = max(oh, round(H * r)), max(ow, round(W * r))
+    nh, nw = _crop_resize(src, size, crop_pct)
     return PreprocessParams(src, size, (nh, nw), (-round((nh - oh) / 2.0), -round((nw - ow) / 2.0)))
+
+
+def _crop_resize(src: tuple[int, int], size: tuple[int, int], crop_pct: float) -> tuple[int, int]:
+    """The resized (h, w) of timm's eval transform: ``scale_size = floor(size / crop_pct)`` per side, then
+
+    * square output: torchvision ``Resize(scale_size)``: the short side becomes scale_size and the long side
+      ``int(scale_size * long / short)`` (truncated, torchvision's `_compute_resized_output_size`);
+    * otherwise timm's ``ResizeKeepRatio(scale_size)``: ratio = min(H / scale_h, W / scale_w), both sides
+      ``round(side / ratio)``.
+
+    E.g. 300 x 451 -> 224 with crop_pct 0.875: 256 x 384; crop_pct 0.95: short side 235.
+    """
+    (H, W), (oh, ow) = src, size
+    scale_h, scale_w = math.floor(oh / crop_pct), math.floor(ow / crop_pct)
+    if scale_h == scale_w:  # crop_pct <= 1: equal only for a square output
+        short, long = (W, H) if W <= H else (H, W)
+        new_long = int(scale_h * long / short)
+        nh, nw = (new_long, scale_h) if W <= H else (scale_h, new_long)
+    else:
+        ratio = min(H / scale_h, W / scale_w)
+        nh, nw = round(H / ratio), round(W / ratio)
+    return max(oh, nh), max(ow, nw)  # never below the crop (timm's sizes cover it; float rounding aside)
 
 
 # ------------------------------------------------------------------------------------------ colour, scale

@@ -1,6 +1,7 @@
-"""Triton kernels of `torchopt.kernels.preprocess`: frames to model-ready tensors in one launch.
+"""Triton kernel of `torchopt.kernels.preprocess` and every decision about how it is launched.
 
-Imported on the first Triton launch only (`import torchopt.kernels` must not import triton).
+Imported on the first Triton launch only (`import torchopt.kernels` must not import triton). Design notes and
+measurements: benchmarks/results/preprocess_notes.md.
 
 Math (per output pixel (y, x) of image n, in fp32; matches `preprocess_ref` / `F.interpolate`):
 
@@ -22,112 +23,19 @@ Math (per output pixel (y, x) of image n, in fp32; matches `preprocess_ref` / `F
   OpenCV), clamped to 0..255, then resampled.
 
 Shapes, dtypes: source uint8 at ``src_ptr + frame + y*stride_h + x*stride_w (+ channel)``, any strides; one
-int64 descriptor row per image (a batch tensor shares row 0 and adds ``n * stride_src_n``; a list of images
-of different sizes has one row each, with its byte offset from the first image), so a list is one launch.
-Output fp32/fp16/bf16 at arbitrary (n, c, y, x) strides (NCHW, NHWC or the caller's `out=`); bf16 is rounded
-to nearest even by hand, which the GPU cast does anyway and Triton's interpreter (it truncates) does not.
+int64 descriptor row per image (`_preprocess_layout`; a batch tensor shares row 0 and adds ``n * stride_src_n``;
+a list of images of different sizes has one row each, with its byte offset from the first image), so a list is
+one launch. Output fp32/fp16/bf16 at arbitrary (n, c, y, x) strides (NCHW, NHWC or the caller's `out=`); bf16 is
+rounded to nearest even by hand, which the GPU cast does anyway and Triton's interpreter (it truncates) does not.
 
-Performance design (H100 SXM, ~3.0 TB/s copy bandwidth; not measured in this session, no GPU):
-
-* One program = one BLOCK_Y x BLOCK_X output tile of one image, all 3 channels: source coordinates and
-  weights are computed once per pixel (not per channel as in a flattened NCHW kernel), the 3 channel loads
-  of a tap hit the same L1 lines, and the stores are coalesced along x. The compiled layout (sm_90 TTGIR:
-  threadsPerWarp [1, 32]) gives each warp 32 consecutive outputs of one row, which keeps a warp's gathers
-  within a few 128-byte lines. ptxas: 72 registers (RGB bilinear fp16), 92 (NV12 bilinear), 106-136
-  (antialias), no spills; 72 registers -> 7 CTAs = 28 warps per SM, each thread 48 byte loads in flight.
-* Bytes: a bilinear downscale touches only the source rows it samples. 1080p -> 224: 448 of 1080 rows, and in
-  those rows every 32-byte sector (taps 25.7 bytes apart), 2.58 MB per frame; batch 32 = 82.6 MB read +
-  9.6 MB fp16 written = 92 MB -> ~31 us at 3.0 TB/s, the floor the benchmark reports. L1: 12 byte loads per
-  output pixel (4 taps x 3 channels), a warp of 32 consecutive outputs spans ~7 128-byte lines per load:
-  ~2.6 L1 wavefronts per pixel, ~17 us of LSU time per 132 SMs, which hides under the DRAM time. Expected
-  ~35 us (torch.compile: 50.7 us, target <= 38 us and <= 1.25x floor).
-* 480p -> 224 b64: ~78 MB, expected ~28 us. 4K -> 640 letterbox b8 (640x360 inside): ~86 MB, ~30 us
-  (target <= 55 us); the pad rows load nothing. 224 -> 224 b256 normalize + layout (copy path): 38.5 MB read
-  + 77 MB written, ~40 us. NV12 1080p -> 640 b8: Y and UV rows are read once, ~1.3x the RGB case's bytes per
-  output pixel but at stride 1 (fewer sectors per warp).
-* Antialias reads every tap (KH x KW ~ 11 x 19 for 1080p -> 224): compute-bound, ~10x the bilinear time. Not
-  a benchmark target; a separable two-pass version would be the next step if it matters.
-* Launch overhead (batch 1, GPU time ~2 us): descriptors are cached per (config, size, shape, strides,
-  device), so a call is a dict lookup, `torch.empty` (none with ``out=``) and the Triton launch (13 runtime
-  args), no host syncs. Our Python up to the launch took ~13 us per call on this session's loaded 2-core VM
-  (expect ~4-6 us on a server CPU), plus Triton's launcher (~3-6 us in 3.6): the 8 us target is at the edge.
-  A CUDA graph of the call replays in ~2-3 us; the next lever would be calling the cached CompiledKernel
-  directly, skipping JITFunction.run's binder (a version-specific API).
-* A list costs one small pinned H2D copy of its descriptor rows the first time a set of image addresses is
-  seen; the device table is cached per plan by the images' offsets (a pipeline cycling through its buffers
-  uploads nothing after warm-up).
-
-Notes after the first H200 run (2026-11-23, torch 2.11, triton 3.6; 4179 GB/s copy; predictions unmeasured):
-
-* Diagnosis. Bilinear cost the same ~30 ps per output pixel at 1080p b32 (51.7 us), 480p b64 (95.7 us) and 4K
-  letterbox b8 (100.8 us, 640x640 outputs), although their bytes per pixel differ 1.5-3x and the taps of a
-  warp span 3 to 14 128-byte lines: bound neither by DRAM (<= 45% of the copy bandwidth) nor by L1 lines,
-  but by the number of load instructions, 12 single-byte gathers per pixel (48 per thread, sm_90 PTX:
-  48 ld.global.b8). The copy path (224 -> 224) cost ~5 ps per pixel with 3 byte loads: the same ~1.7-2.5 ps
-  per byte gather. Issue slots were ~6% used (~60 instructions per pixel).
-* Change 1, RGB24 (FORMAT 2): when every image has 3-byte pixels with adjacent channels (stride_w 3,
-  channel stride +-1: any contiguous RGB/BGR batch, crops of it, lists of such frames) and the source
-  pointer is 8-byte aligned, bilinear reads each row's tap pair (x0, x0 + 1: 6 bytes) from the two aligned
-  64-bit words covering them and funnel-shifts the bytes out (`_pair_rgb24`): 4 loads per pixel instead of
-  12 (sm_90 PTX compiled with the launch's divisibility-16 specialization, which tiles 4 consecutive x per
-  thread and stores st.global.v2.b32: 16 ld.global.b64 and no ld.global.b8 per thread instead of 48
-  ld.global.b8; 64 registers either way, 8 CTAs = 32 warps per SM).
-  Copy and nearest read their one pixel the same way: 2 loads (the second masked off for 6 of 8
-  alignments) instead of 3. Antialias keeps byte loads (single taps in a loop). Other layouts (RGBA slices,
-  transposed views, unaligned crops) keep the byte path, picked per call from the pointer alignment.
-  Prediction, if load instructions are the bound as the numbers above say: 1080p b32 51.7 -> ~28-32 us
-  (near the 27.6 us = 1.25x floor target; below that the DRAM floor and the sector reads rule), 480p b64
-  95.7 -> ~35-40 us (>= 1.9x compile), 4K letterbox b8 100.8 -> ~38-45 us (<= 55 us, ~1.9x compile; its 280
-  pad rows per image load nothing). Copy/nearest of other RGB24 inputs: ~1.3x fewer load instructions.
-* Change 1b, COPY8 (INTERP 4; normalize + layout of an RGB24 batch whose rows and images start 8-byte aligned,
-  at zero offset, e.g. 224 x 224 = 672-byte rows): a thread reads 8 consecutive pixels as 3 aligned 64-bit
-  words, extracts the 24 bytes with constant shifts and puts them back in x order with nested tl.join +
-  reshape (in registers: TTGIR has no convert_layout, PTX no shared memory); 32 x 32 tiles, one group per
-  thread. Compiled with the launch's specialization (pointers, strides and 224 divisible by 16): per thread
-  3 ld.global.b64 + 3 st.global.v4.b32 (fp16: 16-byte stores) for 8 pixels, 40 registers; before: 12
-  ld.global.b8 + 12 st.global.b16 for 4 pixels. Prediction: 224 -> 224 b256 fp16 66 -> ~30-33 us (floor
-  27.7 us; ~1.25x compile). Its target (2x compile = 20 us) is below the bytes floor and cannot be met.
-* Change 2, host (b1 wall 62 us): the kernel read its descriptor field indices from 23 module-level
-  tl.constexpr globals; Triton 3.x re-compares every global a @jit function uses on each launch
-  (`used_global_vals`, a constexpr `!=` costs ~1.3 us on this VM), so ~20-30 us of each call. They are
-  literals now (table at DESC_FIELDS). Also cheaper checks on the hot path (size tuple, out= strides, CUDA
-  input). Prediction: b1 host wall 62 -> ~30-35 us. The 8 us target is below what Python + Triton's launcher
-  can do (JITFunction.run alone is ~10-20 us on that host): the met route is the documented one, a CUDA graph
-  of the call, 4.7 us per replay measured; calling the cached CompiledKernel's launcher directly would save
-  ~10 us more but depends on Triton-internal APIs that changed across 3.x.
-* Change 3, list (163.8 us for 8 frames vs 19.0 us for a batch of 8): every call re-validated the 8 images
-  and built, pinned (a pinned host allocation) and uploaded a new descriptor table; the timed call was host-
-  bound (the 256 MB L2 flush in do_bench hides ~60 us of host time, not 160). Now the plan key holds what the
-  checks looked at per image (a hit skips them) and the device table is cached by the images' offsets:
-  ~14 us of our Python per list call on this VM instead of ~71 us. Prediction: list of 8 ~20-25 us, ~1.1-1.3x
-  the batch of 8 per floor byte (the 4K frame alone is 30% of the list's bytes).
-
-Notes after the H100 run (2026-11-23, torch 2.11, triton 3.6; 2968 GB/s copy; benchmarks/results/preprocess_*):
-
-* Profile (ncu, 480p -> 224 b64, logs/ncu_preprocess_480p_h100.txt): issue-bound, not DRAM-bound: 76% of issue
-  slots used at 48% of DRAM bandwidth, ~215 instructions per output pixel, 8 warps of 16 eligible (registers).
-* Tiles: thin, wide tiles (TILE) won everywhere: 480p b64 58.9 -> 40.6 us, NV12 b8 91.6 -> 37.3 us, 4K letterbox
-  49.3 -> 39.9 us (sweep: logs/preprocess_tile_sweep_h100.json). The channel order became a constexpr (BGR24),
-  so bytes come out with constant shifts: -2 to -3% only, less than the instruction count suggested.
-* 32-bit tap pairs (`_pair_rgb24`): three 32-bit words with 32-bit funnel shifts instead of two 64-bit words
-  with a 64-bit funnel (removed after this A/B): 480p b64 40.9 -> 33.8 us, 4K letterbox 39.6 -> 38.0 us,
-  1080p b32 unchanged (~42 us: at 74% of the copy bandwidth there, its taps 25.7 bytes apart touch every
-  sector of the sampled rows).
-* Launch: a bound launcher per specialization (`_launch`) skips JITFunction.run's binder (b1 host wall 26.3 ->
-  16.6 us on a quiet host); `CapturedPreprocess` replays a CUDA graph of the call in 4.2-5.9 us (5.1 us in
-  the committed run).
-* 1080p -> 224 b32 against measured floors (benchmarks/diag_preprocess_floor.py, logs/preprocess_floor_h100.json):
-  a kernel that only reads the 448 touched rows per frame, whole and coalesced, and writes the output's
-  bytes takes 38.8 us under do_bench's L2 flush (which leaves ~50 MB of dirty lines to evict), 33.0 us after a
-  clean flush; ours 40.8-43.1 us and 34.5 us, i.e. 1.05-1.11x an access pattern with no resampling at all. The
-  1.33x-torch.compile target (37.6 us) is below that read; the 1.25x-floor target (38.9 us) equals it. A
-  row-band variant gathering taps from coalesced row segments (tl.gather) could win at most that 5-11%; its
-  first version did not compile on sm_90 (it used a Python loop over tensors), not pursued. Tiles: (1, 128, 4)
-  and (1, 256, 8) were ~1 us faster than TILE here, within run-to-run noise and slower at 480p / NV12.
+Design: one program = one BLOCK_Y x BLOCK_X output tile of one image, all 3 channels (coordinates and weights
+once per pixel, stores coalesced along x). The kernel is bound by load instructions, not DRAM bytes, so packed
+3-byte pixels are read as aligned 32-bit words (RGB24) or, for a plain copy, 64-bit words (COPY8).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 
@@ -136,55 +44,31 @@ import torch
 import triton
 import triton.language as tl
 
+from torchopt.kernels import _preprocess_layout as L
+from torchopt.kernels._preprocess_common import (
+    ParsedImages,
+    PreprocessConfig,
+    normalization_constants,
+    output_shape,
+    plan_geometry,
+    yuv_coefficients,
+)
+
 # Output tiles (BLOCK_Y, BLOCK_X, num_warps), measured on the H100 (benchmarks/sweep_preprocess_tiles.py; results
-# in benchmarks/results/logs/preprocess_tile_sweep_h100*.json). Thin, wide tiles won for every resampling case:
-# 16 x 32 -> 2 x 128 took 480p -> 224 b64 from 58.9 to 33.8 us (with 32-bit tap pairs) and NV12 1080p -> 640 b8
-# from 91.6 to 37.3 us; more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
+# in benchmarks/results/logs/preprocess_tile_sweep_h100*.json): thin, wide tiles won for every resampling case;
+# more, shorter-lived programs hide the latency of the dependent descriptor -> pixel loads.
 TILE = (2, 128, 2)  # resampling, copy, nearest (RGB and YUV)
 TILE_COPY8 = (16, 64, 4)  # COPY8: 16 x 64 pixels = 128 groups of 8, one per thread
 # The interpreter runs programs one after another (cost grows with their number): larger tiles there.
 INTERP_BLOCK_Y = 32
 INTERP_BLOCK_X = 64
 
-# Resampling modes (the INTERP constexpr) and pixel formats (FORMAT).
-COPY, NEAREST, BILINEAR, ANTIALIAS = 0, 1, 2, 3
-# COPY8: the copy of an RGB24 batch whose rows start 8-byte aligned, at zero offset: each thread reads 8 pixels
-# as 3 aligned 64-bit words and de-interleaves them in registers (`launch` falls back to COPY when unaligned).
-COPY8 = 4
-# RGB24: packed RGB/BGR with 3-byte pixels and adjacent channels (stride_w == 3, channel stride 1) at a
-# 4-byte aligned src_ptr: bilinear reads each horizontal tap pair as aligned 32-bit words (see `_pair_rgb24`).
-# BGR24: RGB24 whose pixel bytes are B, G, R (the channel order is a constexpr: constant byte shifts).
-PACKED_RGB, YUV420, RGB24, BGR24 = 0, 1, 2, 3
-
-# Descriptor row: DESC_FIELDS int64 fields per image. The kernel reads them by literal index (these names are
-# the table): Triton re-compares every global a @jit function reads on each launch (a constexpr compare costs
-# ~0.5-1.3 us of host time; 23 of them were a third of the batch-1 call). Fields marked f32 hold an fp32 bit
-# pattern in their low 32 bits; the kernel reads those through an fp32 view of the same memory (little-endian:
-# element 2k).
-_D_FRAME = 0  # byte offset of the image from src_ptr
-_D_H = 1  # source luma height, width
-_D_W = 2
-_D_SH = 3  # strides of a row, a pixel
-_D_SW = 4
-_D_A = 5  # RGB: offset of R in a pixel; YUV: U plane offset from the frame
-_D_B = 6  # RGB: channel stride (negative for BGR input); YUV: V plane offset
-_D_CPITCH = 7  # YUV: chroma row pitch, chroma sample step
-_D_CSTEP = 8
-_D_NH = 9  # resized size
-_D_NW = 10
-_D_OFFY = 11  # resized = output + off
-_D_OFFX = 12
-_D_SCALEY = 13  # f32 in/out per axis (PyTorch's scale)
-_D_SCALEX = 14
-_D_SUPY = 15  # f32 antialias support = max(scale, 1), and its reciprocal
-_D_SUPX = 16
-_D_INVY = 17
-_D_INVX = 18
-_D_TAPSY = 19  # antialias taps = 2 ceil(support) + 1
-_D_TAPSX = 20
-_D_NORM = 21  # f32 scale[3], bias[3], pad[3]
-_D_YUV = 30  # f32 y_off, cy, crv, cgu, cgv, cbu
-DESC_FIELDS = 36
+# The FORMAT / INTERP codes as host ints (declared in _preprocess_layout; a tl.constexpr compare is slow on the
+# per-call path).
+PACKED_RGB, YUV420, RGB24, BGR24 = (c.value for c in (L.PACKED_RGB, L.YUV420, L.RGB24, L.BGR24))
+COPY, NEAREST, BILINEAR, ANTIALIAS, COPY8 = (c.value for c in (L.COPY, L.NEAREST, L.BILINEAR, L.ANTIALIAS, L.COPY8))
+DESC_FIELDS = L.FIELDS.value
+_LIST_TABLES_PER_PLAN = 16  # device descriptor tables of a list plan, one per set of image addresses
 
 # Helpers stay few and out of the antialias tap loop: the interpreter re-patches triton.language on every
 # nested @jit call (~4 ms each), which dominated the CPU test time.
@@ -194,14 +78,14 @@ DESC_FIELDS = 36
 def _sample(src_ptr, frame, yy, xx, mask, layout, yuv, FORMAT: tl.constexpr):
     """(r, g, b) fp32 0..255 of source pixels (yy, xx) (int32, in bounds) of the image at `frame`.
 
-    layout = (stride_h, stride_w, a, b, chroma pitch, chroma step) as in the _D_* fields; yuv = the
-    coefficients of `yuv_coefficients` (unused for packed RGB).
+    layout = (stride_h, stride_w, a, b, chroma pitch, chroma step) as in the descriptor (`_preprocess_layout`);
+    yuv = the coefficients of `yuv_coefficients` (unused for packed RGB).
     """
     sh, sw, a, b, cpitch, cstep = layout
     yo, cy, crv, cgu, cgv, cbu = yuv
     # 64-bit: row * stride can pass 2**31 in a batch of 4K frames.
     pix = frame + yy.to(tl.int64) * sh + xx.to(tl.int64) * sw
-    if FORMAT != 1:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
+    if FORMAT != L.YUV420:  # packed RGB/BGR: a = offset of R in the pixel, b = channel stride (negative for BGR)
         p = src_ptr + pix + a
         r = tl.load(p, mask=mask, other=0).to(tl.float32)
         g = tl.load(p + b, mask=mask, other=0).to(tl.float32)
@@ -227,9 +111,8 @@ def _pair_rgb24(src_ptr, row, xx, edge, mask, PAIR: tl.constexpr, REV: tl.conste
     The 6 bytes from the pixel on lie in the 3 aligned 32-bit words covering them; the second and third are
     loaded only where the needed bytes reach into them, so every word read holds a byte of the image (an
     aligned word never crosses a page: no fault past its end). Two 32-bit funnel shifts (one SHF each) put the
-    bytes in place and constant shifts extract them (the channel order is a constexpr). The kernel is
-    issue-bound (H100: 76% of issue slots at 48% of DRAM bandwidth, 480p -> 224 b64), and this took 480p b64
-    from 40.9 us (two 64-bit words, a multi-instruction 64-bit funnel) to 33.8 us.
+    bytes in place and constant shifts extract them (the channel order is a constexpr): fewer instructions
+    than a 64-bit funnel, which matters in this issue-bound kernel (measurements: preprocess_notes.md).
     """
     off = row + xx.to(tl.int64) * 3
     a4 = off & -4
@@ -362,18 +245,17 @@ def _preprocess_kernel(
     n = tl.program_id(2)
     d = desc_ptr + n * desc_row_stride
     df = descf_ptr + 2 * n * desc_row_stride  # f32 field k of this row: df[2 k]
-    # Descriptor fields by their literal _D_* index (see the table above: no globals in the kernel).
-    frame = tl.load(d + 0) + n.to(tl.int64) * stride_src_n
-    H = tl.load(d + 1).to(tl.int32)
-    W = tl.load(d + 2).to(tl.int32)
-    nh = tl.load(d + 9).to(tl.int32)  # resized size
-    nw = tl.load(d + 10).to(tl.int32)
+    frame = tl.load(d + L.FRAME) + n.to(tl.int64) * stride_src_n
+    H = tl.load(d + L.H).to(tl.int32)
+    W = tl.load(d + L.W).to(tl.int32)
+    nh = tl.load(d + L.NH).to(tl.int32)  # resized size
+    nw = tl.load(d + L.NW).to(tl.int32)
 
     oy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
     ox = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
     in_tile = (oy < out_h) & (ox < out_w)
-    ry = oy + tl.load(d + 11).to(tl.int32)  # OFFY, OFFX
-    rx = ox + tl.load(d + 12).to(tl.int32)
+    ry = oy + tl.load(d + L.OFFY).to(tl.int32)
+    rx = ox + tl.load(d + L.OFFX).to(tl.int32)
     inside = (ry >= 0) & (ry < nh) & (rx >= 0) & (rx < nw)
     # Clamped so every address is in bounds even where the mask is off; the pad region loads nothing.
     ry = tl.minimum(tl.maximum(ry, 0), nh - 1)
@@ -381,43 +263,43 @@ def _preprocess_kernel(
     m = in_tile & inside
 
     # Source layout and colour coefficients, loaded once per program.
-    sh = tl.load(d + 3)  # SH, SW, A, B, CPITCH, CSTEP
-    sw = tl.load(d + 4)
-    if FORMAT == 1:
-        lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), tl.load(d + 7), tl.load(d + 8))
-        yuv = (
-            tl.load(df + 2 * 30),  # YUV
-            tl.load(df + 2 * (30 + 1)),
-            tl.load(df + 2 * (30 + 2)),
-            tl.load(df + 2 * (30 + 3)),
-            tl.load(df + 2 * (30 + 4)),
-            tl.load(df + 2 * (30 + 5)),
-        )
+    sh = tl.load(d + L.STRIDE_H)
+    sw = tl.load(d + L.STRIDE_W)
+    if FORMAT == L.YUV420:
+        lay = (sh, sw, tl.load(d + L.A), tl.load(d + L.B), tl.load(d + L.CPITCH), tl.load(d + L.CSTEP))
+        yf = df + 2 * L.YUV
+        yuv = (tl.load(yf), tl.load(yf + 2), tl.load(yf + 4), tl.load(yf + 6), tl.load(yf + 8), tl.load(yf + 10))
     else:  # packed RGB: no chroma planes, no colour matrix
-        lay = (sh, sw, tl.load(d + 5), tl.load(d + 6), sh, sw)
+        lay = (sh, sw, tl.load(d + L.A), tl.load(d + L.B), sh, sw)
         yuv = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
-    scale_y = tl.load(df + 2 * 13)  # SCALEY, SCALEX
-    scale_x = tl.load(df + 2 * 14)
+    scale_y = tl.load(df + 2 * L.SCALEY)
+    scale_x = tl.load(df + 2 * L.SCALEX)
 
-    if INTERP == 4:  # COPY8: 8 consecutive pixels per thread = 24 bytes = 3 aligned words, no shuffles
+    if INTERP == L.COPY8:  # COPY8: 8 consecutive pixels per thread = 24 bytes = 3 aligned words, no shuffles
         r, g, b = _copy8_rgb24(src_ptr, frame, sh, lay[2], pid_x, pid_y, H, W, BLOCK_Y, BLOCK_X)
-    elif INTERP <= 1:  # copy (resized size == source size) or nearest (PyTorch's fp32 product, then floor)
-        if INTERP == 0:
+    elif (
+        INTERP == L.COPY or INTERP == L.NEAREST
+    ):  # copy (resized size == source size) or nearest (PyTorch's fp32 product, then floor)
+        if INTERP == L.COPY:
             iy, ix = ry, rx
         else:
             iy = tl.minimum((ry.to(tl.float32) * scale_y).to(tl.int32), H - 1)
             ix = tl.minimum((rx.to(tl.float32) * scale_x).to(tl.int32), W - 1)
-        if FORMAT >= 2:  # RGB24: one pixel from one or two 32-bit words (2 loads, 1 mostly masked, not 3)
+        if (
+            FORMAT == L.RGB24 or FORMAT == L.BGR24
+        ):  # RGB24: one pixel from one or two 32-bit words (2 loads, 1 mostly masked, not 3)
             row = frame + iy.to(tl.int64) * sh
-            r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == 3)
+            r, g, b, _, _, _ = _pair_rgb24(src_ptr, row, ix, m, m, False, FORMAT == L.BGR24)
         else:
             r, g, b = _sample(src_ptr, frame, iy, ix, m, lay, yuv, FORMAT)
-    elif INTERP == 2:  # bilinear
+    elif INTERP == L.BILINEAR:
         y0, y1, ly = _linear_taps(ry, scale_y, H)
         x0, x1, lx = _linear_taps(rx, scale_x, W)
-        if FORMAT >= 2:  # RGB24: x1 is x0 + 1 or x0 (right edge): one 3-word window per row holds both taps
+        if (
+            FORMAT == L.RGB24 or FORMAT == L.BGR24
+        ):  # RGB24: x1 is x0 + 1 or x0 (right edge): one 3-word window per row holds both taps
             edge = x1 == x0
-            rev = FORMAT == 3
+            rev = FORMAT == L.BGR24
             row0 = frame + y0.to(tl.int64) * sh
             row1 = frame + y1.to(tl.int64) * sh
             r00, g00, b00, r01, g01, b01 = _pair_rgb24(src_ptr, row0, x0, edge, m, True, rev)
@@ -433,12 +315,12 @@ def _preprocess_kernel(
         g = hy * (hx * g00 + lx * g01) + ly * (hx * g10 + lx * g11)
         b = hy * (hx * b00 + lx * b01) + ly * (hx * b10 + lx * b11)
     else:  # antialiased bilinear: triangle-filter taps, horizontal sums first (as PyTorch), normalized last
-        inv_y = tl.load(df + 2 * 17)  # INVY, INVX, TAPSY, TAPSX, SUPY, SUPX
-        inv_x = tl.load(df + 2 * 18)
-        taps_y = tl.load(d + 19).to(tl.int32)
-        taps_x = tl.load(d + 20).to(tl.int32)
-        cy, ylo, yn = _aa_window(ry, scale_y, tl.load(df + 2 * 15), H, taps_y)
-        cx, xlo, xn = _aa_window(rx, scale_x, tl.load(df + 2 * 16), W, taps_x)
+        inv_y = tl.load(df + 2 * L.INVY)
+        inv_x = tl.load(df + 2 * L.INVX)
+        taps_y = tl.load(d + L.TAPSY).to(tl.int32)
+        taps_x = tl.load(d + L.TAPSX).to(tl.int32)
+        cy, ylo, yn = _aa_window(ry, scale_y, tl.load(df + 2 * L.SUPY), H, taps_y)
+        cx, xlo, xn = _aa_window(rx, scale_x, tl.load(df + 2 * L.SUPX), W, taps_x)
         r = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         g = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
         b = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
@@ -475,10 +357,10 @@ def _preprocess_kernel(
         b = tl.math.div_rn(b, total)
 
     # Normalize with host-rounded reciprocals; the letterbox border gets the normalized pad value.
-    nf = df + 2 * 21  # NORM: scale[3], bias[3], pad[3]
-    r = tl.where(inside, r * tl.load(nf) + tl.load(nf + 6), tl.load(nf + 12))
-    g = tl.where(inside, g * tl.load(nf + 2) + tl.load(nf + 8), tl.load(nf + 14))
-    b = tl.where(inside, b * tl.load(nf + 4) + tl.load(nf + 10), tl.load(nf + 16))
+    fs, fb, fp = df + 2 * L.NORM_SCALE, df + 2 * L.NORM_BIAS, df + 2 * L.NORM_PAD  # 3 f32 fields each
+    r = tl.where(inside, r * tl.load(fs) + tl.load(fb), tl.load(fp))
+    g = tl.where(inside, g * tl.load(fs + 2) + tl.load(fb + 2), tl.load(fp + 2))
+    b = tl.where(inside, b * tl.load(fs + 4) + tl.load(fb + 4), tl.load(fp + 4))
     o = out_ptr + n.to(tl.int64) * stride_out_n + out_c0 + oy * stride_out_y + ox * stride_out_x
     _store(o, r, in_tile)
     _store(o + stride_out_c, g, in_tile)
@@ -505,11 +387,11 @@ def descriptor_row(
     hw: tuple[int, int],
     strides: tuple[int, ...],
     geometry,
-    config,
+    config: PreprocessConfig,
     consts: tuple[tuple[float, ...], ...],
     yuv: tuple[float, ...],
 ) -> list[int]:
-    """One image's descriptor: source layout, resize geometry and the config's constants.
+    """One image's descriptor (fields of `_preprocess_layout`): source layout, resize geometry, constants.
 
     strides: (stride_h, stride_w, stride_c) of an RGB image, (stride_h, stride_w) of a YUV frame.
     """
@@ -528,27 +410,53 @@ def descriptor_row(
     # PyTorch computes in/out in fp32 (area_pixel_compute_scale); so do we, once, here.
     scale_y, scale_x = _f32_div(H, nh), _f32_div(W, nw)
     sup_y, sup_x = max(scale_y, 1.0), max(scale_x, 1.0)
-    row = [frame, H, W, sh, sw, a, b, cpitch, cstep, nh, nw, -top, -left]
-    row += [_bits(scale_y), _bits(scale_x), _bits(sup_y), _bits(sup_x)]
-    row += [_bits(_f32_div(1.0, sup_y)), _bits(_f32_div(1.0, sup_x))]
-    row += [2 * math.ceil(sup_y) + 1, 2 * math.ceil(sup_x) + 1]  # PyTorch's max_interp_size
-    row += [_bits(v) for group in consts for v in group]
-    row += [_bits(v) for v in yuv]
-    assert len(row) == DESC_FIELDS
+    scale, bias, pad = consts
+    fields = (
+        (L.FRAME, frame),
+        (L.H, H),
+        (L.W, W),
+        (L.STRIDE_H, sh),
+        (L.STRIDE_W, sw),
+        (L.A, a),
+        (L.B, b),
+        (L.CPITCH, cpitch),
+        (L.CSTEP, cstep),
+        (L.NH, nh),
+        (L.NW, nw),
+        (L.OFFY, -top),
+        (L.OFFX, -left),
+        (L.SCALEY, _bits(scale_y)),
+        (L.SCALEX, _bits(scale_x)),
+        (L.SUPY, _bits(sup_y)),
+        (L.SUPX, _bits(sup_x)),
+        (L.INVY, _bits(_f32_div(1.0, sup_y))),
+        (L.INVX, _bits(_f32_div(1.0, sup_x))),
+        (L.TAPSY, 2 * math.ceil(sup_y) + 1),  # PyTorch's max_interp_size
+        (L.TAPSX, 2 * math.ceil(sup_x) + 1),
+    )
+    row = [0] * DESC_FIELDS
+    for field, value in fields:
+        row[field] = value  # a tl.constexpr indexes a list like its int
+    for first, values in ((L.NORM_SCALE, scale), (L.NORM_BIAS, bias), (L.NORM_PAD, pad), (L.YUV, yuv)):
+        row[first : first + len(values)] = [_bits(v) for v in values]
     return row
 
 
-def interp_code(config, sizes, geometries) -> int:
+# ------------------------------------------------------------------------------------------ launch decisions
+
+
+def interp_code(config: PreprocessConfig, sizes, geometries) -> int:
+    """The INTERP constexpr: COPY where every image keeps its size (exact for all three modes at scale 1)."""
     if all(g.resized_size == hw for g, hw in zip(geometries, sizes, strict=True)):
-        return COPY  # exact for all three modes at scale 1
+        return COPY
     if config.interpolation == "nearest":
         return NEAREST
     return ANTIALIAS if config.antialias else BILINEAR
 
 
-def pixel_format(config, strides: list[tuple[int, ...]], interp: int) -> int:
+def pixel_format(config: PreprocessConfig, strides: list[tuple[int, ...]], interp: int) -> int:
     """The FORMAT constexpr: RGB24 where pixels can be read as whole words (every image has 3-byte pixels with
-    adjacent channels; `launch` still checks the source pointer's alignment per call). Antialias
+    adjacent channels; `LaunchPlan.variant` still checks the source pointer's alignment per call). Antialias
     keeps byte loads: its taps are single pixels in a loop, where the word shuffling would not pay."""
     if config.is_yuv:
         return YUV420
@@ -577,6 +485,109 @@ def to_device_table(rows: list[list[int]] | torch.Tensor, device: torch.device) 
     return host.pin_memory().to(device, non_blocking=True)
 
 
+class LaunchPlan:
+    """Everything a launch needs besides the tensors, built once per (config, size, input layout, device):
+    the descriptor table, the kernel variant (FORMAT, INTERP), the output shape and strides' order."""
+
+    __slots__ = (
+        "bgr_out",
+        "fmt",
+        "interp",
+        "n",
+        "nhwc",
+        "out_hw",
+        "out_shape",
+        "params",
+        "per_image",
+        "single",
+        "table",
+        "table_f32",
+        "tables",
+    )
+
+    def __init__(self, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
+        self.per_image = parsed.batch is None  # a list: one descriptor row per image
+        if self.per_image and INTERPRETED and parsed.device.type != "cpu":
+            # The interpreter copies each tensor argument to the host; the other images of a list, addressed
+            # from the first one's pointer, would be read at their device addresses.
+            raise RuntimeError("a list of GPU images cannot run in Triton's interpreter; unset TRITON_INTERPRET")
+        items = parsed.items if self.per_image else [parsed.batch]
+        sizes = parsed.sizes if self.per_image else parsed.sizes[:1]
+        consts = normalization_constants(cfg)
+        yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
+        geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
+        rows = [
+            descriptor_row(0, hw, t.stride()[-2:] if cfg.is_yuv else t.stride()[-3:], g, cfg, consts, yuv)
+            for t, hw, g in zip(items, sizes, geoms, strict=True)
+        ]
+        # A batch's table lives on the device for good; a list's is a host template whose frame offsets
+        # (the images' addresses) are filled in per call.
+        self.table = torch.tensor(rows, dtype=torch.int64) if self.per_image else to_device_table(rows, parsed.device)
+        self.table_f32 = self.table.view(torch.float32)  # the kernel reads the fp32 fields through this view
+        # A list's device tables by the images' offsets from the first one: a pipeline cycling through the same
+        # buffers uploads nothing after warm-up (each upload is a pinned allocation + copy, ~20-60 us of host).
+        self.tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.interp = interp_code(cfg, sizes, geoms)
+        self.fmt = pixel_format(cfg, [t.stride()[-3:] for t in items], self.interp)
+        if self.interp == COPY and self.fmt in (RGB24, BGR24) and copy8_ok(items, geoms, self.per_image):
+            self.interp = COPY8
+        self.n, self.single, self.out_hw = parsed.n, parsed.single, size
+        self.bgr_out, self.nhwc = cfg.output_order == "bgr", cfg.layout == "NHWC"
+        shape = output_shape(parsed.n, size, cfg.layout)
+        self.out_shape = shape[1:] if parsed.single else shape
+        self.params = geoms if self.per_image else geoms * parsed.n
+
+    def variant(self, src: torch.Tensor) -> tuple[int, int]:
+        """(FORMAT, INTERP) for this call: the plan's, unless the source pointer is not aligned to the words the
+        RGB24 reads use (4 bytes; 8 for COPY8), then byte loads."""
+        if self.fmt >= RGB24 and src.data_ptr() % (8 if self.interp == COPY8 else 4):
+            return PACKED_RGB, (COPY if self.interp == COPY8 else self.interp)
+        return self.fmt, self.interp
+
+    def _list_tables(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device table of a list, its frame offsets being these images' addresses from the first one's."""
+        base = images[0].data_ptr()
+        offsets = tuple(t.data_ptr() - base for t in images)
+        tables = self.tables.get(offsets)
+        if tables is None:
+            host = self.table.clone()
+            host[:, L.FRAME.value] = torch.tensor(offsets, dtype=torch.int64)
+            table = to_device_table(host, images[0].device)
+            tables = (table, table.view(torch.float32))
+            if len(self.tables) >= _LIST_TABLES_PER_PLAN:
+                with contextlib.suppress(StopIteration, RuntimeError):  # another thread may evict too
+                    self.tables.pop(next(iter(self.tables)), None)
+            self.tables[offsets] = tables
+        return tables
+
+    def run(self, images, out: torch.Tensor) -> None:
+        """Launch over `images` (the tensor or list this plan was built for) into `out` (checked by the caller)."""
+        if self.per_image:  # one launch over the list: every image is addressed from the first one's pointer
+            src, stride_src_n = images[0], 0
+            table, table_f32 = self._list_tables(images)
+        else:
+            src, table, table_f32 = images, self.table, self.table_f32
+            stride_src_n = 0 if self.single else images.stride(0)
+        st = out.stride()
+        if self.single:
+            st = (0, *st)
+        fmt, interp = self.variant(src)
+        launch(
+            src,
+            table,
+            table_f32,
+            out,
+            (st[0], st[3], st[1], st[2]) if self.nhwc else st,  # as (n, c, y, x)
+            self.out_hw,
+            n=self.n,
+            per_image_rows=self.per_image,
+            stride_src_n=stride_src_n,
+            fmt=fmt,
+            interp=interp,
+            bgr_out=self.bgr_out,
+        )
+
+
 def launch(
     src: torch.Tensor,
     table: torch.Tensor,
@@ -592,17 +603,12 @@ def launch(
     interp: int,
     bgr_out: bool,
 ) -> None:
-    """Launch the kernel over `n` images into `out`, whose (n, c, y, x) strides are `out_strides`.
-
-    table: the int64 descriptor rows; table_f32: ``table.view(torch.float32)`` (made once by the caller).
-    """
+    """Launch the kernel variant (fmt, interp) over `n` images into `out`, whose (n, c, y, x) strides are
+    `out_strides`. table: the int64 descriptor rows; table_f32: ``table.view(torch.float32)``."""
     son, soc, soy, sox = out_strides
     c0 = 0
     if bgr_out:  # write R to channel 2 and B to channel 0: walk the channels backwards
         c0, soc = 2 * soc, -soc
-    # The aligned-word reads need a base aligned to their word: 4 bytes (32-bit tap pairs) or 8 (COPY8).
-    if fmt >= RGB24 and src.data_ptr() % (8 if interp == COPY8 else 4):
-        fmt, interp = PACKED_RGB, (COPY if interp == COPY8 else interp)
     if INTERPRETED:
         by, bx, warps = INTERP_BLOCK_Y, INTERP_BLOCK_X, 4
     else:

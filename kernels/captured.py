@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from torchopt.kernels._preprocess_common import resolve_config
-from torchopt.kernels.preprocess import preprocess
+from torchopt.kernels.preprocess_op import preprocess
 
 __all__ = ["CapturedPreprocess"]
 

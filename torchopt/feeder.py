@@ -16,36 +16,13 @@ warm-up (the first frame, or construction when `FeederConfig.frame_shape` is set
 device); afterwards no memory is allocated per batch, provided the transform writes into the ``out=`` tensor
 it is given (the default transform, `torchopt.kernels.preprocess`, does).
 
-Where the time goes (1080p → 224, batch 32, fp16 NCHW; measured by benchmarks/bench_feeder.py on an H200 host
-with 16 CPU cores and PCIe Gen5, see benchmarks/results/bench_feeder.md):
-
-* A 1080p RGB frame is 1920·1080·3 = 6.2 MB of uint8; a batch is 199 MB; the model-ready fp16 batch is only
-  9.6 MB. Preprocessing therefore runs on the GPU *after* the upload: only raw uint8 crosses PCIe (fp16 would
-  be 2×, fp32 4× the bytes), and resizing on the host first would cost more CPU time than copying the pixels.
-* Pinned H2D runs at 55 GB/s: 3.6 ms per batch, against ~0.1 ms for the fused preprocessing kernel. The
-  pipeline is bound by bytes moved; the goal is to keep the copy engine busy.
-* DMA needs page-locked memory. `tensor.cuda()` on pageable memory makes the driver stage through a small
-  pinned bounce buffer, synchronously with the calling thread and serialized with the preprocessing: 9 GB/s,
-  16% of pinned. Here the staging is explicit, into a ring of pinned slots allocated once, and the upload is
-  asynchronous: fed from frames already in the ring (`frame_buffer`), the pipeline runs at 100% of pinned H2D.
-* The pageable → pinned memcpy is then the limit. One core copies 7 GB/s. Splitting each frame into row bands
-  over Python threads tops out at 25 GB/s (every band is a GIL hand-off; more threads make it worse); torch's
-  intra-op parallel `copy_` (one C++ parallel region per frame) does 26-29 GB/s: that is the synchronous `put`
-  (the default, where the caller may reuse its buffer on return), 47% of pinned H2D, 2.9× naive. Copying whole
-  frames on `copy_threads` threads in parallel (``async_copy=True``: `put` returns at once, the frame must stay
-  untouched) reaches 42 GB/s with 12 threads, 75% of pinned H2D and 95% of what the same host memcpy does with
-  16 threads and no upload running (44 GB/s). Every byte is read from the decoder's buffer, written to the slot
-  and read again by the DMA engine, ~3× the frame bytes of DRAM traffic: the host's memory bandwidth, not the
-  feeder, bounds the pageable path below the PCIe bandwidth on this machine.
-* A decoder that can write into a buffer it is given should therefore write straight into the pinned slot
-  through `frame_buffer()`: no host memcpy at all.
-* Not done, measured: pinning the caller's frames in place with cudaHostRegister instead of copying them.
-  Register + unregister of 1080p frames runs at 10-13 GB/s whatever the thread count (the driver serializes
-  it), slower than copying. GPU decoding (NVDEC) keeps frames off the host entirely and needs no feeder.
-* Not done, measured: non-temporal stores for the copies (glibc's memcpy switches to them above a threshold,
-  ``GLIBC_TUNABLES=glibc.cpu.x86_non_temporal_threshold``; a 6.2 MB frame is below the default). One thread
-  went 5.5 -> 8.8 GB/s, but 12-16 threads stayed at 33-38 GB/s and the pipeline did not gain
-  (benchmarks/results/logs/h100_bench_feeder_rerun_*: that rerun's host was slower, 49% with the default).
+Design (measurements and rejected alternatives: benchmarks/results/feeder_notes.md): only raw uint8 crosses
+PCIe and the preprocessing runs on the GPU after the upload (the fp16 batch would be 2x the bytes, host resizing
+costs more CPU than the copy); the pipeline is bound by bytes moved, so the goal is a busy copy engine. DMA needs
+page-locked memory: frames are staged explicitly into the pinned ring, by one parallel `copy_` per frame in
+`put` (the caller may reuse its buffer on return) or, with ``async_copy=True``, on `copy_threads` threads
+(`put` returns at once; the frame must stay untouched). A decoder that can write into a given buffer should
+write straight into the slot through `frame_buffer()`: no host memcpy at all.
 
 The staging slots are ordinary host tensors page-locked with ``cudaHostRegister`` rather than
 ``pin_memory=True``: PyTorch's caching host allocator rounds every block up to a power of two (a 199 MB slot

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess, preprocess_ref
 
-PP = importlib.import_module("torchopt.kernels.preprocess")  # the module (its name is shadowed by the function)
+PP = importlib.import_module("torchopt.kernels.preprocess_op")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and not PP._INTERPRET:
@@ -148,6 +148,26 @@ def test_letterbox_border_is_exactly_the_normalized_pad(src, size, dtype):
 def test_center_crop_matches_reference(src, size, crop_pct):
     got, ref = run(pixels(2, *src, 3, seed=4), size, fit="crop", crop_pct=crop_pct, **NORM)
     assert_matches(got, ref, "crop")
+
+
+@pytest.mark.parametrize(
+    ("name", "h", "w", "crop_pct", "antialias", "dtype"),
+    [
+        ("china.jpg", 300, 451, 0.875, False, torch.float32),  # long side int(384.85) = 384
+        ("flower.jpg", 451, 300, 0.95, False, torch.float16),  # short side floor(235.8) = 235
+        ("flower.jpg", 481, 257, 0.95, True, torch.float32),
+    ],
+)
+def test_crop_is_the_torchvision_eval_transform_on_photos(name, h, w, crop_pct, antialias, dtype, photo, tv2):
+    """Resize(floor(224 / crop_pct)) + CenterCrop(224) + normalize, torchvision's own transforms, on real photos."""
+    x = photo(name, h, w)
+    img = x.permute(2, 0, 1).float()  # float pixels: torchvision resizes with F.interpolate, no uint8 rounding
+    tv = tv2.CenterCrop(224)(tv2.Resize(math.floor(224 / crop_pct), antialias=antialias)(img))
+    expected = (tv / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = torch.full((3, 224, 224), math.nan, dtype=dtype, device=DEVICE)
+    options = {"fit": "crop", "crop_pct": crop_pct, "antialias": antialias, "dtype": dtype}
+    got = preprocess(to_device(x), 224, out=out, backend="triton", **options, **NORM)
+    assert_matches(got.cpu(), expected.to(dtype), f"{name} {h}x{w} crop_pct={crop_pct}")
 
 
 @pytest.mark.parametrize("fmt", ["rgb", "bgr"])

@@ -18,7 +18,7 @@ from torchopt.kernels import (
     preprocess_ref,
 )
 
-PP = importlib.import_module("torchopt.kernels.preprocess")
+PP = importlib.import_module("torchopt.kernels.preprocess_op")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -2,14 +2,19 @@
 OpenCV's bilinear resize and YUV conversions, torchvision's antialiased resize and center crop, YOLO's
 letterbox arithmetic; and CPU users never import triton."""
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess_params, preprocess_ref
+
+_IMAGENET = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def pixels(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -42,12 +47,98 @@ def test_antialias_matches_torchvision_float(src, size, tvf):
 def test_center_crop_matches_torchvision_resize_then_crop(tvf):
     x = pixels(2, 60, 90, 3, seed=3)
     p = preprocess_params((60, 90), 32, fit="crop", crop_pct=0.875)
-    assert p.resized_size == (37, 55)  # short side 32 / 0.875 = 36.6 -> 37
+    # timm's scale_size floor(32 / 0.875) = 36 (not rounded to 37), long side int(36 * 90 / 60) = 54
+    assert p.resized_size == (36, 54)
     img = x.permute(0, 3, 1, 2).float()
     expected = tvf.center_crop(tvf.resize(img, list(p.resized_size), antialias=False), [32, 32])
     expected = (expected / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     got = preprocess_ref(x, 32, fit="crop", crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# Odd sizes cut from real photos (427 x 640; taller ones from the transposed photo): half of all aspect ratios
+# truncate the long side differently from rounding it.
+PHOTO_CROPS = [("china.jpg", 300, 451), ("flower.jpg", 451, 300), ("china.jpg", 333, 500), ("flower.jpg", 481, 257)]
+# fp32, normalized units: the reference resamples only the crop window, summing the same taps in another order
+# than F.interpolate (measured <= 5e-5 pixel levels); 2e-4 also covers a torch build whose bilinear source
+# coordinate rounds twice (unfused multiply-add: 1 ulp of the coordinate, <= 0.01 levels).
+CROP_ATOL = 2e-4
+
+
+def _normalize(levels: torch.Tensor) -> torch.Tensor:
+    view = (3, 1, 1)
+    return (levels / 255 - torch.tensor(IMAGENET_MEAN).view(view)) / torch.tensor(IMAGENET_STD).view(view)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875, 0.95])
+@pytest.mark.parametrize(("name", "h", "w"), PHOTO_CROPS)
+def test_crop_is_the_torchvision_eval_transform_on_photos(name, h, w, crop_pct, antialias, photo, tv2):
+    x = photo(name, h, w)
+    scale_size = math.floor(224 / crop_pct)  # timm's transforms_imagenet_eval
+    img = x.permute(2, 0, 1).float()  # float pixels: torchvision resizes with F.interpolate, no uint8 rounding
+    resized = tv2.Resize(scale_size, antialias=antialias)(img)
+    expected = _normalize(tv2.CenterCrop(224)(resized))
+    got, (params,) = preprocess_ref(
+        x, 224, fit="crop", crop_pct=crop_pct, antialias=antialias, return_params=True, **_IMAGENET
+    )
+    assert params.resized_size == tuple(resized.shape[-2:])
+    torch.testing.assert_close(got, expected, atol=CROP_ATOL, rtol=0)
+
+
+def test_crop_geometry_examples():
+    p = preprocess_params((300, 451), 224, fit="crop", crop_pct=0.875)
+    assert (p.resized_size, p.offset) == ((256, 384), (-16, -80))  # long side int(384.85) = 384, not 385
+    p = preprocess_params((451, 300), 224, fit="crop", crop_pct=0.95)
+    assert p.resized_size == (353, 235)  # floor(224 / 0.95) = floor(235.8) = 235, not 236
+
+
+def _full_resize_then_crop(x: torch.Tensor, size: tuple[int, int], **options) -> torch.Tensor:
+    """Center crop computed the long way: F.interpolate to the whole resized size, then slice, then normalize."""
+    p = preprocess_params(tuple(x.shape[1:3]), size, fit="crop", crop_pct=options["crop_pct"])
+    (nh, nw), (top, left) = p.resized_size, p.offset
+    img = x.permute(0, 3, 1, 2).float()
+    if options.get("interpolation") == "nearest":
+        full = F.interpolate(img, (nh, nw), mode="nearest")
+    else:
+        full = F.interpolate(img, (nh, nw), mode="bilinear", align_corners=False, antialias=options.get("antialias"))
+    return _normalize(full[:, :, -top : -top + size[0], -left : -left + size[1]])
+
+
+@pytest.mark.parametrize("mode", [{"interpolation": "nearest"}, {"antialias": False}, {"antialias": True}])
+@pytest.mark.parametrize(
+    ("src", "size", "crop_pct"),
+    [((37, 53), (16, 16), 1.0), ((53, 37), (16, 24), 0.875), ((13, 9), (40, 70), 0.9), ((1, 90), (8, 8), 1.0)],
+)
+def test_crop_window_equals_full_resize_then_crop(src, size, crop_pct, mode):
+    x = pixels(2, *src, 3, seed=8)
+    got = preprocess_ref(x, size, fit="crop", crop_pct=crop_pct, **mode, **_IMAGENET)
+    expected = _full_resize_then_crop(x, size, crop_pct=crop_pct, **mode)
+    if "interpolation" in mode:  # nearest: the same source pixels, bit for bit
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, atol=CROP_ATOL, rtol=0)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest storage any torch op returns (deterministic: sizes, not timing or RSS)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("mode", [{"interpolation": "nearest"}, {"antialias": False}, {"antialias": True}])
+def test_crop_computes_only_the_window(mode):
+    x = pixels(1, 400, 3, seed=9)  # a strip: cropped to 32 x 32 from a 32 x 12800 resize (4.9 MB in fp32)
+    with _LargestTensor() as seen:
+        out = preprocess_ref(x, 32, fit="crop", **mode)
+    window, source = out.nbytes, x.numel() * 4
+    assert seen.largest <= max(window, source), f"a {seen.largest}-byte tensor for a {window}-byte window"
 
 
 def _yolo_letterbox(h, w, oh, ow):

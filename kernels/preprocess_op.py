@@ -5,9 +5,10 @@ limited/full range) -> resize (nearest, bilinear, antialiased bilinear) with str
 geometry -> ``(x / 255 - mean) / std`` -> NCHW or NHWC, fp32/fp16/bf16, optionally into ``out=``.
 
 Reference: `preprocess_ref` runs the same chain in plain torch, fp32 math: ``F.interpolate(x.float(), size,
-mode, align_corners=False, antialias=...)``, then the normalization, then the cast. The Triton kernel
-(`_preprocess_triton`, math and performance notes there) matches it within 1e-3 (fp32), 2e-3 (fp16), 1 ulp
-(bf16); nearest picks exactly the same source pixels; the letterbox border is the same bits.
+mode, align_corners=False, antialias=...)`` (for a center crop, the same taps and weights for the kept window
+only), then the normalization, then the cast. The Triton kernel (`_preprocess_triton`: the kernel, its math and
+every launch decision) matches it within 1e-3 (fp32), 2e-3 (fp16), 1 ulp (bf16); nearest picks exactly the same
+source pixels; the letterbox border is the same bits.
 
 Inputs: uint8 HWC ``(H, W, 3)`` / ``(N, H, W, 3)`` with any strides (crops, channel slices of RGBA, ...) or a
 list of differently sized images, processed in one launch; YUV 4:2:0 frames as one ``(H*3/2, W)`` buffer
@@ -16,7 +17,8 @@ Output: ``(N, 3, h, w)`` (NCHW) or ``(N, h, w, 3)`` (NHWC); a single image gives
 
 Where it runs: CUDA tensors -> the Triton kernel; CPU tensors -> the reference, or Triton's interpreter when
 TRITON_INTERPRET=1 was set when this module was imported (how the tests run the kernel without a GPU);
-``backend="triton"|"reference"`` forces one. Launch plans (the descriptor table on the device) are cached per
+``backend="triton"|"reference"`` forces one. This module holds the public functions, the reference and the
+cache of launch plans (`_preprocess_triton.LaunchPlan`, the descriptor table on the device) per
 (config, size, shape, strides, device): after the first call a batch call allocates only its output (none
 with ``out=``) and does no host-device synchronization. Warm up once before capturing a CUDA graph.
 """
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
+import struct
 from typing import Any
 
 import torch
@@ -60,7 +64,6 @@ __all__ = [
 # Read once, like Triton reads it when the kernels are decorated (on first launch).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PLAN_CACHE_SIZE = 64  # distinct (config, size, input layout, device) combinations kept
-_LIST_TABLES_PER_PLAN = 16  # device descriptor tables of a list plan, one per set of image addresses
 
 Images = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -90,12 +93,92 @@ def _pixels_to_rgb(x: torch.Tensor, fmt: str, hw: tuple[int, int], yuv: tuple[fl
     return rgb.clamp_(0, 255)
 
 
+def _f32(v: float) -> float:
+    """v rounded to fp32 (C++'s ``(float)v``)."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+Taps = tuple[torch.Tensor, torch.Tensor]  # source indices (count, taps) int64 and their weights (count, taps) fp32
+
+
+def _axis_taps(n_in: int, n_resized: int, start: int, count: int, interpolation: str, antialias: bool, device) -> Taps:
+    """The taps of resized positions ``start .. start + count - 1`` of an axis resized from `n_in` to
+    `n_resized`, by F.interpolate's formulas (align_corners=False; scale = in/out rounded to fp32):
+
+    * nearest: ``min(floor(dst * scale), in - 1)`` (PyTorch's legacy nearest), one tap of weight 1;
+    * bilinear: ``src = max((dst + 0.5) scale - 0.5, 0)``, taps floor(src) and the next one (clamped);
+    * antialias: PyTorch's `_compute_indices_min_size_weights_aa` triangle filter, weights normalized.
+    """
+    dst = torch.arange(start, start + count, device=device)
+    one = torch.ones(count, 1, device=device)
+    if n_in == n_resized:  # every mode is the identity at scale 1
+        return dst[:, None], one
+    scale = _f32(n_in / n_resized)  # n_in / n_resized is far from an fp32 tie: rounding twice is exact
+    if interpolation == "nearest":
+        return (dst.float() * scale).floor().long().clamp_(max=n_in - 1)[:, None], one
+    if not antialias:
+        # Rounded once, as PyTorch's CPU kernel computes it (a fused multiply-add); an unfused build is 1 ulp off.
+        src = ((dst.double() + 0.5) * scale - 0.5).float().clamp_(min=0)
+        i0 = src.floor().long().clamp_(max=n_in - 1)
+        lam = (src - i0.float()).clamp_(0, 1)
+        i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+        return torch.stack([i0, i1], 1), torch.stack([1 - lam, lam], 1)
+    # PyTorch's types: center and support are fp32, the sums with 0.5 double, invscale fp32.
+    support, invscale = max(scale, 1.0), _f32(1.0 / scale) if scale >= 1.0 else 1.0
+    center = (scale * (dst.double() + 0.5)).float()
+    lo = ((center - support).double() + 0.5).long().clamp_(min=0)
+    hi = ((center + support).double() + 0.5).long().clamp_(max=n_in)
+    j = lo[:, None] + torch.arange(2 * math.ceil(support) + 1, device=device)  # PyTorch's max_interp_size
+    w = (1 - (((j.float() - center[:, None]).double() + 0.5) * invscale).float().abs()).clamp_(min=0)
+    w = torch.where(j < hi[:, None], w, 0.0)
+    total = w.sum(1, keepdim=True)
+    return j.clamp_(max=n_in - 1), w / torch.where(total != 0, total, 1.0)
+
+
+def _crop_window_taps(hw: tuple[int, int], geometry: PreprocessParams, config: PreprocessConfig, device):
+    """(y taps, x taps) of the output pixels of a center crop (`_resize_window`), None for other geometries."""
+    (H, W), (nh, nw) = hw, geometry.resized_size
+    (oh, ow), (top, left) = geometry.output_size, geometry.offset
+    if nh <= oh and nw <= ow:  # stretch or letterbox: the whole resized image is used
+        return None
+    mode = (config.interpolation, config.antialias, device)
+    return _axis_taps(H, nh, -top, oh, *mode), _axis_taps(W, nw, -left, ow, *mode)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, taps: Taps) -> torch.Tensor:
+    """``out[..., i, ...] = sum_k w[i, k] x[..., idx[i, k], ...]`` along `dim`, the taps summed in order."""
+    idx, w = taps
+    view = [1] * x.dim()
+    view[dim] = -1
+    out = x.index_select(dim, idx[:, 0]) * w[:, 0].view(view)
+    for k in range(1, idx.shape[1]):
+        out += x.index_select(dim, idx[:, k]) * w[:, k].view(view)
+    return out
+
+
+def _resize_window(rgb: torch.Tensor, window: tuple[Taps, Taps]) -> torch.Tensor:
+    """The part of the resized image that a center crop keeps, computed alone from its taps.
+
+    The resize is separable (an output pixel's y taps depend on its row only, its x taps on its column): one
+    axis is resampled first, then the other, in the order with the smaller intermediate (window rows x source
+    width, or source height x window columns), so no tensor is larger than both the source and the window,
+    where the whole resized image can be orders of magnitude larger (a 1 x 4000 strip cropped to 112 resizes
+    to 112 x 448000). Same taps and weights as F.interpolate; the sums round differently in fp32 only.
+    """
+    ys, xs = window
+    (H, W), oh, ow = rgb.shape[-2:], ys[0].shape[0], xs[0].shape[0]
+    if oh * W <= H * ow:
+        return _resample_axis(_resample_axis(rgb, 2, ys), 3, xs)
+    return _resample_axis(_resample_axis(rgb, 3, xs), 2, ys)
+
+
 def _reference_chain(
     x: torch.Tensor,
     *,
     fmt: str,
     hw: tuple[int, int],
     geometry: PreprocessParams,
+    window: tuple[Taps, Taps] | None,
     interpolation: str,
     antialias: bool,
     mean: torch.Tensor,
@@ -109,20 +192,19 @@ def _reference_chain(
     """The eager chain for a batch of same-size images; `torch.compile`-friendly (the benchmark compiles it)."""
     rgb = _pixels_to_rgb(x, fmt, hw, yuv)
     nh, nw = geometry.resized_size
-    if (nh, nw) != tuple(hw):
+    (oh, ow), (top, left) = geometry.output_size, geometry.offset
+    if window is not None:  # center crop: only the window that survives it
+        rgb = _resize_window(rgb, window)
+    elif (nh, nw) != tuple(hw):
         if interpolation == "nearest":
             rgb = F.interpolate(rgb, size=(nh, nw), mode="nearest")
         else:
             rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", align_corners=False, antialias=antialias)
     y = (rgb / 255 - mean) / std
-    (oh, ow), (top, left) = geometry.output_size, geometry.offset
-    if (nh, nw) != (oh, ow):
-        if nh <= oh and nw <= ow:  # letterbox: the image inside a normalized pad border
-            canvas = pad.expand(x.shape[0], 3, oh, ow).clone()
-            canvas[:, :, top : top + nh, left : left + nw] = y
-            y = canvas
-        else:  # center crop (offsets <= 0)
-            y = y[:, :, -top : -top + oh, -left : -left + ow]
+    if (nh, nw) != (oh, ow) and window is None:  # letterbox: the image inside a normalized pad border
+        canvas = pad.expand(x.shape[0], 3, oh, ow).clone()
+        canvas[:, :, top : top + nh, left : left + nw] = y
+        y = canvas
     if output_order == "bgr":
         y = y.flip(1)
     if layout == "NHWC":
@@ -134,10 +216,12 @@ def _chain_kwargs(config: PreprocessConfig, hw: tuple[int, int], size: tuple[int
     """Arguments of `_reference_chain` for images of luma size `hw`."""
     view = (1, 3, 1, 1)
     _, _, pad = normalization_constants(config)
+    geometry = plan_geometry(hw, size, config.fit, config.crop_pct)
     return {
         "fmt": config.format,
         "hw": hw,
-        "geometry": plan_geometry(hw, size, config.fit, config.crop_pct),
+        "geometry": geometry,
+        "window": _crop_window_taps(hw, geometry, config, device),
         "interpolation": config.interpolation,
         "antialias": config.antialias,
         "mean": torch.tensor(config.mean, dtype=torch.float32, device=device).view(view),
@@ -220,56 +304,7 @@ def _kernels():
     return _triton_mod
 
 
-class _Plan:
-    """Everything a launch needs besides the tensors, built once per (config, size, input layout, device)."""
-
-    __slots__ = (
-        "fmt",
-        "interp",
-        "n",
-        "out_hw",
-        "out_shape",
-        "params",
-        "per_image",
-        "single",
-        "table",
-        "table_f32",
-        "tables",
-    )
-
-    def __init__(self, k, cfg: PreprocessConfig, parsed: ParsedImages, size: tuple[int, int]) -> None:
-        self.per_image = parsed.batch is None  # a list: one descriptor row per image
-        if self.per_image and k.INTERPRETED and parsed.device.type != "cpu":
-            # The interpreter copies each tensor argument to the host; the other images of a list, addressed
-            # from the first one's pointer, would be read at their device addresses.
-            raise RuntimeError("a list of GPU images cannot run in Triton's interpreter; unset TRITON_INTERPRET")
-        items = parsed.items if self.per_image else [parsed.batch]
-        sizes = parsed.sizes if self.per_image else parsed.sizes[:1]
-        consts = normalization_constants(cfg)
-        yuv = yuv_coefficients(cfg.yuv_matrix, cfg.yuv_range)
-        geoms = [plan_geometry(hw, size, cfg.fit, cfg.crop_pct) for hw in sizes]
-        rows = [
-            k.descriptor_row(0, hw, t.stride()[-2:] if cfg.is_yuv else t.stride()[-3:], g, cfg, consts, yuv)
-            for t, hw, g in zip(items, sizes, geoms, strict=True)
-        ]
-        # A batch's table lives on the device for good; a list's is a host template whose frame offsets
-        # (the images' addresses) are filled in per call.
-        self.table = torch.tensor(rows, dtype=torch.int64) if self.per_image else k.to_device_table(rows, parsed.device)
-        self.table_f32 = self.table.view(torch.float32)  # the kernel reads the fp32 fields through this view
-        # A list's device tables by the images' offsets from the first one: a pipeline cycling through the same
-        # buffers uploads nothing after warm-up (each upload is a pinned allocation + copy, ~20-60 us of host).
-        self.tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.interp = k.interp_code(cfg, sizes, geoms)
-        self.fmt = k.pixel_format(cfg, [t.stride()[-3:] for t in items], self.interp)
-        if self.interp == k.COPY and self.fmt in (k.RGB24, k.BGR24) and k.copy8_ok(items, geoms, self.per_image):
-            self.interp = k.COPY8
-        self.n, self.single, self.out_hw = parsed.n, parsed.single, size
-        shape = output_shape(parsed.n, size, cfg.layout)
-        self.out_shape = shape[1:] if parsed.single else shape
-        self.params = geoms if self.per_image else geoms * parsed.n
-
-
-_plans: dict = {}
+_plans: dict = {}  # LaunchPlan by everything its building looked at (`_plan`)
 
 
 def _list_key(images: Any) -> tuple | None:
@@ -282,7 +317,7 @@ def _list_key(images: Any) -> tuple | None:
         return None
 
 
-def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> _Plan:
+def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]):
     """The cached plan for this call. Inputs are checked when the plan is built only: the key holds everything
     the checks looked at (per image of a list: shape, strides, dtype, device), so a hit is a valid input."""
     if isinstance(images, torch.Tensor):
@@ -293,7 +328,7 @@ def _plan(k, cfg: PreprocessConfig, images: Any, size: tuple[int, int]) -> _Plan
         key = None if items is None or len(items) != len(images) else (cfg, size, items)
     plan = _plans.get(key) if key is not None else None
     if plan is None:
-        plan = _Plan(k, cfg, parse_images(images, cfg.format), size)
+        plan = k.LaunchPlan(cfg, parse_images(images, cfg.format), size)
         if len(_plans) >= _PLAN_CACHE_SIZE:
             # The oldest (dicts keep insertion order); another thread may be evicting at the same time.
             with contextlib.suppress(StopIteration, RuntimeError):
@@ -353,48 +388,13 @@ def preprocess(
     if not _use_triton(images, cfg):
         return preprocess_ref(images, size, config=cfg, out=out, return_params=return_params)
     size = check_size(size)
-    k = _kernels()
-    plan = _plan(k, cfg, images, size)
-    if plan.per_image:  # one launch over the list: every image is addressed from the first one's pointer
-        src, stride_src_n = images[0], 0
-        base = src.data_ptr()
-        offsets = tuple(t.data_ptr() - base for t in images)
-        tables = plan.tables.get(offsets)
-        if tables is None:
-            host = plan.table.clone()
-            host[:, 0] = torch.tensor(offsets, dtype=torch.int64)
-            table = k.to_device_table(host, src.device)
-            tables = (table, table.view(torch.float32))
-            if len(plan.tables) >= _LIST_TABLES_PER_PLAN:
-                with contextlib.suppress(StopIteration, RuntimeError):
-                    plan.tables.pop(next(iter(plan.tables)), None)
-            plan.tables[offsets] = tables
-        table, table_f32 = tables
-    else:
-        src, table, table_f32 = images, plan.table, plan.table_f32
-        stride_src_n = 0 if plan.single else images.stride(0)
-
+    plan = _plan(_kernels(), cfg, images, size)
+    device = images[0].device if plan.per_image else images.device
     if out is None:
-        out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=src.device)
+        out = torch.empty(plan.out_shape, dtype=cfg.torch_dtype, device=device)
     else:
-        check_out(out, plan.out_shape, cfg.torch_dtype, src.device)
-    st = out.stride()
-    if plan.single:
-        st = (0, *st)
-    k.launch(
-        src,
-        table,
-        table_f32,
-        out,
-        st if cfg.layout == "NCHW" else (st[0], st[3], st[1], st[2]),  # as (n, c, y, x)
-        plan.out_hw,
-        n=plan.n,
-        per_image_rows=plan.per_image,
-        stride_src_n=stride_src_n,
-        fmt=plan.fmt,
-        interp=plan.interp,
-        bgr_out=cfg.output_order == "bgr",
-    )
+        check_out(out, plan.out_shape, cfg.torch_dtype, device)
+    plan.run(images, out)
     return (out, list(plan.params)) if return_params else out
 
 
