@@ -205,8 +205,8 @@ class DynamicBatcher:
         self._fast = fast
         self._clock = check_clock(clock)
         self._profiles = _profiles_of(fast)
-        self._buckets = _resolve_buckets(cfg.buckets, self._profiles)
-        self.max_batch = _resolve_max_batch(cfg.max_batch, self._buckets, self._profiles)
+        self.buckets = _resolve_buckets(cfg.buckets, self._profiles)
+        self.max_batch = _resolve_max_batch(cfg.max_batch, self.buckets, self._profiles)
         self.config = cfg
         self._delay_s = cfg.max_delay_ms / 1e3
         self._plans: dict[tuple, _Plan] = {}
@@ -264,7 +264,7 @@ class DynamicBatcher:
     def _plan(self, key: tuple, item: Sequence[Any]) -> _Plan:
         plan = self._plans.get(key)
         if plan is None:
-            plan = _make_plan(item, self._profiles, self._buckets, self.max_batch)
+            plan = _make_plan(item, self._profiles, self.buckets, self.max_batch)
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = plan
@@ -388,8 +388,12 @@ class DynamicBatcher:
             if self._state == "open":
                 self._state = "draining" if drain else "closed"
             if not drain or self._state == "closed":
-                cancelled = sum(r.future.cancel() for r in self._pending)
-                self._stats.cancelled += cancelled
+                for r in self._pending:
+                    # cancel() then notify, as an executor's worker would: concurrent.futures.wait() only
+                    # sees a cancelled future once it is notified.
+                    if r.future.cancel():
+                        r.future.set_running_or_notify_cancel()
+                        self._stats.cancelled += 1
                 self._pending.clear()
                 self._kind_counts.clear()
             self._not_empty.notify_all()
@@ -428,7 +432,7 @@ class DynamicBatcher:
     def __repr__(self) -> str:
         return (
             f"DynamicBatcher(max_batch={self.max_batch}, max_delay_ms={self.config.max_delay_ms},"
-            f" buckets={self._buckets}, state={self._state!r})"
+            f" buckets={self.buckets}, state={self._state!r})"
         )
 
 
