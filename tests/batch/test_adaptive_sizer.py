@@ -229,6 +229,85 @@ def test_bad_initial_and_step():
         AdaptiveBatchSizer(4).run(42)
 
 
+def _state(sizer):
+    """Everything a report can change (public counters, the history and the private bookkeeping)."""
+    return (
+        sizer.size,
+        sizer.ceiling,
+        sizer.successes,
+        sizer.ooms,
+        [(e.event, e.size, e.new_size) for e in sizer.history],
+        sizer._good,
+        sizer._streak,
+        dict(sizer._peaks),
+    )
+
+
+@pytest.mark.parametrize(
+    ("report", "error", "match"),
+    [
+        (
+            lambda s: s.on_oom("eight"),
+            TypeError,
+            r"AdaptiveBatchSizer.on_oom: size must be an int batch size >= 1 \(None: the current size\),"
+            r" got str 'eight'",
+        ),
+        (lambda s: s.on_oom(7.5), TypeError, r"on_oom: size must be an int batch size .*got float 7.5"),
+        (lambda s: s.on_oom(True), TypeError, r"on_oom: size must be an int batch size .*got bool True"),
+        (lambda s: s.on_oom(0), ValueError, r"on_oom: size must be a batch size >= 1 .*got 0"),
+        (lambda s: s.on_success("8"), TypeError, r"on_success: size must be an int batch size .*got str '8'"),
+        (lambda s: s.on_success(-2), ValueError, r"on_success: size must be a batch size >= 1 .*got -2"),
+        (
+            lambda s: s.on_success(8, peak_bytes="1 GiB"),
+            TypeError,
+            r"on_success: peak_bytes must be an int number of bytes >= 0 \(or None\), got str '1 GiB'",
+        ),
+        (lambda s: s.on_success(8, peak_bytes=-1), ValueError, r"on_success: peak_bytes must be >= 0 .*got -1"),
+    ],
+    ids=[
+        "oom-str",
+        "oom-float",
+        "oom-bool",
+        "oom-zero",
+        "success-str",
+        "success-negative",
+        "peak-str",
+        "peak-negative",
+    ],
+)
+def test_bad_reports_raise_before_changing_anything(report, error, match):
+    sizer = AdaptiveBatchSizer(16, grow_after=2)
+    sizer.on_oom(16)  # some state to keep: a ceiling, an OOM, a shrink event, a streak and a peak
+    sizer.on_success(12, peak_bytes=3 * MiB)
+    before = _state(sizer)
+    with pytest.raises(error, match=match):
+        report(sizer)
+    assert _state(sizer) == before
+    assert sizer.on_success() == 14  # and it still works: the streak of 2 grows halfway to the ceiling
+
+
+def test_reports_take_numpy_sizes():
+    np = pytest.importorskip("numpy")
+    sizer = AdaptiveBatchSizer(16)
+    assert sizer.on_oom(np.int64(16)) == 12
+    assert sizer.ceiling == 16 and type(sizer.ceiling) is int
+
+
+def test_bad_memory_backend():
+    with pytest.raises(TypeError, match=r"memory must be a MemoryBackend .*got str 'cuda', which lacks used_bytes\(\)"):
+        AdaptiveBatchSizer(8, memory="cuda")
+
+
+def test_cuda_limit_checks_nbytes_before_touching_the_device():
+    cuda = CudaMemory.__new__(CudaMemory)  # no CUDA here: the checks must come before any torch.cuda call
+    cuda.device = torch.device("cuda", 0)
+    bad_type = r"CudaMemory.limit: nbytes must be an int number of bytes > 0, got str '1GiB'"
+    with pytest.raises(TypeError, match=bad_type), cuda.limit("1GiB"):
+        pass
+    with pytest.raises(ValueError, match=r"CudaMemory.limit: nbytes must be > 0 .*got 0"), cuda.limit(0):
+        pass
+
+
 def test_config_round_trip():
     cfg = AdaptiveBatchConfig(min_size=2, max_size=512, grow_after=5)
     assert AdaptiveBatchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -22,12 +22,15 @@ import ctypes.util
 import dataclasses
 import functools
 import gc
+import numbers
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from torchopt.config import check_type
 
 __all__ = [
     "CpuRssMemory",
@@ -214,8 +217,12 @@ class CudaMemory:
         ``torch.OutOfMemoryError``: exactly what happens at a real budget. A tighter fraction set before is
         kept, and the previous fraction is restored on exit, also when the block raises.
         """
+        # Checked before the fraction changes (this runs when the block is entered).
+        check_type("CudaMemory.limit: nbytes", nbytes, numbers.Integral, "an int number of bytes > 0")
         if nbytes <= 0:
-            raise ValueError(f"limit(nbytes) needs nbytes > 0, got {nbytes}")
+            raise ValueError(
+                f"CudaMemory.limit: nbytes must be > 0 (the bytes the allocator may reserve), got {nbytes}"
+            )
         total = torch.cuda.mem_get_info(self.device)[1]
         previous = self._fraction()
         torch.cuda.set_per_process_memory_fraction(min(previous, nbytes / total), self.device)
