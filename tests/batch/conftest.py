@@ -29,6 +29,39 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
+def allocator_message(
+    requested: int,
+    allocated: int,
+    reserved: int,
+    *,
+    private: int = 0,
+    allowed: int | None = None,
+    processes: tuple[tuple[int | None, int], ...] = (),
+    total: int = 140 * 2**30,
+    free: int = 100 * 2**30,
+) -> str:
+    """The out-of-memory message of c10's CUDACachingAllocator (torch 2.1+), concatenated as
+    DeviceCachingAllocator::malloc does: `allocated` live bytes, `private` free bytes cached in CUDA-graph private
+    pools, `reserved` all reserved bytes, `allowed` the per-process limit, `processes` NVML's (pid or None for
+    this process, bytes in use) lines."""
+    procs = "".join(
+        f"{'Including non-PyTorch memory, this process' if pid is None else f'Process {pid}'} has"
+        f" {format_size(used)} memory in use. "
+        for pid, used in processes
+    )
+    limit = f"{format_size(allowed)} allowed; " if allowed is not None else ""
+    pools = f"with {format_size(private)} allocated in private pools (e.g., CUDA Graphs), " if private else ""
+    return (
+        f"CUDA out of memory. Tried to allocate {format_size(requested)}. GPU 0 has a total capacity of"
+        f" {format_size(total)} of which {format_size(free)} is free. {procs}{limit}Of the allocated memory"
+        f" {format_size(allocated + private)} is allocated by PyTorch, {pools}and"
+        f" {format_size(reserved - allocated - private)} is reserved by PyTorch but unallocated. If reserved but"
+        " unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid"
+        " fragmentation.  See documentation for Memory Management "
+        " (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)"
+    )
+
+
 class _Block:
     """Simulated device bytes, freed when the object dies (as a tensor's storage is). `fragment`: free bytes of
     its segment that stay reserved while it lives (it was carved out of a larger freed block)."""
@@ -262,6 +295,12 @@ def linear(per_item: int) -> Callable[[int], float]:
 def superlinear(per_item: int, knee: int) -> Callable[[int], float]:
     """Linear, then growing faster (an allocator that starts fragmenting): the fit under-predicts."""
     return lambda n: per_item * n + per_item * max(0, n - knee) ** 1.5 / math.sqrt(knee)
+
+
+@pytest.fixture
+def oom_message() -> Callable[..., str]:
+    """`allocator_message`: the CUDA caching allocator's OOM message for given byte counts."""
+    return allocator_message
 
 
 @pytest.fixture
