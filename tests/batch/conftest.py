@@ -303,6 +303,47 @@ def oom_message() -> Callable[..., str]:
     return allocator_message
 
 
+class CudaAllocations:
+    """The CUDA caching allocator's live blocks, to tell which allocations outlived a piece of code."""
+
+    @staticmethod
+    def live() -> dict[int, dict]:
+        """Address → block of every live allocation (with the Python frames that allocated it)."""
+        blocks = {}
+        for segment in torch.cuda.memory_snapshot():
+            address = segment["address"]
+            for block in segment["blocks"]:
+                if block["state"] == "active_allocated":
+                    blocks[address] = block
+                address += block["size"]
+        return blocks
+
+    @classmethod
+    def new_since(cls, before: dict[int, dict]) -> str:
+        """The blocks alive now but not in `before`: size and where they were allocated."""
+        lines = []
+        for address, block in sorted(cls.live().items()):
+            if address in before:
+                continue
+            frames = block.get("frames") or []
+            where = " <- ".join(f"{f['filename']}:{f['line']} {f['name']}" for f in frames[:6]) or "no frames"
+            lines.append(f"  {block['size']} bytes at {address:#x}: {where}")
+        return "\n".join(lines) or "  (no new block: the difference is in blocks alive before)"
+
+
+@pytest.fixture
+def cuda_allocations() -> Iterator[CudaAllocations]:
+    """GPU tests: record the Python stack of every CUDA allocation during the test (`CudaAllocations`)."""
+    record = getattr(torch.cuda.memory, "_record_memory_history", None)
+    if record is not None:
+        record(enabled="all", context="alloc", stacks="python", max_entries=10_000)
+    try:
+        yield CudaAllocations()
+    finally:
+        if record is not None:
+            record(enabled=None)
+
+
 @pytest.fixture
 def memory_limit():
     """GPU tests: cap this process's CUDA memory (the allocator then raises real OOMs past it); restored after."""

@@ -1,5 +1,6 @@
 """AdaptiveBatchSizer: shrink on OOM, grow back after successes within memory headroom, thread safety."""
 
+import contextlib
 import itertools
 import json
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from torchopt.batch import AdaptiveBatchConfig, AdaptiveBatchSizer, CudaMemory
+from torchopt.batch.memory import release_memory
 
 MiB = 2**20
 GiB = 2**30
@@ -315,19 +317,34 @@ def test_config_round_trip():
 
 
 @pytest.mark.gpu
-def test_real_ooms_on_gpu_shrink_and_memory_is_released(memory_limit):
+def test_real_ooms_on_gpu_shrink_and_memory_is_released(memory_limit, cuda_allocations):
+    """Real OOMs shrink the size, and the sizer holds no device memory afterwards.
+
+    The baseline is taken after torch's own first-use work for this step (a first reduction and ``.item()``,
+    a first OOM under the limit) ran outside the sizer: state that torch and the CUDA libraries create once
+    per process is not what this test measures. Every call of the sizer comes after the baseline, so memory it
+    kept per run, per OOM or per sizer still shows; the blocks that stayed are then listed with the Python
+    frames that allocated them.
+    """
     dev = torch.device("cuda")
-    torch.cuda.empty_cache()
     memory_limit(GiB)
-    before = torch.cuda.memory_allocated(dev)
 
     def step(n):
         a = torch.empty(n, 2**18, device=dev)  # 1 MiB per item: about 1000 items fit under the limit
         return float(a.sum())
 
+    step(8)
+    with contextlib.suppress(torch.OutOfMemoryError):
+        step(4096)
+    release_memory(dev)
+    before_blocks = cuda_allocations.live()
+    before = torch.cuda.memory_allocated(dev)
     sizer = AdaptiveBatchSizer(4096, grow_after=2, memory=CudaMemory(dev))
     for _ in range(20):
         sizer.run(step)
+    after = torch.cuda.memory_allocated(dev)
     assert sizer.ooms >= 1 and sizer.size < 1024
-    assert torch.cuda.memory_allocated(dev) == before
+    assert after == before, (
+        f"{after - before} bytes still allocated after the runs:\n{cuda_allocations.new_since(before_blocks)}"
+    )
     assert all(e.new_size < 1024 for e in sizer.history if e.event == "grow")
