@@ -29,6 +29,39 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
+def allocator_message(
+    requested: int,
+    allocated: int,
+    reserved: int,
+    *,
+    private: int = 0,
+    allowed: int | None = None,
+    processes: tuple[tuple[int | None, int], ...] = (),
+    total: int = 140 * 2**30,
+    free: int = 100 * 2**30,
+) -> str:
+    """The out-of-memory message of c10's CUDACachingAllocator (torch 2.1+), concatenated as
+    DeviceCachingAllocator::malloc does: `allocated` live bytes, `private` free bytes cached in CUDA-graph private
+    pools, `reserved` all reserved bytes, `allowed` the per-process limit, `processes` NVML's (pid or None for
+    this process, bytes in use) lines."""
+    procs = "".join(
+        f"{'Including non-PyTorch memory, this process' if pid is None else f'Process {pid}'} has"
+        f" {format_size(used)} memory in use. "
+        for pid, used in processes
+    )
+    limit = f"{format_size(allowed)} allowed; " if allowed is not None else ""
+    pools = f"with {format_size(private)} allocated in private pools (e.g., CUDA Graphs), " if private else ""
+    return (
+        f"CUDA out of memory. Tried to allocate {format_size(requested)}. GPU 0 has a total capacity of"
+        f" {format_size(total)} of which {format_size(free)} is free. {procs}{limit}Of the allocated memory"
+        f" {format_size(allocated + private)} is allocated by PyTorch, {pools}and"
+        f" {format_size(reserved - allocated - private)} is reserved by PyTorch but unallocated. If reserved but"
+        " unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid"
+        " fragmentation.  See documentation for Memory Management "
+        " (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)"
+    )
+
+
 class _Block:
     """Simulated device bytes, freed when the object dies (as a tensor's storage is). `fragment`: free bytes of
     its segment that stay reserved while it lives (it was carved out of a larger freed block)."""
@@ -262,6 +295,53 @@ def linear(per_item: int) -> Callable[[int], float]:
 def superlinear(per_item: int, knee: int) -> Callable[[int], float]:
     """Linear, then growing faster (an allocator that starts fragmenting): the fit under-predicts."""
     return lambda n: per_item * n + per_item * max(0, n - knee) ** 1.5 / math.sqrt(knee)
+
+
+@pytest.fixture
+def oom_message() -> Callable[..., str]:
+    """`allocator_message`: the CUDA caching allocator's OOM message for given byte counts."""
+    return allocator_message
+
+
+class CudaAllocations:
+    """The CUDA caching allocator's live blocks, to tell which allocations outlived a piece of code."""
+
+    @staticmethod
+    def live() -> dict[int, dict]:
+        """Address → block of every live allocation (with the Python frames that allocated it)."""
+        blocks = {}
+        for segment in torch.cuda.memory_snapshot():
+            address = segment["address"]
+            for block in segment["blocks"]:
+                if block["state"] == "active_allocated":
+                    blocks[address] = block
+                address += block["size"]
+        return blocks
+
+    @classmethod
+    def new_since(cls, before: dict[int, dict]) -> str:
+        """The blocks alive now but not in `before`: size and where they were allocated."""
+        lines = []
+        for address, block in sorted(cls.live().items()):
+            if address in before:
+                continue
+            frames = block.get("frames") or []
+            where = " <- ".join(f"{f['filename']}:{f['line']} {f['name']}" for f in frames[:6]) or "no frames"
+            lines.append(f"  {block['size']} bytes at {address:#x}: {where}")
+        return "\n".join(lines) or "  (no new block: the difference is in blocks alive before)"
+
+
+@pytest.fixture
+def cuda_allocations() -> Iterator[CudaAllocations]:
+    """GPU tests: record the Python stack of every CUDA allocation during the test (`CudaAllocations`)."""
+    record = getattr(torch.cuda.memory, "_record_memory_history", None)
+    if record is not None:
+        record(enabled="all", context="alloc", stacks="python", max_entries=10_000)
+    try:
+        yield CudaAllocations()
+    finally:
+        if record is not None:
+            record(enabled=None)
 
 
 @pytest.fixture

@@ -148,3 +148,26 @@ def test_infinite_sqnr_is_plotted(digits, tmp_path):
     sens = tq.sensitivity(model, digits.calib(1), progress=False)
     assert math.isinf(sens.rows[0]["all_but_one"])  # the only layer left float: identical outputs
     sens.plot(tmp_path / "one.png")
+
+
+def test_a_metric_equal_to_the_budget_in_float32_meets_it(cnn, digits):
+    """The accuracy is a float32 mean (k/n correctly rounded to float32); a budget of the same fraction is a
+    Python float. Where float32(k/n) < k/n, comparing the two as is would keep a layer for nothing."""
+    q = tq.quantize(copy.deepcopy(cnn), "fp8", digits.calib(4), progress=False)
+    with torch.no_grad():
+        correct = (q(digits.x_test).argmax(1) == digits.y_test).tolist()
+
+    def fraction(n):
+        return sum(correct[:n]) / n
+
+    def as_float32(x):
+        return torch.tensor(x, dtype=torch.float32).item()
+
+    # An evaluation size whose fraction rounds down in float32 (like 178/180: 0.98888886 < 0.98888889).
+    n = next(n for n in range(150, len(correct)) if as_float32(fraction(n)) < fraction(n) < 1.0)
+    budget = {"metric": "accuracy", "min": fraction(n)}
+    res = tq.auto_keep(
+        cnn, digits.calib(4), [digits.x_test[:n]], budget, config="fp8", labels=digits.y_test[:n], progress=False
+    )
+    assert res.baseline == as_float32(fraction(n)) < budget["min"]  # the fp8 model's accuracy is exactly k/n
+    assert res.met and res.keep == [], res.message

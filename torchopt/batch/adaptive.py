@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,38 @@ __all__ = ["AdaptiveBatchConfig", "AdaptiveBatchSizer", "SizerEvent"]
 
 T = TypeVar("T")
 _WHERE = "AdaptiveBatchSizer"
+# What the sizer calls on its memory backend (a subset of `MemoryBackend`).
+_MEMORY_METHODS = ("used_bytes", "free_bytes", "reset_peak", "peak_bytes", "cleanup")
+
+
+def _reported_size(method: str, size: Any) -> int | None:
+    """`size` as given to a report (None = the current size), checked before the report changes anything."""
+    if size is None:
+        return None
+    where = f"{_WHERE}.{method}: size"
+    check_type(where, size, numbers.Integral, "an int batch size >= 1 (None: the current size)")
+    if size < 1:
+        raise ValueError(f"{where} must be a batch size >= 1 (None: the current size), got {size!r}")
+    return int(size)
+
+
+def _reported_peak(peak_bytes: Any) -> int | None:
+    if peak_bytes is None:
+        return None
+    where = f"{_WHERE}.on_success: peak_bytes"
+    check_type(where, peak_bytes, numbers.Integral, "an int number of bytes >= 0 (or None)")
+    if peak_bytes < 0:
+        raise ValueError(f"{where} must be >= 0 (bytes at the step's peak), got {peak_bytes!r}")
+    return int(peak_bytes)
+
+
+def _check_memory(memory: Any) -> None:
+    missing = [name for name in _MEMORY_METHODS if not callable(getattr(memory, name, None))]
+    if missing:
+        raise TypeError(
+            f"{_WHERE}: memory must be a MemoryBackend (e.g. torchopt.batch.CudaMemory()) or None; got"
+            f" {type(memory).__name__} {memory!r}, which lacks {', '.join(f'{m}()' for m in missing)}"
+        )
 
 
 @dataclasses.dataclass
@@ -116,6 +149,8 @@ class AdaptiveBatchSizer:
         check_batch_limit("initial", initial)
         if not cfg.min_size <= initial <= (cfg.max_size or initial):
             raise ValueError(f"initial ({initial}) must be in [min_size, max_size] = [{cfg.min_size}, {cfg.max_size}]")
+        if memory is not None:
+            _check_memory(memory)
         self._memory = memory
         # What is held before any batch (the weights): the intercept of a one-point memory model.
         self._base_bytes = memory.used_bytes() if memory is not None else 0
@@ -169,14 +204,17 @@ class AdaptiveBatchSizer:
 
     # -- reports ------------------------------------------------------------------------------------------
     def on_success(self, size: int | None = None, peak_bytes: int | None = None) -> int:
-        """Report a step that ran at `size` (default: the current size); returns the size to use next."""
+        """Report a step that ran at `size` (default: the current size) with an optional measured peak; returns
+        the size to use next. Bad arguments raise before anything is counted."""
+        given = _reported_size("on_success", size)
+        peak = _reported_peak(peak_bytes)
         with self._lock:
-            size = self._size if size is None else size
+            size = self._size if given is None else given
             self._successes += 1
             if (self._good is None or size > self._good) and (self._ceiling is None or size < self._ceiling):
                 self._good = size
-            if peak_bytes is not None:
-                self._peaks[size] = int(peak_bytes)
+            if peak is not None:
+                self._peaks[size] = peak
             if size != self._size:
                 return self._size  # ran at a size another thread has since changed: no evidence for growth
             self._streak += 1
@@ -210,10 +248,12 @@ class AdaptiveBatchSizer:
     def on_oom(self, size: int | None = None) -> int:
         """Report an out-of-memory error at `size` (default: the current size); returns the size to use next.
 
-        Call it after leaving the ``except`` block, once memory was released.
+        Call it after leaving the ``except`` block, once memory was released. A bad `size` raises before the OOM
+        is counted or the ceiling moves.
         """
+        given = _reported_size("on_oom", size)
         with self._lock:
-            size = self._size if size is None else size
+            size = self._size if given is None else given
             self._ooms += 1
             if self._ceiling is None or size < self._ceiling:
                 self._ceiling = size

@@ -321,18 +321,21 @@ class _Search:
         """The size at which the allocator's account of `p`'s failure would fit the target; None without an
         account (or for a fit to measured peaks).
 
-        At the failure the step needed ``demand = live + fragments + requested`` reserved bytes. Everything
-        but the bytes held without a batch (weights, optimizer state: `base_bytes`) scales with the batch, so
-        the same point of the step fits at ``size · (target - base) / (demand - base)``, its bytes per item
-        raised by `slope_margin` like every prediction. Unlike the live-bytes model this counts the fragments,
-        which only show under pressure, so no fragmentation allowance is taken off. Used only where the
-        fragments exceed that allowance (else the failure is what the allowance is for, and the account may
-        come from an allocation before the step's peak: scaling it would overshoot).
+        At the failure the step needed ``demand = live + private pools + fragments + requested`` reserved bytes.
+        Everything but the bytes held without a batch (weights, optimizer state: `base_bytes`, and the free
+        blocks of CUDA-graph private pools) scales with the batch, so the same point of the step fits at
+        ``size · (target - fixed) / (demand - fixed)``, its bytes per item raised by `slope_margin` like every
+        prediction. Unlike the live-bytes model this counts the fragments, which only show under pressure, so
+        no fragmentation allowance is taken off. Used only where the fragments exceed that allowance (else the
+        failure is what the allowance is for, and the account may come from an allocation before the step's
+        peak: scaling it would overshoot).
         """
         if not self.live or p.oom is None or p.oom.fragment_bytes <= self.fragment_allowance:
             return None
-        room = self.target - self.base_bytes
-        per_batch = (p.oom.demand_bytes - self.base_bytes) * (1 + self.cfg.slope_margin)
+        # Free blocks cached by CUDA-graph private pools are reserved whatever the batch: fixed, like the base.
+        fixed = self.base_bytes + p.oom.private_pool_bytes
+        room = self.target - fixed
+        per_batch = (p.oom.demand_bytes - fixed) * (1 + self.cfg.slope_margin)
         return p.size * room / per_batch if room > 0 and per_batch > 0 else None
 
     def model(self) -> MemoryModel:

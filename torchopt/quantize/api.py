@@ -2,12 +2,15 @@
 
 The model is quantized **in place** (like ``mtq.quantize``) and returned; keep a ``copy.deepcopy`` first when the
 float model is still needed. Use the returned module: ModelOpt may replace the root when the root itself is a
-quantizable layer.
+quantizable layer. A quantization that fails leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import re
+import sys
 import time
 import warnings
 from typing import Any
@@ -25,8 +28,9 @@ from torchopt.quantize.calibrate import (
     model_device,
 )
 from torchopt.quantize.config import QuantizeConfig
-from torchopt.quantize.formats import HISTOGRAM_METHODS, modelopt_config
+from torchopt.quantize.formats import FORMATS, HISTOGRAM_METHODS, modelopt_config, weight_quantized_modules
 from torchopt.quantize.keep import apply_keep_precision, resolve_keep, top_level
+from torchopt.quantize.snapshot import ModuleSnapshot
 from torchopt.quantize.summary import RECORD_ATTR, QuantRecord, detect_format
 
 __all__ = ["as_config", "quantize"]
@@ -51,17 +55,30 @@ def as_config(config: QuantizeConfig | dict | str | None, options: dict[str, Any
     return QuantizeConfig.from_dict({**base, **options}, where="quantize config")
 
 
-def _check_quantizable(model: torch.nn.Module, kept: dict[str, Any], mtq: Any) -> None:
-    """ValueError when no layer with weights is left to quantize (all kept, or none ModelOpt knows)."""
+def _check_quantizable(model: torch.nn.Module, kept: dict[str, Any], cfg: QuantizeConfig, mo_cfg: dict, mtq: Any):
+    """ValueError unless ModelOpt would quantize the weights of at least one layer with `mo_cfg` (ModelOpt
+    raises otherwise, after converting the model in place): all kept, or none the format quantizes."""
+    if weight_quantized_modules(model, mo_cfg, mtq):
+        return
     registry = mtq.QuantModuleRegistry
     layers = [n for n, m in model.named_modules() if type(m) in registry and getattr(m, "weight", None) is not None]
-    left = [n for n in layers if n not in kept]
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no layer ModelOpt can quantize (Linear, Conv, ...): nothing to quantize"
         )
-    if not left:
-        raise ValueError(f"keep selects every quantizable layer ({layers}): nothing would be quantized")
+    preset = FORMATS[cfg.format].preset
+    quantizable = weight_quantized_modules(model, modelopt_config(cfg.format, cfg.resolved_method, mtq=mtq), mtq)
+    others = [n for n in layers if n not in quantizable]
+    never = f"; ModelOpt's {preset} never quantizes the weights of {others} (by type or name)" if others else ""
+    if quantizable:
+        raise ValueError(
+            f"keep selects every quantizable layer ({quantizable}){never}: nothing would be quantized. Keep fewer"
+            " layers"
+        )
+    raise ValueError(
+        f"format {cfg.format!r} quantizes no layer of {type(model).__name__}: ModelOpt's {preset} never quantizes"
+        f" the weights of {layers} (by type or name): nothing would be quantized"
+    )
 
 
 def quantize(
@@ -84,9 +101,11 @@ def quantize(
         **options: `QuantizeConfig` fields overriding `config` (e.g. ``method="entropy"``).
 
     The model carries a `QuantRecord` afterwards (``model.torchopt_quant``); `torchopt.quantize.summary(model)`
-    tells which module got which format and which were kept and why. Options, keep rules and the first
-    calibration batch are checked before the model is touched; an error in a later batch leaves it converted
-    but uncalibrated, so quantize a copy when the float model matters.
+    tells which module got which format and which were kept and why. Options, keep rules (at least one layer
+    must be left that the format quantizes) and the first calibration batch are checked before the model is
+    touched; when anything fails later (a calibration batch, ModelOpt, an interrupt) the model is put back as
+    it was (`torchopt.quantize.snapshot`: a CPU copy of its weights is held meanwhile). ModelOpt's own prints
+    ("Inserted N quantizers") and optional-package warnings are dropped inside the call.
 
     Example::
 
@@ -138,10 +157,9 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     t0 = time.perf_counter()
     method = cfg.resolved_method
     kept = resolve_keep(model, cfg.keep)
-    _check_quantizable(model, kept, mtq)
-    called = data.check_fits(model)  # on the float model, before anything is changed
     mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
-    device = model_device(model)
+    _check_quantizable(model, kept, cfg, mo_cfg, mtq)
+    called = data.check_fits(model)  # on the float model, before anything is changed
 
     cache, key, parts, cache_note = None, None, None, "off"
     if cfg.cache_dir is not None:
@@ -151,29 +169,16 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
             cache = CalibrationCache(cfg.cache_dir)
             key, parts = cache_key(model_fingerprint(model), cfg.to_dict(), data.fingerprint(model))
 
-    apply_keep_precision(model, kept)
-    notes = [f"fused fast path turned off on {n!r} so that its Q/DQ applies" for n in disable_fused_fast_paths(model)]
-    if device.type == "cuda":
-        notes += _load_cuda_kernels(cfg.format, mtq)
-    if cache is not None and cache.has(key):
-        model = cache.restore(model, key)
-        fingerprint, batches, cache_note = parts["calib_data"], 0, f"hit {cache.path(key)}"
-    else:
-        loop = data.forward_loop(progress=progress, desc=f"calibrating {cfg.format}/{method}")
-        with _expected_modelopt_warnings():
-            if method in HISTOGRAM_METHODS:
-                model = mtq.quantize(model, mo_cfg, None)  # algorithm None: only inserts the quantizers
-                calibrate_histograms(
-                    model, loop, method, percentile=cfg.percentile, entropy_stride=cfg.entropy_stride, progress=progress
-                )
-            else:
-                model = mtq.quantize(model, mo_cfg, loop)
-        model.to(device)
-        fingerprint, batches = data.last_fingerprint, data.batches_seen
-        if cache is not None:
-            cache_note = f"miss: saved {cache.save(model, key, parts)}"
-    bypassed = bypassed_modules(model, called)
-
+    # From here on the model changes in place; whatever fails (ModelOpt, a calibration batch, an interrupt)
+    # puts it back as it was, so the caller keeps a float model that a later quantize accepts.
+    snapshot = ModuleSnapshot(model)
+    try:
+        quantized, fingerprint, batches, cache_note, notes = _convert_and_calibrate(
+            model, cfg, method, mo_cfg, kept, data, mtq, progress, (cache, key, parts, cache_note)
+        )
+    except BaseException:
+        snapshot.restore()
+        raise
     record = QuantRecord(
         format=cfg.format,
         method=method,
@@ -184,11 +189,38 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
         calib_batches=batches,
         cache=cache_note,
         seconds=time.perf_counter() - t0,
-        bypassed=bypassed,
+        bypassed=bypassed_modules(quantized, called),
         notes=notes,
     )
-    setattr(model, RECORD_ATTR, record)
-    return model
+    setattr(quantized, RECORD_ATTR, record)
+    return quantized
+
+
+def _convert_and_calibrate(model, cfg, method, mo_cfg, kept, data, mtq, progress, caching):
+    """Keep precisions, ModelOpt's conversion and the calibration (or a cache hit): the in-place part."""
+    cache, key, parts, cache_note = caching
+    device = model_device(model)
+    apply_keep_precision(model, kept)
+    notes = [f"fused fast path turned off on {n!r} so that its Q/DQ applies" for n in disable_fused_fast_paths(model)]
+    if device.type == "cuda":
+        notes += _load_cuda_kernels(cfg.format, mtq)
+    if cache is not None and cache.has(key):
+        with _quiet_modelopt():
+            model = cache.restore(model, key)
+        return model, parts["calib_data"], 0, f"hit {cache.path(key)}", notes
+    loop = data.forward_loop(progress=progress, desc=f"calibrating {cfg.format}/{method}")
+    with _expected_modelopt_warnings(), _quiet_modelopt():
+        if method in HISTOGRAM_METHODS:
+            model = mtq.quantize(model, mo_cfg, None)  # algorithm None: only inserts the quantizers
+            calibrate_histograms(
+                model, loop, method, percentile=cfg.percentile, entropy_stride=cfg.entropy_stride, progress=progress
+            )
+        else:
+            model = mtq.quantize(model, mo_cfg, loop)
+    model.to(device)
+    if cache is not None:
+        cache_note = f"miss: saved {cache.save(model, key, parts)}"
+    return model, data.last_fingerprint, data.batches_seen, cache_note, notes
 
 
 # ModelOpt warns once per layer when SmoothQuant / AWQ skip a layer that calibration never reached; the
@@ -205,6 +237,49 @@ def _expected_modelopt_warnings():
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
         yield
+
+
+# What ModelOpt prints or warns on every quantization that says nothing about this one: its count of inserted
+# quantizers (a print to stdout) and, at the first call, optional integrations it could not import.
+_MODELOPT_CHATTER = re.compile(r"Inserted \d+ quantizers")
+_MODELOPT_OPTIONAL_PACKAGE = r"Cannot find \S+ package"
+
+
+class _DropLines(io.TextIOBase):
+    """A stdout that drops the lines matching `pattern` and passes every other line on to `target`."""
+
+    def __init__(self, target: Any, pattern: re.Pattern[str]):
+        self._target, self._pattern, self._pending = target, pattern, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not self._pattern.fullmatch(line.strip()):
+                self._target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not self._pattern.fullmatch(self._pending.strip()):
+            self._target.write(self._pending)
+        self._pending = ""
+        self._target.flush()
+
+
+@contextlib.contextmanager
+def _quiet_modelopt():
+    """Inside: ModelOpt's chatter is dropped (`_MODELOPT_CHATTER` lines on stdout, the optional-package
+    UserWarnings); everything else printed or warned, torchopt's progress included, comes through."""
+    quiet = _DropLines(sys.stdout, _MODELOPT_CHATTER)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.filterwarnings("ignore", message=_MODELOPT_OPTIONAL_PACKAGE, category=UserWarning)
+        try:
+            yield
+        finally:
+            quiet.flush()
 
 
 def _load_cuda_kernels(fmt: str, mtq: Any) -> list[str]:

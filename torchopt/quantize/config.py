@@ -36,7 +36,8 @@ class Budget(ConfigBase):
     """An accuracy budget for the automatic sensitivity search: keep the fewest layers so that metric >= min.
 
     metric: "sqnr_db", "cosine", "top1_agreement" (vs the float model) or "accuracy" (needs labels).
-    min: the threshold the quantized model must reach.
+    min: the threshold the quantized model must reach (compared in float32, the metrics' precision: a metric
+        equal to `min` once both are rounded to float32 meets it).
     precision: what the kept layers run in ("auto", "fp32", "fp16", "bf16").
     max_keep: give up (ValueError) rather than keep more layers than this (None: no limit).
 

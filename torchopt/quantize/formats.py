@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "check_method",
     "deployment_warning",
     "modelopt_config",
+    "weight_quantized_modules",
 ]
 
 METHODS = ("max", "entropy", "percentile", "mse", "smoothquant", "awq")
@@ -184,6 +186,51 @@ def modelopt_config(
     for name in keep_modules:
         entries.append({"quantizer_name": f"{name}.*", "enable": False})
     return cfg
+
+
+def _has_weight_quantizer(quant_cls: type) -> bool:
+    # ModelOpt's quantized classes declare the quantizers they create (QuantLinearConvBase, _QuantEmbedding).
+    return any("weight_quantizer" in vars(c).get("__annotations__", {}) for c in quant_cls.__mro__)
+
+
+def _entry_applies(entry: dict[str, Any], quantizer: str, quant_cls: type, registry: Any) -> bool:
+    if not fnmatch.fnmatch(quantizer, entry.get("quantizer_name", "")):
+        return False
+    parent = entry.get("parent_class")
+    if not parent:
+        return True
+    parent_cls = registry.get(parent)
+    return parent_cls is not None and issubclass(quant_cls, parent_cls)
+
+
+def weight_quantized_modules(model: Any, config: dict[str, Any], mtq: Any) -> list[str]:
+    """Names of the modules whose weight quantizer ModelOpt would leave enabled when quantizing `model` with
+    `config` (a `modelopt_config`), read from the float model without changing it.
+
+    Mirrors ``mtq``'s ``set_quantizer_by_cfg``: a module gets a ``<module>.weight_quantizer`` when its quantized
+    class declares one (Linear, Conv, ConvTranspose, Embedding, RNNs; not BatchNorm or LayerNorm, whose input
+    only is quantized); the ``quant_cfg`` entries apply in order, each one whose ``quantizer_name`` glob matches
+    that name (and whose ``parent_class``, if any, the module's quantized class derives from) sets it on (an
+    entry with a ``cfg``, or ``enable: True``) or off (``enable: False``): an ``lm_head`` (off by name) or an
+    Embedding (off by class) does not count. ModelOpt
+    raises after converting the model in place when this list is empty; `quantize` checks it first.
+    """
+    registry = mtq.QuantModuleRegistry
+    names = []
+    for name, module in model.named_modules():
+        if type(module) not in registry or getattr(module, "weight", None) is None:
+            continue
+        quant_cls = registry.get(type(module))
+        if not _has_weight_quantizer(quant_cls):
+            continue  # e.g. BatchNorm, LayerNorm: ModelOpt quantizes their input only
+        quantizer = f"{name}.weight_quantizer" if name else "weight_quantizer"
+        enabled = True  # a TensorQuantizer's default; every preset starts by turning all of them off
+        for entry in config["quant_cfg"]:
+            if _entry_applies(entry, quantizer, quant_cls, registry):
+                enabled = bool(entry.get("enable", True)) if ("enable" in entry or "cfg" in entry) else enabled
+        if enabled:
+            names.append(name)
+    return names
 
 
 def deployment_warning(fmt: str, capability: tuple[int, int] | None) -> str | None:

@@ -224,6 +224,17 @@ def sensitivity(
     return _measure(qmodel, evals, metric, mode, progress)
 
 
+def _float32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def _meets(value: float, target: float) -> bool:
+    """Whether a metric meets the budget: ``value >= target`` in float32, the precision the metrics are
+    computed in. The budget is a Python float (float64): 178/180 correct is 0.98888889 there but 0.98888886 as
+    a float32 accuracy, which must count as meeting a budget of that same fraction."""
+    return value >= target or _float32(value) >= _float32(target)
+
+
 def _keep_rules(names: list[str], budget: Budget) -> list[KeepRule]:
     """Exact-name keep rules (glob-escaped) for the layers the search keeps."""
     reason = f"sensitivity search: needed for {budget.metric} >= {budget.min:g}"
@@ -294,18 +305,18 @@ def auto_keep(
     kept: list[str] = []
     value, history = sens.baseline, [{"kept": [], "metric": sens.baseline}]
     for name in sens.ranking:
-        if value >= target or len(kept) >= limit:
+        if _meets(value, target) or len(kept) >= limit:
             break
         kept.append(name)
         _set(layers[name], False)
         value = evals.metric(qmodel, budget.metric)
         history.append({"added": name, "kept": list(kept), "metric": value})
     # Drop layers the budget does not need, least sensitive first.
-    if value >= target:
+    if _meets(value, target):
         for name in reversed(kept[:-1]):
             _set(layers[name], True)
             trial = evals.metric(qmodel, budget.metric)
-            if trial >= target:
+            if _meets(trial, target):
                 kept.remove(name)
                 value = trial
                 history.append({"dropped": name, "kept": list(kept), "metric": value})
@@ -325,10 +336,10 @@ def auto_keep(
         else:
             achieved = sens.baseline
         verified.append({"kept": list(kept), "metric": achieved})
-        if achieved >= target or not rest or len(kept) >= limit:
+        if _meets(achieved, target) or not rest or len(kept) >= limit:
             break
         kept.append(rest.pop(0))
-    met = achieved >= target
+    met = _meets(achieved, target)
     total = len(sens.ranking)
     if met:
         message = (
