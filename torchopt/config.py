@@ -15,7 +15,7 @@ import enum
 import types
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
     "ConfigBase",
+    "StepConfig",
     "check_choice",
     "check_positive",
     "check_range",
@@ -243,3 +244,10 @@ class ConfigBase:
         hints = typing.get_type_hints(cls)
         kwargs = {k: _from_plain(hints.get(k, Any), v, f"{where}.{k}") for k, v in data.items()}
         return cls(**kwargs)
+
+
+class StepConfig(ConfigBase):
+    """Base of the configs that can be a recipe step (the recipe layer registers each under its YAML key
+    `step`). It lives here so that a middle-layer config such as `QuantizeConfig` can be one."""
+
+    step: ClassVar[str] = ""

@@ -18,20 +18,14 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from torchopt.config import ConfigBase, check_type, closest
+from torchopt.config import ConfigBase, StepConfig, check_type, closest
 
 if TYPE_CHECKING:
     from torchopt.engine import StepContext
 
 __all__ = ["Recipe", "StepConfig", "get_handler", "register_step", "step_names"]
-
-
-class StepConfig(ConfigBase):
-    """Base of recipe step configs. Subclasses set `step` (the YAML key) via `@register_step`."""
-
-    step: ClassVar[str] = ""
 
 
 _STEPS: dict[str, type[StepConfig]] = {}

@@ -19,10 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torchopt.config import ConfigBase, check_choice, check_positive, check_type
+from torchopt.config import ConfigBase, StepConfig, check_choice, check_positive, check_type
 from torchopt.quantize.formats import FORMATS, check_format, check_method
 from torchopt.quantize.keep import KeepRule, check_precision
-from torchopt.recipe import StepConfig
 
 __all__ = ["BUDGET_METRICS", "Budget", "QuantizeConfig"]
 
