@@ -26,10 +26,13 @@ with ``out=``) and does no host-device synchronization. Warm up once before capt
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import inspect
 import math
 import os
 import struct
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -291,17 +294,15 @@ def preprocess_params(
 
 # ------------------------------------------------------------------------------------------------ launcher
 
-_triton_mod = None
+# The Triton side imports triton at its top: triton is optional (Linux only) and TRITON_INTERPRET must be set
+# before it loads, so it is loaded by name on the first launch (tests/test_layers.py lists this lazy load).
+_TRITON_MODULE = "torchopt.kernels._preprocess_triton"
 
 
-def _kernels():
+@functools.cache
+def _kernels() -> ModuleType:
     """The Triton module, imported on first use (keeps `import torchopt.kernels` free of triton)."""
-    global _triton_mod
-    if _triton_mod is None:
-        from torchopt.kernels import _preprocess_triton  # noqa: PLC0415
-
-        _triton_mod = _preprocess_triton
-    return _triton_mod
+    return importlib.import_module(_TRITON_MODULE)
 
 
 _plans: dict = {}  # LaunchPlan by everything its building looked at (`_plan`)
