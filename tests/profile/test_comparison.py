@@ -27,7 +27,9 @@ class FakeClock:
 
 def test_twice_as_fast_is_exactly_two():
     clock = FakeClock()
-    cmp = tp.compare_latency({"slow": clock.model(4.0), "fast": clock.model(2.0)}, rounds=6, iters=3, timer=clock)
+    cmp = tp.compare_latency(
+        {"slow": clock.model(4.0), "fast": clock.model(2.0)}, rounds=6, iters=3, min_round_ms=0, timer=clock
+    )
     s = cmp.speedups["fast"]
     assert (s.median, s.low, s.high, s.rounds, s.stable) == (2.0, 2.0, 2.0, 6, True)
     assert cmp.results["slow"].p50_ms == 4.0 and cmp.results["fast"].p50_ms == 2.0
@@ -46,7 +48,9 @@ def test_alternating_rounds_cancel_a_drift_that_a_sequential_measurement_would_r
 
     clock = FakeClock()
     clock.drift_ns = 40_000
-    cmp = tp.compare_latency({"a": clock.model(5.0), "b": clock.model(5.0)}, rounds=10, iters=3, timer=clock)
+    cmp = tp.compare_latency(
+        {"a": clock.model(5.0), "b": clock.model(5.0)}, rounds=10, iters=3, min_round_ms=0, timer=clock
+    )
     s = cmp.speedups["b"]
     assert s.contains(1.0), s
     assert abs(s.median - 1.0) < 0.01
@@ -67,7 +71,7 @@ def test_a_noisy_round_widens_the_spread_and_marks_the_speedup_unstable():
     assert cmp.to_dict()["speedup"]["cand"]["stable"] is False
 
 
-def test_baseline_and_order():
+def test_baseline_and_call_by_call_alternation():
     clock = FakeClock()
     order = []
 
@@ -78,10 +82,19 @@ def test_baseline_and_order():
     cmp = tp.compare_latency(
         {"a": named("a", 1.0), "b": named("b", 3.0)}, baseline="b", rounds=3, iters=1, warmup=0, timer=clock
     )
-    assert order == ["a", "b", "b", "a", "a", "b"]  # the order alternates per round
+    assert order == ["a", "b", "b", "a", "a", "b"]  # the order alternates call by call
     assert (
         cmp.baseline == "b" and set(cmp.speedups) == {"a"} and cmp.speedups["a"].median == 3.0
     )  # b takes 3 ms, a 1 ms
+
+
+def test_fast_callables_get_longer_rounds():
+    clock = FakeClock()
+    cmp = tp.compare_latency(
+        {"a": clock.model(0.5), "b": clock.model(4.0)}, rounds=2, iters=3, warmup=2, min_round_ms=20, timer=clock
+    )
+    assert cmp.iters_per_round == 5  # 20 ms of the slower one per round
+    assert cmp.results["a"].iters == 10 and cmp.speedups["b"].median == 0.125
 
 
 def test_real_clock_identical_modules_straddle_one():

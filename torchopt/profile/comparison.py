@@ -2,9 +2,12 @@
 
 Two latencies measured minutes apart are not comparable: the first calls of a process are slower (allocator,
 oneDNN primitive caches), and on a shared machine the load changes between the two measurements. Here every
-callable is warmed up first, then timed in alternating rounds (A B, B A, A B, ...: the order alternates so
-that a drift during a round favours neither), each round `iters` calls of each. Each round gives one paired
-ratio ``median(baseline) / median(candidate)``; the speedup is the median of these ratios and its spread the
+callable is warmed up first, then timed in rounds; within a round the callables are called in turn, call by
+call, the order alternating (A B, B A, A B, ...) so that neither a burst of load nor a drift favours one.
+A round has `iters` calls of each, or more when they are fast, so that the slowest callable's share lasts
+`min_round_ms` (a median of 3 calls of 0.3 ms is mostly noise). Each round gives one ratio, the median of
+its paired ratios ``baseline call / candidate call next to it``; the speedup is the median of these ratios
+and its spread the
 10th–90th percentile of them (the middle 80 % of the rounds). A speedup is *stable* when that spread is
 within `stability_pct` of the median and each latency is stable by `latency`'s window rule.
 """
@@ -75,9 +78,12 @@ class LatencyComparison:
 
 
 def _speedup(base_rounds: list[list[float]], cand_rounds: list[list[float]], stable: bool, pct: float) -> Speedup:
+    # Each baseline call is paired with the candidate call next to it (same load, same moment): a round's
+    # ratio is the median of its pairs' ratios. Under bursty load latencies are bimodal, and a ratio of two
+    # medians can pick different modes; a median of paired ratios cannot.
     ratios = sorted(
-        percentile(sorted(b), 50.0) / max(percentile(sorted(c), 50.0), 1e-12)
-        for b, c in zip(base_rounds, cand_rounds, strict=True)
+        percentile(sorted(b / max(c, 1e-12) for b, c in zip(base, cand, strict=True)), 50.0)
+        for base, cand in zip(base_rounds, cand_rounds, strict=True)
     )
     median = percentile(ratios, 50.0)
     low, high = (percentile(ratios, q) for q in SPREAD_PERCENTILES)
@@ -111,14 +117,16 @@ def compare_latency(
     rounds: int = 10,
     iters: int = 5,
     warmup: int = 3,
+    min_round_ms: float = 20.0,
     batch_size: int | None = None,
     stability_pct: float = 10.0,
     timer: Callable[[], int] | None = None,
 ) -> LatencyComparison:
     """Time each ``fn(*inputs)`` in alternating rounds and compare them with `baseline` (default: the first).
 
-    `rounds` rounds of `iters` timed calls of each callable follow `warmup` untimed calls of each. `timer`
-    (integer nanoseconds) replaces the clock, for tests. Run it under ``torch.no_grad()`` for inference.
+    `rounds` rounds of `iters` timed calls of each callable, interleaved (more calls when the warm-up shows
+    that `iters` calls of the slowest take less than `min_round_ms`), follow `warmup` calls of each. `timer`
+    replaces the clock, for tests. Run it under ``torch.no_grad()`` for inference.
 
     Example::
 
@@ -138,19 +146,22 @@ def compare_latency(
     check_positive("rounds", rounds)
     check_positive("iters", iters)
     check_positive("warmup", warmup, allow_zero=True)
+    check_positive("min_round_ms", min_round_ms, allow_zero=True, types_=(int, float))
     check_positive("stability_pct", stability_pct, types_=(int, float))
     device = infer_device(fns[baseline], inputs)
 
     calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in fns.items()}
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    warm_ms = {name: time_calls(calls[name], warmup, device, timer=timer) if warmup else [] for name in names}
+    per_call = _calls_per_round(warm_ms, iters, min_round_ms)
     per_round: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            per_round[name].append(time_calls(calls[name], iters, device, timer=timer))
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(per_call):
+            # call by call, in alternating order: a burst of load hits every callable alike
+            for name in names if (r * per_call + i) % 2 == 0 else reversed(names):
+                samples[name] += time_calls(calls[name], 1, device, timer=timer)
+        for name in names:
+            per_round[name].append(samples[name])
 
     results = {n: _result(per_round[n], device, batch_size, warmup, stability_pct) for n in names}
     speedups = {
@@ -158,4 +169,13 @@ def compare_latency(
         for n in names
         if n != baseline
     }
-    return LatencyComparison(baseline, results, speedups, rounds, iters)
+    return LatencyComparison(baseline, results, speedups, rounds, per_call)
+
+
+def _calls_per_round(warm_ms: dict[str, list[float]], iters: int, min_round_ms: float) -> int:
+    """`iters`, or enough calls of each that the slowest callable's share of a round lasts `min_round_ms`
+    (judged by its fastest warm-up call; at most 1000)."""
+    slowest = max((min(ms) for ms in warm_ms.values() if ms), default=0.0)
+    if slowest <= 0.0:
+        return iters
+    return max(iters, min(1000, math.ceil(min_round_ms / slowest)))
