@@ -100,7 +100,7 @@ class OptimizeReport:
             rows.append(("latency p99 (ms)", f"{b['p99_ms']:.3f} → {a['p99_ms']:.3f}"))
         if self.speedup_text():
             rows.append(("speedup", self.speedup_text()))
-        if self.fake_quant:
+        if self.fake_quant and self.latency_speedup:
             notes.append(FAKE_QUANT_NOTE)
         if self.accuracy:
             acc = self.accuracy
