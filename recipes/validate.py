@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from torchopt.config import check_positive, check_type
+from torchopt.accuracy import TASKS
+from torchopt.config import check_choice, check_positive, check_type
 from torchopt.recipe import StepConfig, register_step
 
 __all__ = ["DEFAULT_TOLERANCES", "ValidateConfig"]
@@ -35,8 +36,13 @@ class ValidateConfig(StepConfig):
 
     max_abs / min_cosine / min_sqnr_db / min_top1: limits (None = precision default, see DEFAULT_TOLERANCES;
         top-1 agreement and max_abs are only checked when set). Set `enabled: false` to skip the check.
+    task: "auto", "classify" or "embed": whether top-1 agreement is reported ("auto": the output is
+        [batch, classes] and the model ends in a Linear with that many outputs; see `torchopt.accuracy`).
     batches: how many example batches to compare (calibration batches first, then random profile examples).
-    measure_latency / warmup / iters: latency before and after, at each profile's opt shape.
+    measure_latency / warmup / rounds / iters: latency of the original and the optimized module at the first
+        profile's opt shape, measured together after optimization: `warmup` untimed calls of each, then
+        `rounds` alternating rounds of `iters` timed calls of each; the speedup is reported with its spread
+        (see `torchopt.profile.compare_latency`).
     """
 
     enabled: bool = True
@@ -44,10 +50,12 @@ class ValidateConfig(StepConfig):
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None
+    task: str = "auto"
     batches: int = 3
     measure_latency: bool = True
     warmup: int = 3
-    iters: int = 10
+    rounds: int = 10
+    iters: int = 3
 
     def __post_init__(self) -> None:
         check_type("validate.enabled", self.enabled, bool)
@@ -59,10 +67,17 @@ class ValidateConfig(StepConfig):
             raise ValueError(f"validate.min_top1 must be in [0, 1], got {self.min_top1}")
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise ValueError(f"validate.min_cosine must be in [-1, 1], got {self.min_cosine}")
+        check_choice("validate.task", self.task, TASKS)
+        if self.task == "embed" and self.min_top1 is not None:
+            raise ValueError(
+                f"validate.min_top1={self.min_top1} needs top-1 agreement, which task 'embed' does not report;"
+                " set task to 'classify' or 'auto', or drop min_top1"
+            )
         check_positive("validate.batches", self.batches)
         check_type("validate.measure_latency", self.measure_latency, bool)
         # The latency timer (`torchopt.profile.LatencyConfig`) needs at least one warm-up call.
         check_positive("validate.warmup", self.warmup)
+        check_positive("validate.rounds", self.rounds)
         check_positive("validate.iters", self.iters)
 
     def limits(self, precision: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs
+from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs, is_classifier_output
 
 
 def test_metrics_match_numpy(seed):
@@ -58,3 +58,59 @@ def test_merge_takes_worst_and_weights_top1():
     m = AccuracyMetrics.merge([a, b])
     assert (m.max_abs, m.cosine, m.sqnr_db, m.samples) == (0.2, 0.98, 20.0, 4)
     assert m.top1_agreement == pytest.approx(0.75)
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.body = torch.nn.Linear(16, 32)
+        self.fc = torch.nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.body(x)))
+
+
+class _Embedder(torch.nn.Module):
+    """Ends in a LayerNorm: a [batch, 32] embedding, not logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+def _pair(model):
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = model(x)
+    return ref, ref + 0.3 * torch.randn_like(ref)
+
+
+def test_top1_only_for_a_classifier_head(seed):
+    clf, emb = _Classifier(), _Embedder()
+    ref, out = _pair(clf)
+    assert compare_outputs(ref, out, model=clf).top1_agreement is not None
+    ref, out = _pair(emb)
+    # [64, 32] looks like logits by shape alone; the LayerNorm at the end says it is an embedding
+    assert compare_outputs(ref, out, model=emb).top1_agreement is None
+    assert compare_outputs(ref, out, model=emb, task="classify").top1_agreement is not None  # the user says so
+    assert compare_outputs(*_pair(clf), model=clf, task="embed").top1_agreement is None
+
+
+def test_classifier_rule():
+    clf = _Classifier(classes=10)
+    assert is_classifier_output(torch.randn(2, 10), clf)
+    assert not is_classifier_output(torch.randn(2, 7), clf)  # the head has 10 outputs, not 7
+    assert not is_classifier_output(torch.randn(2, 3, 10), clf)  # not [batch, classes]
+    assert not is_classifier_output(torch.randn(2, 10), _Embedder())
+    assert is_classifier_output(torch.randn(2, 10))  # no model given: the shape rule alone
+
+
+def test_bad_task():
+    with pytest.raises(ValueError, match=r"task must be one of \['auto', 'classify', 'embed'\], got 'clasify'"):
+        compare_outputs(torch.zeros(2, 3), torch.zeros(2, 3), task="clasify")
+    with pytest.raises(ValueError, match=r"task='classify' needs \[batch, classes\].*got shape \(2, 3, 4\)"):
+        compare_outputs(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), task="classify")

@@ -2,6 +2,12 @@
 
 Outputs may be tensors or nested tuples/lists/dicts of tensors; metrics are computed per tensor leaf and the
 worst leaf is reported. SQNR = 10·log10(‖ref‖² / ‖ref − out‖²) in dB (∞ when identical).
+
+Top-1 agreement (argmax of the optimized output equals the reference's) means something only for a
+classifier's logits; over an embedding's dimensions it is noise. It is computed for ``task="classify"``, never
+for ``task="embed"``, and for ``task="auto"`` when the first output is ``[batch, classes]`` (classes > 1) and —
+when the model is given — the model's last module is an ``nn.Linear`` with ``classes`` outputs (a classifier
+head). Models that end in a Linear projection to an embedding pass this rule: say ``task="embed"``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["AccuracyMetrics", "compare_outputs", "flatten_outputs"]
+__all__ = ["TASKS", "AccuracyMetrics", "compare_outputs", "flatten_outputs", "is_classifier_output"]
+
+TASKS = ("auto", "classify", "embed")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -75,14 +83,40 @@ def _leaf_metrics(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float, f
     return float(diff.abs().max()), float(diff.abs().mean()), cos, sqnr
 
 
-def compare_outputs(ref: Any, out: Any) -> AccuracyMetrics:
+def _is_logits_shape(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[1] > 1 and t.dtype.is_floating_point
+
+
+def _last_module(model: torch.nn.Module) -> torch.nn.Module:
+    *_, last = model.modules()
+    return last
+
+
+def is_classifier_output(output: Any, model: torch.nn.Module | None = None) -> bool:
+    """The ``task="auto"`` rule: the first output is ``[batch, classes]`` float logits and (when `model` is
+    given) the model's last module is an ``nn.Linear`` with ``classes`` outputs."""
+    leaves = flatten_outputs(output)
+    if not leaves or not _is_logits_shape(leaves[0]):
+        return False
+    if model is None:
+        return True
+    head = _last_module(model)
+    return isinstance(head, torch.nn.Linear) and head.out_features == leaves[0].shape[1]
+
+
+def compare_outputs(ref: Any, out: Any, *, task: str = "auto", model: torch.nn.Module | None = None) -> AccuracyMetrics:
     """Compare two model outputs of the same structure.
+
+    `task` decides whether top-1 agreement is computed (see the module docstring); `model` (the reference
+    model) lets ``task="auto"`` look for a classifier head.
 
     Example::
 
         m = compare_outputs(model(x), optimized(x))
         print(m.sqnr_db, m.cosine)
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     refs, outs = flatten_outputs(ref), flatten_outputs(out)
     if len(refs) != len(outs) or not refs:
         raise ValueError(f"outputs differ in structure: reference has {len(refs)} tensors, optimized {len(outs)}")
@@ -91,10 +125,14 @@ def compare_outputs(ref: Any, out: Any) -> AccuracyMetrics:
         if r.shape != o.shape:
             raise ValueError(f"output {i} shape differs: reference {tuple(r.shape)}, optimized {tuple(o.shape)}")
         per.append(_leaf_metrics(r, o))
-    top1 = None
     r0, o0 = refs[0], outs[0]
-    if r0.dim() == 2 and r0.shape[1] > 1 and r0.dtype.is_floating_point:
-        top1 = float((r0.argmax(1) == o0.argmax(1)).float().mean())
+    if task == "classify" and not _is_logits_shape(r0):
+        raise ValueError(
+            f"task='classify' needs [batch, classes] float logits as the first output, got shape"
+            f" {tuple(r0.shape)} ({r0.dtype}); use task='embed' for other outputs"
+        )
+    classify = task == "classify" or (task == "auto" and is_classifier_output(r0, model))
+    top1 = float((r0.argmax(1) == o0.argmax(1)).float().mean()) if classify else None
     return AccuracyMetrics(
         max_abs=max(p[0] for p in per),
         mean_abs=max(p[1] for p in per),

@@ -2,7 +2,7 @@
 
 The user's module is never modified: the engine works on a deep copy, runs the recipe's steps on it in order
 (each step's handler lives next to its config in `torchopt.recipes`), compiles one runner per input profile,
-checks accuracy against the original, and measures latency before and after.
+checks accuracy against the original, and measures the latency of both, together, once both exist.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs
+from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs, is_classifier_output
 from torchopt.config import check_type
 from torchopt.inputs import (
     InputSpec,
@@ -31,6 +31,7 @@ from torchopt.inputs import (
     normalize_profiles,
     select_profile,
 )
+from torchopt.profile.comparison import compare_latency
 from torchopt.profile.report import environment
 from torchopt.quantize.calibrate import CalibData
 from torchopt.recipe import Recipe, get_handler
@@ -231,6 +232,10 @@ class OptimizedModule(torch.nn.Module):
     Calls are checked against the input profiles before any backend sees them, dispatched to the runner of
     the matching profile, and floating inputs are cast to the compute precision (outputs back to float32
     when the recipe's cast step says so).
+
+    It is an inference module: it reports eval mode (`.training` is False), `.eval()` / `.train(False)` are
+    no-ops and `.train(True)` raises, so the prepared model inside never switches to training behaviour
+    (BatchNorm batch statistics, dropout) and inference never updates its state.
     """
 
     def __init__(
@@ -252,6 +257,18 @@ class OptimizedModule(torch.nn.Module):
         self._dtype = ctx.dtype
         self._quantized = ctx.quantized
         self._cast_outputs = ctx.cast_outputs and ctx.dtype != torch.float32
+        self.training = False  # nn.Module.__init__ set True; the inner module is in eval mode already
+
+    def train(self, mode: bool = True) -> OptimizedModule:
+        """`.train(False)` (what `.eval()` calls) is a no-op; `.train(True)` raises: this is inference only."""
+        check_type("mode", mode, bool)
+        if mode:
+            raise RuntimeError(
+                f"OptimizedModule (recipe {self.recipe.name!r}) is an inference module and cannot be put in"
+                " training mode: its model was prepared for inference (compiled, cast or quantized). Train"
+                " the original model and run torchopt.optimize again."
+            )
+        return self
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.report.backend!r}, precision={self.report.precision!r}"
@@ -309,21 +326,43 @@ def measure_latency(fn: Callable[..., Any], args: list[torch.Tensor], *, warmup:
         return latency(fn, *args, warmup=warmup, iters=iters, max_iters=max_iters, batch_size=args[0].shape[0])
 
 
-def _measure(fn: Callable[..., Any], args: list[torch.Tensor], cfg: Any) -> dict[str, Any]:
-    return measure_latency(fn, args, warmup=cfg.warmup, iters=cfg.iters, max_iters=3 * cfg.iters).to_dict(samples=False)
+def _measure_speedup(reference, optimized, args: list[torch.Tensor], cfg: Any, report: OptimizeReport) -> None:
+    """Time the original and the optimized module together, in alternating rounds under the same conditions
+    (same process, threads and load), and record both latencies and the speedup with its spread."""
+    with torch.no_grad():
+        cmp = compare_latency(
+            {"original": reference, "optimized": optimized},
+            *args,
+            rounds=cfg.rounds,
+            iters=cfg.iters,
+            warmup=cfg.warmup,
+            batch_size=args[0].shape[0] if args[0].dim() > 0 else None,
+        )
+    report.latency_before = cmp.results["original"].to_dict(samples=False)
+    report.latency_after = cmp.results["optimized"].to_dict(samples=False)
+    report.latency_speedup = cmp.speedups["optimized"].to_dict()
 
 
 def _check_accuracy(reference, optimized, ctx: StepContext, cfg: Any) -> None:
     report = ctx.report
     metrics = []
+    task = cfg.task
     with torch.no_grad():
         for batch in _batches(ctx.extras.get("calib_inputs", []), ctx.profiles, cfg.batches):
             ref_args = [a.to(ctx.device) for a in batch]
-            metrics.append(compare_outputs(reference(*ref_args), optimized.call_flat(*ref_args)))
+            ref_out = reference(*ref_args)
+            if task == "auto":  # decided once, on the first batch, for all
+                task = "classify" if is_classifier_output(ref_out, reference) else "embed"
+            metrics.append(compare_outputs(ref_out, optimized.call_flat(*ref_args), task=task))
     merged = AccuracyMetrics.merge(metrics)
     precision = "quantized" if ctx.quantized else report.precision
     limits = cfg.limits(precision)
-    report.accuracy, report.tolerances = merged.to_dict(), limits
+    report.accuracy, report.tolerances = {**merged.to_dict(), "task": task}, limits
+    if cfg.task == "auto" and task == "embed" and "min_top1" in limits:
+        report.notes.append(
+            "validate.min_top1 not checked: the output is not a classifier's [batch, classes] logits (the model"
+            " does not end in a Linear head); set validate.task: classify to check it"
+        )
     failures = []
     if "max_abs" in limits and merged.max_abs > limits["max_abs"]:
         failures.append(f"max |Δ| {merged.max_abs:.4g} > {limits['max_abs']}")
@@ -412,9 +451,6 @@ def optimize(
     ctx.calib_data, ctx.extras["calib_inputs"] = _check_calib_data(
         calib_data, model, profiles, limit and max(limit, validate_cfg.batches), validate_cfg.batches
     )
-    if validate_cfg.measure_latency:
-        ctx.log("measuring the original module's latency")
-        report.latency_before = _measure(reference, ctx.example_inputs(which="opt"), validate_cfg)
 
     for i, step in enumerate(recipe.steps):
         ctx.log(f"step {i + 1}/{len(recipe.steps)}: {step.step}")
@@ -429,11 +465,12 @@ def optimize(
     if validate_cfg.enabled:
         ctx.log("checking accuracy against the original module")
         _check_accuracy(reference, optimized, ctx, validate_cfg)
+    # Without TensorRT, Q/DQ layers run as fake-quant: the latency says nothing about deployed int8/fp8 speed.
+    report.fake_quant = ctx.quantized and report.backend != "tensorrt"
     if validate_cfg.measure_latency:
-        ctx.log("measuring the optimized module's latency")
-        report.latency_after = _measure(
-            optimized.call_flat, [s.example("opt", seed=0).to(dev) for s in profiles[0]], validate_cfg
-        )
+        ctx.log("measuring latency: original and optimized modules in alternating rounds")
+        args = [s.example("opt", seed=i).to(dev) for i, s in enumerate(profiles[0])]
+        _measure_speedup(reference, optimized.call_flat, args, validate_cfg, report)
     if dev.type == "cuda":
         report.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
     report.optimize_seconds = time.perf_counter() - t_start

@@ -7,13 +7,15 @@ A saved optimized module is a directory:
                    dynamic dims, so loading needs no Python class; or
     module.pt      the pickled module (`torch.save`) when it cannot be exported (the class must be importable)
 
-Loading rebuilds the compiled runners by running the recipe's compile step again on the loaded module.
+Loading rebuilds the compiled runners by running the recipe's compile step again on the loaded module, with
+the backend that was saved (an `auto` choice is not timed again: loading restores what was saved).
 Backends with their own serialized format (TensorRT engines) add their files next to these (`Backend.save`,
 listed under "backend_files" in meta.json) and rebuild the runners from them (`Backend.load`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -139,8 +141,9 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
         from torchopt.backends import get_backend  # noqa: PLC0415
 
         ctx.runners = get_backend(backend_files["backend"]).load(path, backend_files, ctx)
-    elif compile_step is not None:
-        get_handler(compile_step)(compile_step, ctx)
+    elif compile_step is not None and saved["backend"] != "eager":
+        get_handler(compile_step)(dataclasses.replace(compile_step, backend=saved["backend"]), ctx)
+    ctx.set_backend(saved["backend"], f"restored from {path} ({saved['backend_reason']})")
     runners = ctx.runners or [module for _ in profiles]
     return OptimizedModule(module, runners, profiles, recipe, report, ctx)
 

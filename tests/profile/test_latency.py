@@ -101,22 +101,37 @@ def test_stats_fields_agree_with_samples():
     assert res.throughput_unit == "items/s"
 
 
+class _FakeClock:
+    """Nanoseconds that advance only inside the timed function: latencies without wall-clock jitter."""
+
+    def __init__(self):
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
 def test_unstable_run_extends_until_budget():
     # Latency that grows every call never stabilizes: more windows run until max_iters, verdict False.
     calls = {"n": 0}
+    clock = _FakeClock()
 
     def fn():
         calls["n"] += 1
-        time.sleep(0.0002 * calls["n"])
+        clock.now += 200_000 * calls["n"]  # 0.2 ms more every call
 
-    res = tp.latency(fn, warmup=1, iters=9, max_iters=18, stability_pct=5.0)
+    res = tp.latency(fn, warmup=1, iters=9, max_iters=18, stability_pct=5.0, timer=clock)
     assert not res.stable
     assert res.iters == 18
     assert res.stability_spread_pct > 5.0
 
 
 def test_stable_run_does_not_extend():
-    res = tp.latency(lambda: time.sleep(0.002), warmup=1, iters=9, stability_pct=50.0)
+    # On the fake clock: a wall-clock sleep of 2 ms was seen to jitter past 50 % on a loaded 2-core host.
+    clock = _FakeClock()
+    res = tp.latency(
+        lambda: setattr(clock, "now", clock.now + 2_000_000), warmup=1, iters=9, stability_pct=50.0, timer=clock
+    )
     assert res.stable and res.iters == 9
     assert res.stability_spread_pct <= 50.0
 

@@ -181,3 +181,11 @@ def test_bench_cuda_graph_on_gpu(model_spec, tmp_path):
         == 0
     )
     assert json.loads((out / "bench.json").read_text())["latency"]["eager"]["cuda_graph"] is True
+
+
+def test_bench_compile_refuses_options_it_cannot_pair(model_spec, tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(
+        ValueError, match="--compile times eager and compiled in alternating rounds, without --cuda-graph or --l2 cold"
+    ):
+        _run(["bench", model_spec, "--input", "x=4x32", "--out", out, "--compile", "--l2", "cold"])

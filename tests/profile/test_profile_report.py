@@ -79,3 +79,10 @@ def test_unwritable_output_dir(tmp_path):
         check_output_dir(3)
     with pytest.raises(ValueError, match="cannot be created"):
         tp.ProfileReport("x").save(blocker / "out")
+
+
+def test_latency_markdown_paired_speedup_has_its_spread(runs):
+    speedups = {"other": tp.Speedup(median=1.41, low=1.32, high=1.5, rounds=10, stable=True)}
+    lines = latency_markdown(runs, speedups).splitlines()
+    assert "| 1.41× (1.32–1.50) |" in lines[3] and "1.00× (baseline)" in lines[2]
+    assert "(unpaired)" in latency_markdown(runs).splitlines()[3]

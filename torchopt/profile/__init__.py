@@ -5,6 +5,7 @@ Example::
     import torchopt.profile as tp
 
     res = tp.latency(model, x, warmup=10, iters=100, batch_size=x.shape[0])   # LatencyResult
+    cmp = tp.compare_latency({"eager": model, "compiled": fast}, x)          # speedup with its spread
     with tp.stage("preprocess"):                                              # marks a stage
         ...
     summary = tp.trace(pipeline, batch, trace_path="out/trace.json.gz")       # TraceResult
@@ -15,7 +16,8 @@ Example::
 Nothing heavy is imported here: matplotlib loads inside the plotting functions, torch.profiler inside `trace`.
 """
 
-from torchopt.profile.latency import LatencyConfig, LatencyResult, infer_device, latency
+from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
+from torchopt.profile.latency import LatencyConfig, LatencyResult, infer_device, latency, time_calls
 from torchopt.profile.memory import (
     Fragmentation,
     MemoryConfig,
@@ -47,6 +49,7 @@ from torchopt.profile.trace import NoGPUKernelsWarning, OpStat, TraceConfig, Tra
 
 __all__ = [
     "Fragmentation",
+    "LatencyComparison",
     "LatencyConfig",
     "LatencyResult",
     "MemoryConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "OpStat",
     "ProfileReport",
     "SnapshotDiff",
+    "Speedup",
     "StageEvent",
     "StageMemory",
     "StageRecorder",
@@ -66,6 +70,7 @@ __all__ = [
     "TraceResult",
     "Tracer",
     "VRAMMonitor",
+    "compare_latency",
     "compare_snapshots",
     "current_stage",
     "environment",
@@ -85,6 +90,7 @@ __all__ = [
     "stage",
     "stage_modules",
     "summarize",
+    "time_calls",
     "trace",
     "write_json",
 ]

@@ -100,7 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """`torchopt bench`: latency of the model (and of torch.compile(model) with --compile)."""
     import torch
 
-    from torchopt.profile import latency, plot_comparison, plot_latency
+    from torchopt.profile import compare_latency, latency, plot_comparison, plot_latency
     from torchopt.profile.report import ProfileReport, latency_markdown
 
     model, inputs, _, out, batch = _setup(args)
@@ -112,14 +112,26 @@ def run_bench(args: argparse.Namespace) -> int:
         "l2": args.l2,
         "progress": not args.no_progress,
     }
-    runs = {"eager": model}
-    if args.compile:
-        runs["compiled"] = torch.compile(model)
-    results = {}
+    if args.compile and (args.cuda_graph or args.l2 == "cold"):
+        raise ValueError("--compile times eager and compiled in alternating rounds, without --cuda-graph or --l2 cold")
+    results, speedups = {}, None
     with torch.inference_mode():
-        for name, fn in runs.items():
-            print(f"timing {name} ...", file=sys.stderr)
-            results[name] = latency(fn, *inputs, **opts)
+        if not args.compile:
+            print("timing eager ...", file=sys.stderr)
+            results["eager"] = latency(model, *inputs, **opts)
+        else:
+            # eager and compiled called in turn, in the same rounds: a speedup with its spread, not two
+            # measurements taken at different moments (compile workers and other load change in between)
+            print("compiling and timing eager vs compiled in alternating rounds ...", file=sys.stderr)
+            cmp = compare_latency(
+                {"eager": model, "compiled": torch.compile(model)},
+                *inputs,
+                rounds=10,
+                iters=max(1, args.iters // 10),
+                warmup=args.warmup,
+                batch_size=batch,
+            )
+            results, speedups = cmp.results, cmp.speedups
     plot_latency(results["eager"], out / "latency.png", title=f"{args.model} latency")
     figures = {"latency": str(out / "latency.png")}
     if len(results) > 1:
@@ -127,8 +139,13 @@ def run_bench(args: argparse.Namespace) -> int:
         figures["comparison"] = str(out / "comparison.png")
     report = ProfileReport(f"torchopt bench: {args.model}", latency=results, figures=figures)
     report.notes.append(f"inputs: {', '.join(args.input)}; batch size {batch}")
+    if speedups:
+        report.notes.append(
+            f"compiled vs eager: {speedups['compiled']}, median and middle 80% of paired ratios over 10"
+            " alternating rounds"
+        )
     json_path, md_path = report.save(out, "bench")
-    print(latency_markdown(results))
+    print(latency_markdown(results, speedups))
     _print_outputs(json_path, md_path, figures)
     return 0
 

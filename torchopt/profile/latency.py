@@ -29,7 +29,7 @@ import torch
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type
 from torchopt.profile.stats import stability_spread_pct, summarize
 
-__all__ = ["LatencyConfig", "LatencyResult", "infer_device", "latency"]
+__all__ = ["LatencyConfig", "LatencyResult", "infer_device", "latency", "time_calls"]
 
 
 @dataclasses.dataclass
@@ -213,9 +213,10 @@ def _warmup(call: Callable[[], Any], cfg: LatencyConfig, device: torch.device) -
     return n
 
 
-def _time_cpu(call: Callable[[], Any], n: int, flush: Callable[[], None] | None) -> list[float]:
+def _time_cpu(
+    call: Callable[[], Any], n: int, flush: Callable[[], None] | None, clock: Callable[[], int] = time.perf_counter_ns
+) -> list[float]:
     out = []
-    clock = time.perf_counter_ns
     for _ in range(n):
         if flush is not None:
             flush()
@@ -238,10 +239,32 @@ def _time_cuda(call: Callable[[], Any], n: int, flush: Callable[[], None] | None
     return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
+def time_calls(
+    call: Callable[[], Any],
+    n: int,
+    device: torch.device,
+    *,
+    flush: Callable[[], None] | None = None,
+    timer: Callable[[], int] | None = None,
+) -> list[float]:
+    """Milliseconds of each of `n` calls of ``call()``: CUDA events on CUDA, else `timer` (integer
+    nanoseconds, default ``time.perf_counter_ns``) around each call. Tests pass a fake `timer`."""
+    if device.type == "cuda" and timer is None:
+        return _time_cuda(call, n, flush, device)
+    return _time_cpu(call, n, flush, timer or time.perf_counter_ns)
+
+
 def latency(
-    fn: Callable[..., Any], *inputs: Any, config: LatencyConfig | None = None, **overrides: Any
+    fn: Callable[..., Any],
+    *inputs: Any,
+    config: LatencyConfig | None = None,
+    timer: Callable[[], int] | None = None,
+    **overrides: Any,
 ) -> LatencyResult:
     """Time ``fn(*inputs)`` and return its latency statistics (see `LatencyConfig` for the options).
+
+    `timer` (integer nanoseconds, default ``time.perf_counter_ns``; CUDA events on CUDA) replaces the clock
+    around each call, so that tests can time a deterministic fake.
 
     Example::
 
@@ -280,7 +303,7 @@ def latency(
         window = cfg.window_size
 
         def measure(n: int) -> list[float]:
-            return _time_cuda(call, n, flush, device) if is_cuda else _time_cpu(call, n, flush)
+            return time_calls(call, n, device, flush=flush, timer=timer)
 
         from tqdm import tqdm  # not tqdm.auto: in Jupyter without ipywidgets it warns at import
 

@@ -90,7 +90,8 @@ def plot_latency(
         ax.axvline(p99, color=_P99_COLOR, linestyle="--", label=f"p99 {p99:.3f} ms")
         ax.grid(alpha=0.3)
     ax_h.legend()
-    fig.suptitle(f"{title} ({len(s)} calls)")
+    unstable = getattr(result, "stable", True) is False  # a LatencyResult judged unstable
+    fig.suptitle(f"{title} ({len(s)} calls{', UNSTABLE: the windows disagree' if unstable else ''})")
     return _finish(fig, path)
 
 
@@ -183,7 +184,9 @@ def plot_stage_timeline(
     rows = sorted({(e.thread, e.depth) for e in evs})
     row_of = {r: i for i, r in enumerate(rows)}
     names = list(dict.fromkeys(e.path for e in evs))
-    fig, ax = _figure(1, width=10.0, height=1.2 + 0.5 * len(rows))
+    legend_cols = min(5, len(names))
+    legend_rows = -(-len(names) // legend_cols)
+    fig, ax = _figure(1, width=10.0, height=1.4 + 0.5 * len(rows) + 0.3 * legend_rows)
     for j, name in enumerate(names):
         mine = [e for e in evs if e.path == name]
         for row in {(e.thread, e.depth) for e in mine}:
@@ -196,7 +199,8 @@ def plot_stage_timeline(
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    # below the axes, in columns: a legend beside a one-row chart was cut off at the figure's bottom edge
+    fig.legend(loc="outside lower center", ncols=legend_cols, fontsize=8, frameon=False)
     ax.set_title(title)
     return _finish(fig, path)
 
@@ -259,6 +263,6 @@ def plot_memory(
     ax.set_ylabel(unit)
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: inside, it covered the curve
     ax.set_title(title)
     return _finish(fig, path)

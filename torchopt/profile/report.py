@@ -144,8 +144,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def latency_markdown(results: dict[str, LatencyResult] | LatencyResult) -> str:
-    """A table of latency results; with several, a p50 speed-up column against the first."""
+def latency_markdown(results: dict[str, LatencyResult] | LatencyResult, speedups: dict[str, Any] | None = None) -> str:
+    """A table of latency results; with several, a speed-up column against the first: from `speedups`
+    (`torchopt.profile.Speedup` by name, from `compare_latency`: with its spread) when given, else the p50
+    ratio marked "unpaired" (measured one after the other: no spread, drift included)."""
     from torchopt.profile.latency import LatencyResult
 
     if isinstance(results, LatencyResult):
@@ -154,6 +156,12 @@ def latency_markdown(results: dict[str, LatencyResult] | LatencyResult) -> str:
     rows = []
     for name, r in results.items():
         speedup = base.p50_ms / r.p50_ms if base is not None and r.p50_ms > 0 else math.nan
+        if r is base:
+            speedup_cell = "1.00× (baseline)"
+        elif speedups and name in speedups:
+            speedup_cell = str(speedups[name]).replace("x (", "× (")
+        else:
+            speedup_cell = f"{speedup:.2f}× (unpaired)"
         rows.append(
             [
                 name,
@@ -162,13 +170,13 @@ def latency_markdown(results: dict[str, LatencyResult] | LatencyResult) -> str:
                 _ms(r.p99_ms),
                 f"{r.mean_ms:.3f} ± {r.std_ms:.3f}",
                 f"{r.throughput:,.1f} {r.throughput_unit}",
-                f"{speedup:.2f}×",
+                speedup_cell,
                 "yes" if r.stable else "**no**",
                 str(r.iters),
                 r.device + (" (graph)" if r.cuda_graph else "") + (" cold-L2" if r.l2 == "cold" else ""),
             ]
         )
-    header = ["run", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "throughput", "speed-up (p50)", "stable"]
+    header = ["run", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "throughput", "speed-up", "stable"]
     return _table([*header, "iters", "device"], rows)
 
 
