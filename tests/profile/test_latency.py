@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -67,25 +66,20 @@ def test_stability_rule():
     assert stability_spread_pct(steady[:20], 3, 10) is None  # too few samples to judge
 
 
-def _sleeper(fast_s: float, slow_s: float, every: int):
-    calls = {"n": 0}
+def test_known_sleep_lands_in_the_right_percentile():
+    # Every 10th call takes 15 ms on the injected clock, the others 1 ms: p50 sees the fast calls, p95/p99/max
+    # the slow ones.
+    clock = {"ns": 0, "n": 0}
 
     def fn():
-        calls["n"] += 1
-        time.sleep(slow_s if calls["n"] % every == 0 else fast_s)
+        clock["n"] += 1
+        clock["ns"] += 15_000_000 if clock["n"] % 10 == 0 else 1_000_000
 
-    return fn, calls
-
-
-def test_known_sleep_lands_in_the_right_percentile():
-    # Every 10th call sleeps 15 ms, the others 1 ms: p50 sees the fast calls, p95/p99/max the slow ones.
-    fn, calls = _sleeper(0.001, 0.015, every=10)
-    res = tp.latency(fn, warmup=1, iters=50, max_iters=50)
-    assert calls["n"] == 51 and res.iters == 50
-    assert res.min_ms >= 1.0  # sleep never returns early
-    assert res.p50_ms < 8.0, res  # generous: a loaded CI machine delays wake-ups by a few ms
-    assert res.p95_ms >= 15.0 and res.p99_ms >= 15.0 and res.max_ms >= 15.0, res
-    assert sum(s >= 15.0 for s in res.samples_ms) >= 5
+    res = tp.latency(fn, warmup=1, iters=50, max_iters=50, timer=lambda: clock["ns"])
+    assert clock["n"] == 51 and res.iters == 50
+    assert res.min_ms == 1.0 and res.p50_ms == 1.0, res
+    assert res.p95_ms == 15.0 and res.p99_ms == 15.0 and res.max_ms == 15.0, res
+    assert sum(s == 15.0 for s in res.samples_ms) == 5
     assert res.device == "cpu"
     assert res.throughput == pytest.approx(1000.0 / res.mean_ms)
 
