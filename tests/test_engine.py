@@ -197,15 +197,31 @@ class _DeepConvNet(torch.nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
-def test_eager_fp32_against_itself_reads_one_within_its_spread(seed):
-    # Timing-dependent by nature; robust by construction: original and optimized are the same computation,
-    # called in turn and compared call by call, so load bursts on a busy machine hit both alike.
+_FAKE_NS = [0]  # module level: optimize's deep copies of the model all advance this one clock
+
+
+class _ClockedConvNet(_DeepConvNet):
+    """Each forward advances a fake clock by 10 ms: the measurement's arithmetic, free of machine speed."""
+
+    def forward(self, x):
+        _FAKE_NS[0] += 10_000_000
+        return super().forward(x)
+
+
+def test_eager_fp32_against_itself_reads_one_within_its_spread(seed, monkeypatch):
+    # optimize times the original and the optimized module in alternating rounds; on a clock that only the
+    # model's own work advances, the baseline against itself must read exactly 1.00x, spread included.
+    measure = torchopt.engine.compare_latency
+    monkeypatch.setattr(
+        torchopt.engine, "compare_latency", lambda *a, **kw: measure(*a, **kw, timer=lambda: _FAKE_NS[0])
+    )
     spec = [InputSpec("x", min=(1, 3, 96, 96), opt=(2, 3, 96, 96), max=(2, 3, 96, 96))]
-    fast = torchopt.optimize(_DeepConvNet(), "eager-fp32", inputs=spec, progress=False)
+    fast = torchopt.optimize(_ClockedConvNet(), "eager-fp32", inputs=spec, progress=False)
     sp = fast.report.latency_speedup
-    assert sp["low"] <= 1.0 <= sp["high"], fast.report.speedup_text()
+    assert sp["low"] == sp["median"] == sp["high"] == 1.0, fast.report.speedup_text()
     assert fast.report.speedup == sp["median"]
-    assert "x (" in fast.report.speedup_text() and "rounds" in fast.report.speedup_text()
+    assert fast.report.latency_before["p50_ms"] == fast.report.latency_after["p50_ms"] == 10.0
+    assert "1.00x (1.00–1.00)" in fast.report.speedup_text() and "rounds" in fast.report.speedup_text()
 
 
 def _fake_timing(eager_ms: float, compiled_ms: float, calls: list):

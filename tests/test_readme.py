@@ -4,7 +4,10 @@ What is substituted, and nothing else:
 - ``model = ...`` (the reader's trained model) and the other names the examples use without defining them
   (``loader``, ``calib_data``, ``eval_data``, ``x``, ``step``, ``frames_uint8_nhwc``, ``frame``) are bound
   beforehand to a small ``nn.Sequential`` CNN with ``conv1`` and ``head`` layers (its forward argument is
-  named ``input``, the README's spec ``x``) and random batches (`_namespace`);
+  named ``input``, the README's spec ``x``) and random batches (`_namespace`); where an example uses ``fast``
+  without making it, it is that CNN optimized with the ``eager-fp32`` recipe over batch 1..8, and the serving
+  example's stage functions (``decode``, ``prep``, ``post``) and inputs (``image``, ``jpegs``) are small
+  stand-ins (`_serving_namespace`);
 - ``device="cuda"`` becomes the test device (CPU here);
 - a line whose comment says ``# ValueError: <message>`` must raise ValueError with that message;
 - files are written to a temporary directory, where the README's YAML recipe is saved as ``my_recipe.yaml``.
@@ -99,6 +102,7 @@ def test_every_python_block_is_covered():
         "import torchopt.quantize",
         "preprocess(",
         "tp.latency",
+        "DynamicBatcher(",
     ]
     assert len(_blocks("python")) == len(markers), "a README python block is not run by tests/test_readme.py"
     for marker in markers:
@@ -144,6 +148,36 @@ def test_preprocessing_example(tmp_path, monkeypatch):
     assert ns["x"].shape == (3, 640, 640) and ns["params"] is not None
 
 
+def _optimized_cnn(ns: dict):
+    import torchopt
+
+    spec = torchopt.InputSpec("x", min=(1, 3, 224, 224), opt=(4, 3, 224, 224), max=(8, 3, 224, 224))
+    return torchopt.optimize(ns["model"], "eager-fp32", inputs=[spec], progress=False)
+
+
+def _serving_namespace() -> dict:
+    ns = _namespace()
+    ns["fast"] = _optimized_cnn(ns)
+    ns["image"] = torch.randn(3, 224, 224)
+    ns["jpegs"] = [torch.randint(0, 256, (240, 320, 3), dtype=torch.uint8) for _ in range(6)]
+    ns["decode"] = lambda jpeg: jpeg  # already decoded frames stand in for JPEG bytes
+    ns["prep"] = lambda frame: torch.nn.functional.interpolate(
+        frame.permute(2, 0, 1)[None].float() / 255, size=(224, 224), mode="bilinear"
+    )
+    ns["post"] = lambda logits: int(logits.argmax())
+    return ns
+
+
+def test_serving_example(tmp_path, monkeypatch):
+    ns = _serving_namespace()
+    _run(_python_block("DynamicBatcher("), tmp_path, monkeypatch, ns)
+    assert ns["logits"].shape == (10,)
+    assert torch.allclose(ns["logits"], ns["model"](ns["image"][None])[0], atol=1e-5)
+    assert isinstance(ns["result"], int) and ns["pipe"].stats().bottleneck in {"decode", "preprocess", "infer", "post"}
+
+
 def test_profiling_example(tmp_path, monkeypatch):
-    ns = _run(_python_block("tp.latency"), tmp_path, monkeypatch)
+    ns = _namespace()
+    ns["fast"] = _optimized_cnn(ns)
+    ns = _run(_python_block("tp.latency"), tmp_path, monkeypatch, ns)
     assert ns["res"].p50_ms > 0 and (tmp_path / "latency.png").is_file()
