@@ -59,7 +59,6 @@ def _apply_auto_batch(config: AutoBatchConfig, ctx) -> None:
         mx = find_max_batch(ctx.model, _inputs(specs, ctx, "max", float_dtype), config=max_cfg)
         max_fit = mx.size
         ctx.details["max_batch"] = mx.to_dict()
-        ctx.extras["auto_batch_max"] = mx
         why_max = (
             f"max {max_fit}: the largest batch run within {mx.target_bytes / 2**20:,.0f} MiB"
             f" ({mx.num_probes} probes after warm-up, {mx.limited_by}-limited)"
@@ -80,7 +79,6 @@ def _apply_auto_batch(config: AutoBatchConfig, ctx) -> None:
     ctx.log(f"auto_batch: sweeping batch sizes up to {cap} for throughput")
     best = find_optimal_batch(ctx.model, _inputs(specs, ctx, "opt", float_dtype), config=opt_cfg)
     ctx.details["optimal_batch"] = best.to_dict()
-    ctx.extras["auto_batch_optimal"] = best
     new_specs = batch_profile(specs, max_fit, best, min_batch=config.min_batch)
     # In place: the engine and the OptimizedModule hold this very list.
     ctx.profiles[0][:] = new_specs

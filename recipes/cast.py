@@ -6,13 +6,10 @@ import dataclasses
 
 import torch
 
-from torchopt.config import check_choice, check_type
+from torchopt.config import DTYPES, FLOAT_DTYPES, check_type, parse_dtype
 from torchopt.recipe import StepConfig, register_step
 
-__all__ = ["PRECISIONS", "CastConfig"]
-
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+__all__ = ["CastConfig"]
 
 
 def _apply_cast(config: CastConfig, ctx) -> None:
@@ -28,7 +25,7 @@ def _apply_cast(config: CastConfig, ctx) -> None:
             why += " (note: half precision on CPU is often slower than float32)"
     ctx.set_precision(dtype, why)
     if dtype != "float32":
-        ctx.model.to(PRECISIONS[dtype])
+        ctx.model.to(DTYPES[dtype])
     has_conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in ctx.model.modules())
     four_d = any(s.rank == 4 for s in ctx.profiles[0])
     use_cl = config.channels_last if config.channels_last is not None else (has_conv and four_d)
@@ -58,8 +55,7 @@ class CastConfig(StepConfig):
 
     def __post_init__(self) -> None:
         check_type("cast.dtype", self.dtype, str)
-        self.dtype = _ALIASES.get(self.dtype, self.dtype)
-        check_choice("cast.dtype", self.dtype, ["auto", *PRECISIONS])
+        self.dtype = parse_dtype("cast.dtype", self.dtype, ["auto", *FLOAT_DTYPES])
         if self.channels_last is not None:
             check_type("cast.channels_last", self.channels_last, bool, "true, false or null (auto)")
         check_type("cast.cast_outputs", self.cast_outputs, bool)

@@ -1,4 +1,9 @@
-"""Recipe step `compile`: hand the prepared module to a backend (auto, eager, inductor, tensorrt)."""
+"""Recipe step `compile`: hand the prepared module to a backend (auto, or one of `torchopt.backends.BACKENDS`).
+
+`CompileConfig` has the options every backend shares (`backend`, `cuda_graphs`) and one field per registered
+backend that declares a config class, named after the backend (``compile: {inductor: {...}}``): a new backend
+is one file in `torchopt/backends/` and its line in the registry, nothing here.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,10 @@ import dataclasses
 
 import torch
 
-from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig, choose_backend, get_backend
+from torchopt.backends import BACKENDS, BuildLog, BuildSettings, choose_backend, get_backend
 from torchopt.config import check_choice, check_type
-from torchopt.engine import check_profiles_run
 from torchopt.profile.comparison import compare_latency
-from torchopt.recipe import StepConfig, register_step
+from torchopt.recipe import StepConfig, StepContext, register_step
 
 __all__ = ["CompileConfig"]
 
@@ -21,7 +25,7 @@ AUTO_MIN_SPEEDUP = 1.05
 AUTO_ROUNDS, AUTO_ITERS, AUTO_WARMUP = 8, 3, 2
 
 
-def _keep_compiled_on_cpu(ctx, backend_name: str, runner, why: str) -> bool:
+def _keep_compiled_on_cpu(ctx: StepContext, backend_name: str, runner, why: str) -> bool:
     """Time eager and the compiled runner in alternating rounds; keep the compiled one only if clearly faster.
 
     Records the figures in the step's details and the reason in the report either way.
@@ -51,7 +55,19 @@ def _keep_compiled_on_cpu(ctx, backend_name: str, runner, why: str) -> bool:
     return False
 
 
-def _apply_compile(config: CompileConfig, ctx) -> None:
+def build_runners(config: CompileConfig, ctx: StepContext, backend_name: str) -> list:
+    """Build `backend_name`'s runners for the context's model and profiles; its notes, details and any
+    precision it changed go to the context's report."""
+    log = BuildLog(progress=ctx.progress)
+    runners = get_backend(backend_name).build(ctx.model, ctx.profiles, ctx.runtime, config.settings(backend_name), log)
+    ctx.report.notes.extend(log.notes)
+    ctx.details.update(log.details)
+    if log.precision is not None:
+        ctx.report.precision, ctx.report.precision_reason = log.precision
+    return runners
+
+
+def _apply_compile(config: CompileConfig, ctx: StepContext) -> None:
     backend, why = choose_backend(config.backend, ctx.device)
     if config.backend == "auto" and ctx.quantized and backend.name != "tensorrt":
         # Without TensorRT, Q/DQ layers run as fake-quant simulation: compiling them gains no speed, takes
@@ -59,8 +75,8 @@ def _apply_compile(config: CompileConfig, ctx) -> None:
         backend = get_backend("eager")
         why = f"auto: eager for the fake-quant model; only TensorRT runs Q/DQ as integer/FP8 kernels ({why})"
     ctx.set_backend(backend.name, why)
-    check_profiles_run(ctx)
-    runners = backend.build(ctx.model, config, ctx)
+    ctx.check_profiles_run()
+    runners = build_runners(config, ctx, backend.name)
     timed_choice = config.backend == "auto" and ctx.device.type == "cpu" and backend.name != "eager"
     # On CPU, oneDNN's eager convolutions often match or beat compiled code: keep what measures faster.
     if timed_choice and not _keep_compiled_on_cpu(ctx, backend.name, runners[0], why):
@@ -68,39 +84,49 @@ def _apply_compile(config: CompileConfig, ctx) -> None:
     ctx.runners = runners
 
 
-@register_step("compile", _apply_compile)
 @dataclasses.dataclass
-class CompileConfig(StepConfig):
-    """Compile the module for the recipe's input profiles.
+class _CompileOptions(StepConfig):
+    """The options every backend shares; `CompileConfig` adds one field per backend config."""
+
+    backend: str = "auto"
+    cuda_graphs: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("compile.backend", self.backend, ["auto", *sorted(BACKENDS)])
+        if self.cuda_graphs is not None:
+            check_type("compile.cuda_graphs", self.cuda_graphs, bool, "true, false or null (auto)")
+
+    def settings(self, backend_name: str) -> BuildSettings:
+        """What `backend_name` builds with: its own config (when it has one) and the shared options."""
+        return BuildSettings(config=getattr(self, backend_name, None), cuda_graphs=self.cuda_graphs)
+
+    def preflight(self, ctx: StepContext) -> None:
+        """An explicitly requested backend must be available before any timing or calibration starts."""
+        if self.backend != "auto":
+            choose_backend(self.backend, ctx.device)
+
+
+CompileConfig = register_step("compile", _apply_compile)(
+    dataclasses.make_dataclass(
+        "CompileConfig",
+        [
+            (name, backend.config_class, dataclasses.field(default_factory=backend.config_class))
+            for name, backend in BACKENDS.items()
+            if backend.config_class is not None
+        ],
+        bases=(_CompileOptions,),
+        namespace={
+            "__module__": __name__,
+            "__doc__": """Compile the module for the recipe's input profiles.
 
     backend: "auto" (tensorrt if importable with CUDA, else inductor, else eager; the report says why;
         on CPU inductor is kept only when alternating timing rounds show it faster than eager by more than
         their spread and 5 %), or a backend name.
     cuda_graphs: None = auto (on for CUDA with Inductor: takes the launch gaps out at small batch; off for
         TensorRT, whose graphs re-record at every new input shape — set true to use them).
-    inductor: torch.compile settings (see InductorConfig).
-    tensorrt: Torch-TensorRT build settings (see TensorRTConfig).
-    """
-
-    backend: str = "auto"
-    cuda_graphs: bool | None = None
-    inductor: InductorConfig = dataclasses.field(default_factory=InductorConfig)
-    tensorrt: TensorRTConfig = dataclasses.field(default_factory=TensorRTConfig)
-
-    def __post_init__(self) -> None:
-        check_choice("compile.backend", self.backend, ["auto", *sorted(BACKENDS)])
-        if self.cuda_graphs is not None:
-            check_type("compile.cuda_graphs", self.cuda_graphs, bool, "true, false or null (auto)")
-        if isinstance(self.inductor, dict):
-            self.inductor = InductorConfig.from_dict(self.inductor, where="compile.inductor")
-        check_type("compile.inductor", self.inductor, InductorConfig)
-        if isinstance(self.tensorrt, dict):
-            self.tensorrt = TensorRTConfig.from_dict(self.tensorrt, where="compile.tensorrt")
-        check_type("compile.tensorrt", self.tensorrt, TensorRTConfig)
-
-    def use_cuda_graphs(self, device: torch.device) -> bool:
-        if self.cuda_graphs is None:
-            return device.type == "cuda"
-        if self.cuda_graphs and device.type != "cuda":
-            raise ValueError(f"compile.cuda_graphs=True needs a CUDA device, the recipe runs on {device}")
-        return self.cuda_graphs
+    <backend name>: that backend's settings, e.g. inductor (see InductorConfig), tensorrt (see TensorRTConfig).
+    """,
+        },
+    )
+)

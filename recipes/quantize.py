@@ -6,8 +6,8 @@ The options are `torchopt.quantize.QuantizeConfig` (declared once there, registe
                  keep: [{pattern: conv1, precision: fp16}, {pattern: "*head*", precision: fp32}],
                  cache_dir: ~/.cache/torchopt/quant}
 
-The step needs ``optimize(..., calib_data=...)``. It hands later steps ``ctx.extras["calib_fingerprint"]``
-(the TensorRT backend puts it in its engine cache key) and ``ctx.extras["quant_format"]``.
+The step needs ``optimize(..., calib_data=...)``. It hands later steps ``ctx.quantized`` and
+``ctx.calib_fingerprint`` (the TensorRT backend puts it in its engine cache key, through the `Runtime`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def _apply_quantize(config: QuantizeConfig, ctx) -> None:
     record = quant_record(ctx.model)
     ctx.quantized = True
     ctx.set_precision(config.format, f"{config.format} Q/DQ by ModelOpt, {record.method} calibration")
-    ctx.extras["calib_fingerprint"] = record.calib_fingerprint
-    ctx.extras["quant_format"] = record.format
+    ctx.calib_fingerprint = record.calib_fingerprint
     info = summary(ctx.model)
     ctx.details.update(
         format=record.format,

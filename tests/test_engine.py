@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchopt
+import torchopt.recipes.validate as validate_step
 from torchopt import AccuracyError, InputSpec, Recipe
 from torchopt.recipes import CastConfig, CompileConfig, ValidateConfig
 
@@ -211,10 +212,8 @@ class _ClockedConvNet(_DeepConvNet):
 def test_eager_fp32_against_itself_reads_one_within_its_spread(seed, monkeypatch):
     # optimize times the original and the optimized module in alternating rounds; on a clock that only the
     # model's own work advances, the baseline against itself must read exactly 1.00x, spread included.
-    measure = torchopt.engine.compare_latency
-    monkeypatch.setattr(
-        torchopt.engine, "compare_latency", lambda *a, **kw: measure(*a, **kw, timer=lambda: _FAKE_NS[0])
-    )
+    measure = validate_step.compare_latency
+    monkeypatch.setattr(validate_step, "compare_latency", lambda *a, **kw: measure(*a, **kw, timer=lambda: _FAKE_NS[0]))
     spec = [InputSpec("x", min=(1, 3, 96, 96), opt=(2, 3, 96, 96), max=(2, 3, 96, 96))]
     fast = torchopt.optimize(_ClockedConvNet(), "eager-fp32", inputs=spec, progress=False)
     sp = fast.report.latency_speedup

@@ -18,9 +18,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["TASKS", "AccuracyMetrics", "compare_outputs", "flatten_outputs", "is_classifier_output"]
+__all__ = ["TASKS", "AccuracyError", "AccuracyMetrics", "compare_outputs", "flatten_outputs", "is_classifier_output"]
 
 TASKS = ("auto", "classify", "embed")
+
+
+class AccuracyError(RuntimeError):
+    """The optimized module misses the recipe's accuracy tolerances; `.report` holds the figures."""
+
+    def __init__(self, message: str, report: Any):
+        super().__init__(message)
+        self.report = report
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

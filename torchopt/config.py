@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -106,7 +107,7 @@ def check_range(
     The range is ``[low, high]`` (``(low, high]`` with `low_open`); either bound may be None (unbounded).
     """
     check_type(name, value, types_)
-    below = value is not None and low is not None and (value <= low if low_open else value < low)
+    below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and value > high
     if below or above:
         left = "(" if low_open else "["
@@ -195,6 +196,18 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+@functools.cache
+def _nested_config_fields(cls: type) -> dict[str, type]:
+    """The fields of a config dataclass whose type is another config (Optional ones excluded)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name)
+        if isinstance(tp, type) and issubclass(tp, ConfigBase):
+            out[f.name] = tp
+    return out
+
+
 @dataclasses.dataclass
 class ConfigBase:
     """Base of all torchopt configs: dict round trip with unknown-key checking.
@@ -202,6 +215,19 @@ class ConfigBase:
     Subclasses are ``@dataclass``es that validate in ``__post_init__`` and keep every field JSON-friendly
     (numbers, strings, bools, lists, dicts, nested configs).
     """
+
+    def __post_init__(self) -> None:
+        """Nested configs given as dicts become their config class; errors name `<step or class>.<field>`.
+
+        Subclasses with a `__post_init__` of their own call this first (``super().__post_init__()``).
+        """
+        prefix = getattr(self, "step", "") or type(self).__name__
+        for name, tp in _nested_config_fields(type(self)).items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, tp.from_dict(value, where=f"{prefix}.{name}"))
+            else:
+                check_type(f"{prefix}.{name}", value, tp)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
@@ -248,6 +274,17 @@ class ConfigBase:
 
 class StepConfig(ConfigBase):
     """Base of the configs that can be a recipe step (the recipe layer registers each under its YAML key
-    `step`). It lives here so that a middle-layer config such as `QuantizeConfig` can be one."""
+    `step`). It lives here so that a middle-layer config such as `QuantizeConfig` can be one.
+
+    Two hooks let the engine prepare a run without knowing any step by name: `preflight(ctx)` fails fast
+    before any timing or calibration (e.g. a requested backend that is missing), and `calib_batches()` says
+    how many calibration batches the step reads (0: none, None: all), so they are checked up front.
+    """
 
     step: ClassVar[str] = ""
+
+    def preflight(self, ctx: Any) -> None:
+        """Raise a clear error before the run starts if this step cannot run in `ctx` (default: nothing)."""
+
+    def calib_batches(self) -> int | None:
+        return 0

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchopt import kernels
 from torchopt.config import ConfigBase, check_positive, check_type
 
 __all__ = ["FeederClosedError", "FeederConfig", "FeederStats", "FrameFeeder", "default_transform"]
@@ -210,13 +211,7 @@ def default_transform(config: FeederConfig) -> Callable[..., torch.Tensor]:
         fn = default_transform(FeederConfig(size=(224, 224), preprocess={"dtype": "float16"}))
         x = fn(torch.zeros(2, 1080, 1920, 3, dtype=torch.uint8))  # (2, 3, 224, 224) float16
     """
-    try:
-        from torchopt.kernels import preprocess  # lazy: keeps `import torchopt` light
-    except ImportError as exc:
-        raise ImportError(
-            f"FrameFeeder's default transform needs torchopt.kernels.preprocess ({exc}); pass transform=..."
-        ) from exc
-    signature = inspect.signature(preprocess)
+    signature = inspect.signature(kernels.preprocess)
     try:
         signature.bind(None, config.size, **config.preprocess)
     except TypeError as exc:
@@ -225,7 +220,7 @@ def default_transform(config: FeederConfig) -> Callable[..., torch.Tensor]:
             f"FeederConfig.preprocess={config.preprocess} does not fit torchopt.kernels.preprocess: {exc};"
             f" its options: {', '.join(valid)}"
         ) from exc
-    return functools.partial(preprocess, size=config.size, **config.preprocess)
+    return functools.partial(kernels.preprocess, size=config.size, **config.preprocess)
 
 
 def _accepts_out(fn: Callable[..., Any]) -> bool:

@@ -19,19 +19,22 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
+from torchopt.backends import BuildLog, get_backend
+from torchopt.config import resolve_device
 from torchopt.export import export_program
 from torchopt.inputs import InputSpec
 from torchopt.quantize import export_quantized
+from torchopt.recipe import Recipe
+from torchopt.report import OptimizeReport
+from torchopt.runtime import Runtime
 
-if TYPE_CHECKING:
-    from torchopt.engine import OptimizedModule
-
-__all__ = ["FORMAT_VERSION", "DamagedSaveError", "load", "save"]
+__all__ = ["FORMAT_VERSION", "DamagedSaveError", "Loaded", "load", "save"]
 
 FORMAT_VERSION = 1
 # meta.json keys `load` reads, with the JSON types they must have.
@@ -51,10 +54,21 @@ class DamagedSaveError(ValueError):
     """A saved torchopt module whose files are missing, truncated or not what `save` writes."""
 
 
-def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
-    from torchopt.engine import OptimizedModule  # noqa: PLC0415
+@dataclasses.dataclass
+class Loaded:
+    """What `load` read back: the parts `torchopt.load` assembles into an `OptimizedModule`."""
 
-    if not isinstance(optimized, OptimizedModule):
+    module: torch.nn.Module
+    runners: list[Callable[..., Any]]
+    profiles: list[list[InputSpec]]
+    recipe: Recipe
+    report: OptimizeReport
+    runtime: Runtime
+
+
+def save(optimized: Any, path: str | os.PathLike) -> Path:
+    """Write an `OptimizedModule` (its prepared module, runners, profiles, recipe, report and runtime)."""
+    if not isinstance(getattr(optimized, "runtime", None), Runtime):
         raise TypeError(
             f"save needs the OptimizedModule that torchopt.optimize returned, got {type(optimized).__name__}"
         )
@@ -65,21 +79,39 @@ def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
         raise ValueError(f"path {str(path)!r} cannot be created as a directory: {exc}") from None
     if not os.access(path, os.W_OK):
         raise ValueError(f"path {str(path)!r} is not writable")
-    module = optimized.module
-    fmt = "pickle"
+    runtime: Runtime = optimized.runtime
+    fmt = _write_module(optimized.module, optimized.profiles, runtime, optimized.report, path)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "module_format": fmt,
+        "recipe": optimized.recipe.to_dict(),
+        "profiles": [[s.to_dict() for s in p] for p in optimized.profiles],
+        **runtime.to_dict(),
+        "report": optimized.report.to_dict(),
+    }
+    backend = get_backend(optimized.report.backend)
+    backend_meta = backend.save(optimized.runners, path)
+    if backend_meta is not None:  # the backend's own files (e.g. TensorRT engines) replace a rebuild on load
+        meta["backend_files"] = {"backend": backend.name, **backend_meta}
+    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def _write_module(module: torch.nn.Module, profiles, runtime: Runtime, report: OptimizeReport, path: Path) -> str:
+    """Save the prepared module as an exported program, else as a pickle; returns the format written."""
     try:
         program = export_program(
             module,
-            optimized.profiles,
-            optimized._device,
-            optimized._dtype,
-            export_fn=export_quantized if optimized._quantized else None,
+            profiles,
+            runtime.device,
+            runtime.dtype,
+            export_fn=export_quantized if runtime.quantized else None,
         )
         with warnings.catch_warnings():
             # torch.export.save warns about channels_last (non-contiguous) weights on CPU; they save correctly.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             torch.export.save(program, path / "module.pt2")
-        fmt = "export"
+        return "export"
     except Exception as exc:  # export has many failure modes; the pickle keeps the module loadable anyway
         reason = f"torch.export failed ({type(exc).__name__}: {exc})"[:300]
         try:
@@ -90,62 +122,43 @@ def save(optimized: OptimizedModule, path: str | os.PathLike) -> Path:
                 + (
                     " Quantized models export on CUDA only; on CPU keep the calibrated state with"
                     " QuantizeConfig(cache_dir=...) and rebuild with torchopt.optimize."
-                    if optimized._quantized
+                    if runtime.quantized
                     else ""
                 )
             ) from exc
-        optimized.report.notes.append(f"saved as a pickle: {reason}")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "module_format": fmt,
-        "recipe": optimized.recipe.to_dict(),
-        "profiles": [[s.to_dict() for s in p] for p in optimized.profiles],
-        "dtype": str(optimized._dtype).removeprefix("torch."),
-        "quantized": optimized._quantized,
-        "cast_outputs": optimized._cast_outputs,
-        "report": optimized.report.to_dict(),
-    }
-    from torchopt.backends import BACKENDS  # noqa: PLC0415
-
-    backend = BACKENDS.get(optimized.report.backend)
-    backend_meta = backend.save(optimized, path) if backend is not None else None
-    if backend_meta is not None:  # the backend's own files (e.g. TensorRT engines) replace a rebuild on load
-        meta["backend_files"] = {"backend": backend.name, **backend_meta}
-    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    return path
+        report.notes.append(f"saved as a pickle: {reason}")
+        return "pickle"
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -> OptimizedModule:
-    from torchopt.engine import OptimizedModule, StepContext, _resolve_device  # noqa: PLC0415
-    from torchopt.recipe import Recipe, get_handler  # noqa: PLC0415
-    from torchopt.report import OptimizeReport  # noqa: PLC0415
-
+def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -> Loaded:
+    """Read what `save` wrote: the module on `device` and its runners, with the backend that was saved (a
+    backend's own files when it wrote some, else built again from the saved module with the saved settings;
+    an `auto` choice is not timed again)."""
     path = _as_path(path)
     meta = _read_meta(path)
     module = _read_module(path, meta["module_format"])
-    dev = _resolve_device(device, module)
+    dev = resolve_device("device", device)
     module = module.to(dev)
     recipe = Recipe.from_dict(meta["recipe"])
     profiles = [[InputSpec.from_dict(s) for s in p] for p in meta["profiles"]]
+    runtime = Runtime.from_dict(meta, dev)  # dtype: the inputs' dtype (differs from the precision under autocast)
     saved = meta["report"]
     report = OptimizeReport(recipe=recipe.name, device=str(dev), profiles=meta["profiles"])
     report.notes.append(f"loaded from {path}")
-    ctx = StepContext(model=module, profiles=profiles, device=dev, calib_data=None, report=report, progress=False)
-    ctx.set_precision(saved["precision"], saved["precision_reason"])
-    ctx.dtype = getattr(torch, meta["dtype"])  # the inputs' dtype (differs from the precision under autocast)
-    ctx.quantized = bool(meta["quantized"])
-    ctx.cast_outputs = bool(meta["cast_outputs"])
-    compile_step = recipe.step("compile")
+    report.precision, report.precision_reason = saved["precision"], saved["precision_reason"]
+    report.backend, report.backend_reason = saved["backend"], f"restored from {path} ({saved['backend_reason']})"
+    log = BuildLog()
+    backend = get_backend(saved["backend"])
     backend_files = meta.get("backend_files")
+    compile_step = recipe.step("compile")
     if backend_files is not None:
-        from torchopt.backends import get_backend  # noqa: PLC0415
-
-        ctx.runners = get_backend(backend_files["backend"]).load(path, backend_files, ctx)
-    elif compile_step is not None and saved["backend"] != "eager":
-        get_handler(compile_step)(dataclasses.replace(compile_step, backend=saved["backend"]), ctx)
-    ctx.set_backend(saved["backend"], f"restored from {path} ({saved['backend_reason']})")
-    runners = ctx.runners or [module for _ in profiles]
-    return OptimizedModule(module, runners, profiles, recipe, report, ctx)
+        runners = backend.load(path, backend_files, profiles, runtime, log)
+    elif compile_step is not None and backend.name != "eager":
+        runners = backend.build(module, profiles, runtime, compile_step.settings(backend.name), log)
+    else:
+        runners = [module for _ in profiles]
+    report.notes.extend(log.notes)
+    return Loaded(module, runners, profiles, recipe, report, runtime)
 
 
 def _as_path(path: object) -> Path:

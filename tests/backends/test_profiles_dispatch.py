@@ -62,7 +62,7 @@ class _RecordingBackend(Backend):
 
     name = "recording"
 
-    def build(self, model, config, ctx):
+    def build(self, model, profiles, runtime, settings, log):
         self.calls: list[tuple[int, tuple[int, ...]]] = []
 
         def runner(index):
@@ -72,7 +72,7 @@ class _RecordingBackend(Backend):
 
             return run
 
-        return [runner(p) for p in range(len(ctx.profiles))]
+        return [runner(p) for p in range(len(profiles))]
 
 
 @pytest.fixture
@@ -109,21 +109,20 @@ class _ExportPerProfileBackend(Backend):
 
     name = "export-per-profile"
 
-    def build(self, model, config, ctx):
+    def build(self, model, profiles, runtime, settings, log):
         self.builds = getattr(self, "builds", 0) + 1
         return [
-            _ProgramRunner(export_profile(model, prof, device=ctx.device, dtype=ctx.dtype, index=p))
-            for p, prof in enumerate(ctx.profiles)
+            _ProgramRunner(export_profile(model, prof, device=runtime.device, dtype=runtime.dtype, index=p))
+            for p, prof in enumerate(profiles)
         ]
 
-    def save(self, optimized, path):
-        files = [f"program{i}.pt2" for i in range(len(optimized._runners))]
-        for name, runner in zip(files, optimized._runners, strict=True):
+    def save(self, runners, path):
+        files = [f"program{i}.pt2" for i in range(len(runners))]
+        for name, runner in zip(files, runners, strict=True):
             torch.export.save(runner.program, path / name)
         return {"files": files}
 
-    def load(self, path, meta, ctx):
-        ctx.set_backend(self.name, "loaded")
+    def load(self, path, meta, profiles, runtime, log):
         return [_ProgramRunner(torch.export.load(path / name)) for name in meta["files"]]
 
 
@@ -139,7 +138,7 @@ def test_backend_files_are_saved_and_loaded_per_profile(monkeypatch, tmp_path, s
     assert backend.builds == 1  # the runners came from the files, not from a new compile
     assert loaded.report.backend == backend.name
     with pytest.raises(AssertionError, match="Guard failed"):  # a runner accepts only its profile's range...
-        loaded._runners[0](torch.randn(20, 16))
+        loaded.runners[0](torch.randn(20, 16))
     for batch in (1, 8, 9, 24):  # ...so these pass only when each call reaches the right runner
         x = torch.randn(batch, 16)
         torch.testing.assert_close(loaded(x), model(x), **TOLERANCES["cpu"])

@@ -15,10 +15,10 @@ import torch
 
 import torchopt
 from torchopt import InputSpec, Recipe, compare_outputs
+from torchopt.backends import BuildLog, BuildSettings
 from torchopt.backends.tensorrt import TensorRTBackend, export_profile
-from torchopt.engine import StepContext
 from torchopt.recipes import CastConfig, CompileConfig, ValidateConfig
-from torchopt.report import OptimizeReport
+from torchopt.runtime import Runtime
 
 # Floors against the float32 eager model: TensorRT picks its own kernels and accumulation orders, so compare by
 # cosine/SQNR per precision, as the recipes' validate step does.
@@ -137,7 +137,7 @@ def test_two_profiles_build_one_engine_each():
     ]
     fast = torchopt.optimize(model, _recipe("float16"), inputs=profiles, device="cuda", progress=False)
     assert len(_details(fast)["profiles"]) == 2
-    assert fast._runners[0] is not fast._runners[1]
+    assert fast.runners[0] is not fast.runners[1]
     for batch in (1, 8, 9, 64):
         x = torch.randn(batch, 3, 32, 32, device="cuda")
         _check_close(model(x), fast(x), "float16")
@@ -214,18 +214,11 @@ def _int8_model() -> torch.nn.Module:
 def test_int8_qdq_model_compiles_with_min_block_size_1():
     model = _int8_model()
     reference = copy.deepcopy(model)
-    ctx = StepContext(
-        model=model,
-        profiles=[[CONV_SPEC]],
-        device=torch.device("cuda"),
-        calib_data=None,
-        report=OptimizeReport(recipe="int8", device="cuda"),
-        progress=False,
-        quantized=True,
-    )
-    (runner,) = TensorRTBackend().build(model, CompileConfig(backend="tensorrt"), ctx)
-    assert ctx.details["tensorrt"]["compile_kwargs"]["min_block_size"] == 1
-    assert ctx.details["quant_format"] == "int8"
+    runtime = Runtime(device=torch.device("cuda"), quantized=True)
+    log = BuildLog()
+    (runner,) = TensorRTBackend().build(model, [[CONV_SPEC]], runtime, BuildSettings(), log)
+    assert log.details["tensorrt"]["compile_kwargs"]["min_block_size"] == 1
+    assert log.details["quant_format"] == "int8"
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         _check_close(reference(x), runner(x), "int8")

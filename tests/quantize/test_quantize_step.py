@@ -9,8 +9,7 @@ import torch
 import torchopt
 import torchopt.quantize as tq
 from torchopt import InputSpec, Recipe
-from torchopt.engine import StepContext
-from torchopt.recipe import get_handler
+from torchopt.recipe import StepContext, get_handler
 from torchopt.recipes import CastConfig, CompileConfig, QuantizeConfig, ValidateConfig
 from torchopt.report import OptimizeReport
 
@@ -73,6 +72,7 @@ def test_handler_sets_the_context(cnn, digits):
     report = OptimizeReport(recipe="t", device="cpu")
     ctx = StepContext(
         model=cnn,
+        reference=copy.deepcopy(cnn),
         profiles=[SPEC],
         device=torch.device("cpu"),
         calib_data=digits.calib(3),
@@ -82,8 +82,8 @@ def test_handler_sets_the_context(cnn, digits):
     cfg = QuantizeConfig(format="int8", keep=["head"])
     get_handler(cfg)(cfg, ctx)
     assert ctx.quantized and report.precision == "int8" and "max calibration" in report.precision_reason
-    assert ctx.extras["calib_fingerprint"] == ctx.model.torchopt_quant.calib_fingerprint
-    assert ctx.extras["quant_format"] == "int8"
+    assert ctx.calib_fingerprint == ctx.model.torchopt_quant.calib_fingerprint
+    assert ctx.runtime.calib_fingerprint == ctx.calib_fingerprint and ctx.details["format"] == "int8"
     assert ctx.details["counts"] == {"quantized": 3, "kept": 1} and ctx.details["calib_batches"] == 3
     assert "head" in ctx.details["kept"] and any("kept 1 modules" in n for n in report.notes)
 
@@ -93,6 +93,7 @@ def test_handler_drops_labels_from_tuple_batches(cnn, digits):
     batches = [(x, digits.y_train[: len(x)]) for x in digits.calib(2)]
     ctx = StepContext(
         model=cnn,
+        reference=copy.deepcopy(cnn),
         profiles=[SPEC],
         device=torch.device("cpu"),
         calib_data=batches,

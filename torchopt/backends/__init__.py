@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from torchopt.backends.base import Backend, BackendUnavailableError
+from torchopt.backends.base import Backend, BackendUnavailableError, BuildLog, BuildSettings
 from torchopt.backends.eager import EagerBackend
 from torchopt.backends.inductor import InductorBackend, InductorConfig
 from torchopt.backends.tensorrt import TensorRTBackend, TensorRTConfig
+from torchopt.config import check_choice
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "Backend",
     "BackendUnavailableError",
+    "BuildLog",
+    "BuildSettings",
     "InductorConfig",
     "TensorRTConfig",
     "choose_backend",
@@ -26,8 +29,6 @@ AUTO_ORDER = ["tensorrt", "inductor", "eager"]
 
 
 def get_backend(name: str) -> Backend:
-    from torchopt.config import check_choice  # noqa: PLC0415
-
     check_choice("backend", name, sorted(BACKENDS))
     return BACKENDS[name]
 

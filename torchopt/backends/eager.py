@@ -10,5 +10,5 @@ __all__ = ["EagerBackend"]
 class EagerBackend(Backend):
     name = "eager"
 
-    def build(self, model, config, ctx):
-        return [model for _ in ctx.profiles]
+    def build(self, model, profiles, runtime, settings, log):
+        return [model for _ in profiles]

@@ -13,11 +13,12 @@ import shutil
 
 import torch
 
-from torchopt.backends.base import Backend
+from torchopt._compat import triton_status
+from torchopt.backends.base import Backend, BuildSettings
 from torchopt.config import ConfigBase, check_choice, check_type
 from torchopt.inputs import WHICH
 
-__all__ = ["InductorBackend", "InductorConfig"]
+__all__ = ["InductorBackend", "InductorConfig", "use_cuda_graphs"]
 
 MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -43,6 +44,15 @@ class InductorConfig(ConfigBase):
         check_choice("inductor.mode", self.mode, ["auto", *MODES])
         check_type("inductor.fullgraph", self.fullgraph, bool)
         check_type("inductor.mha_fast_path", self.mha_fast_path, bool)
+
+
+def use_cuda_graphs(settings: BuildSettings, device: torch.device) -> bool:
+    """Whether to capture CUDA graphs: the recipe's choice, else on for CUDA; refused on another device."""
+    if settings.cuda_graphs is None:
+        return device.type == "cuda"
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"compile.cuda_graphs=True needs a CUDA device, the recipe runs on {device}")
+    return settings.cuda_graphs
 
 
 def _graph_count() -> int:
@@ -74,44 +84,43 @@ class _WithoutMHAFastPath(torch.nn.Module):
 
 class InductorBackend(Backend):
     name = "inductor"
+    config_class = InductorConfig
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
             return "Inductor on CPU needs a C++ compiler (g++/clang++), none found on PATH"
         if device.type == "cuda":
-            from torchopt._compat import triton_status  # noqa: PLC0415
-
             ok, why = triton_status()
             if not ok:
                 return f"Inductor on CUDA needs Triton: {why}"
         return None
 
-    def build(self, model, config, ctx):
-        cfg = config.inductor
+    def build(self, model, profiles, runtime, settings, log):
+        cfg = settings.config or InductorConfig()
         mode = cfg.mode
         if mode == "auto":
             mode = "default"
-        if config.use_cuda_graphs(ctx.device):
+        if use_cuda_graphs(settings, runtime.device):
             mode = "reduce-overhead" if mode == "default" else "max-autotune" if mode.startswith("max") else mode
-        ctx.note(f"torch.compile(mode={mode!r}, fullgraph={cfg.fullgraph})")
+        log.note(f"torch.compile(mode={mode!r}, fullgraph={cfg.fullgraph})")
         compiled = torch.compile(model, mode=mode, fullgraph=cfg.fullgraph)
         has_mha_fast_path = _has_mha_fast_path(model)
         if not cfg.mha_fast_path and has_mha_fast_path:
             # In eval under no_grad, nn.TransformerEncoderLayer / MultiheadAttention take a fused fast path
             # (aten._transformer_encoder_layer_fwd, _native_multi_head_attention) that dynamo cannot trace with
             # dynamic shapes: a BERT-sized encoder built 0 graphs and ran eager. The standard path compiles.
-            ctx.note("MHA fast path off during calls (inductor.mha_fast_path=False)")
+            log.note("MHA fast path off during calls (inductor.mha_fast_path=False)")
             compiled = _WithoutMHAFastPath(compiled)
-        elif has_mha_fast_path and any(spec.dynamic_dims for profile in ctx.profiles for spec in profile):
-            ctx.note(
+        elif has_mha_fast_path and any(spec.dynamic_dims for profile in profiles for spec in profile):
+            log.note(
                 "the model's MultiheadAttention/TransformerEncoderLayer fast path cannot be compiled with dynamic"
                 " shapes and may run eager; inductor.mha_fast_path=False compiles the standard path instead"
             )
         before = _graph_count()
-        for p, profile in enumerate(ctx.profiles):
-            ctx.log(f"compiling profile {p} with Inductor")
+        for p, profile in enumerate(profiles):
+            log.log(f"compiling profile {p} with Inductor")
             # First call: the opt shape with its dynamic dims marked (a dim of size 1 cannot be marked).
-            first = ctx.example_inputs(profile_index=p, which="opt")
+            first = runtime.examples(profile, "opt")
             for spec, t in zip(profile, first, strict=True):
                 for d in spec.dynamic_dims:
                     if t.shape[d] >= 2:
@@ -119,14 +128,14 @@ class InductorBackend(Backend):
             with torch.no_grad():
                 compiled(*first)
                 for which in WHICH:
-                    compiled(*ctx.example_inputs(profile_index=p, which=which))
-        graphs = ctx.details["graphs"] = _graph_count() - before
+                    compiled(*runtime.examples(profile, which))
+        graphs = log.details["graphs"] = _graph_count() - before
         limit = torch._dynamo.config.recompile_limit if hasattr(torch._dynamo.config, "recompile_limit") else 8
         if graphs >= limit:
             # Past dynamo's per-function limit, further shapes silently run eager: say so instead.
-            ctx.note(
-                f"Inductor built {graphs} graphs for {len(ctx.profiles)} profiles, at dynamo's recompile limit"
+            log.note(
+                f"Inductor built {graphs} graphs for {len(profiles)} profiles, at dynamo's recompile limit"
                 f" ({limit}); shapes needing another graph would run eager. Use fewer profiles or raise"
                 " torch._dynamo.config.recompile_limit."
             )
-        return [compiled for _ in ctx.profiles]
+        return [compiled for _ in profiles]

@@ -30,18 +30,21 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from torchopt.backends.base import Backend, BackendUnavailableError
+from torchopt._compat import tensorrt_status
+from torchopt.backends.base import Backend, BackendUnavailableError, BuildLog
+from torchopt.backends.inductor import use_cuda_graphs
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type, closest
 from torchopt.export import export_program
 from torchopt.inputs import InputSpec
 from torchopt.quantize.export import export_quantized
-
-if TYPE_CHECKING:
-    from torchopt.engine import OptimizedModule, StepContext
+from torchopt.quantize.formats import FORMATS, deployment_warning
+from torchopt.quantize.keep import KeepRule, resolve_keep
+from torchopt.quantize.summary import detect_format
+from torchopt.runtime import Runtime
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -118,8 +121,6 @@ def keep_pattern_regex(pattern: str) -> str:
 
 def _check_keep_patterns(model: torch.nn.Module, patterns: Sequence[str]) -> None:
     """A pattern that keeps nothing is an error naming it and nearby module names (the quantize step's check)."""
-    from torchopt.quantize.keep import KeepRule, resolve_keep
-
     try:
         resolve_keep(model, [KeepRule(pattern=p) for p in patterns])
     except ValueError as exc:
@@ -437,8 +438,6 @@ def export_profile(
 def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tuple[str | None, str | None]:
     """(format, deployment note) of a Q/DQ model about to be compiled; formats Torch-TensorRT 2.13 has no
     converter for (INT4-AWQ) raise ValueError here rather than fail inside the engine build."""
-    from torchopt.quantize.formats import FORMATS, deployment_warning
-    from torchopt.quantize.summary import detect_format
 
     fmt = detect_format(model)
     if fmt is None or fmt not in FORMATS:
@@ -538,22 +537,20 @@ class _TensorRTRunner:
                 self._graphs_cm.__exit__(None, None, None)
 
 
-def _profile_inputs(profile: list[InputSpec], ctx: StepContext, index: int) -> list[dict[str, Any]]:
+def _profile_inputs(profile: list[InputSpec], runtime: Runtime, index: int, log: BuildLog) -> list[dict[str, Any]]:
     """`Input` kwargs of one profile in the dtypes the runner gets (floats in the compute dtype unless Q/DQ,
-    as `StepContext.adapt` and `OptimizedModule.forward` cast them); adjustments go to the report."""
+    as `Runtime.adapt` and the optimized module's call cast them); adjustments go to the report."""
     out = []
     for spec in profile:
-        cast = spec.torch_dtype.is_floating_point and not ctx.quantized
-        kw, notes = input_kwargs(spec, ctx.dtype if cast else spec.torch_dtype)
+        cast = spec.torch_dtype.is_floating_point and not runtime.quantized
+        kw, notes = input_kwargs(spec, runtime.dtype if cast else spec.torch_dtype)
         out.append(kw)
         for n in notes:
-            ctx.note(f"tensorrt profile {index}: {n}")
+            log.note(f"tensorrt profile {index}: {n}")
     return out
 
 
 def _import_torch_tensorrt():
-    from torchopt._compat import tensorrt_status
-
     trt, why = tensorrt_status()
     if trt is None:
         raise BackendUnavailableError(f"the tensorrt backend needs Torch-TensorRT: {why}; {INSTALL_HINT}")
@@ -574,6 +571,7 @@ def _jsonable(value: Any) -> Any:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    config_class = TensorRTConfig
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -584,8 +582,6 @@ class TensorRTBackend(Backend):
             elif importlib.util.find_spec("tensorrt") is None:
                 missing.append("TensorRT itself (the `tensorrt` package with libnvinfer)")
             return f"Torch-TensorRT is missing {' and '.join(missing)}; {INSTALL_HINT}"
-        from torchopt._compat import tensorrt_status
-
         trt, why = tensorrt_status()
         if trt is None:
             return why if "pip install" in why else f"{why}; {INSTALL_HINT}"
@@ -597,55 +593,58 @@ class TensorRTBackend(Backend):
             )
         return None
 
-    def build(self, model, config, ctx: StepContext):
+    def build(self, model, profiles, runtime, settings, log):
         trt = _import_torch_tensorrt()
-        cfg: TensorRTConfig = config.tensorrt
-        device = ctx.device
+        cfg: TensorRTConfig = settings.config or TensorRTConfig()
+        device = runtime.device
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if ctx.quantized:
+        if runtime.quantized:
             fmt, problem = _check_quantized(model, torch.cuda.get_device_capability(device))
-            ctx.details["quant_format"] = fmt
+            log.details["quant_format"] = fmt
             if problem:  # export_quantized also warns (DeploymentWarning)
-                ctx.note(f"tensorrt: {problem}")
+                log.note(f"tensorrt: {problem}")
         if cfg.autocast is not None:
-            if ctx.dtype != torch.float32 or ctx.quantized:
-                state = "quantized" if ctx.quantized else str(ctx.dtype).removeprefix("torch.")
+            if runtime.dtype != torch.float32 or runtime.quantized:
+                state = "quantized" if runtime.quantized else str(runtime.dtype).removeprefix("torch.")
                 raise ValueError(
                     f"tensorrt.autocast={cfg.autocast!r} lowers a float32 model inside TensorRT, but the"
                     f" model is {state} after the earlier steps; use cast dtype float32 with autocast, or"
                     " drop autocast"
                 )
             _check_keep_patterns(model, cfg.autocast_keep)
-            # Tolerances follow the lowest precision in the network; inputs stay float32 (ctx.dtype as is).
-            ctx.report.precision = cfg.autocast
-            ctx.report.precision_reason = "Torch-TensorRT autocast of the float32 model" + (
-                f", keeping {cfg.autocast_keep} in float32" if cfg.autocast_keep else ""
+            # Tolerances follow the lowest precision in the network; inputs stay float32 (runtime.dtype as is).
+            log.precision = (
+                cfg.autocast,
+                "Torch-TensorRT autocast of the float32 model"
+                + (f", keeping {cfg.autocast_keep} in float32" if cfg.autocast_keep else ""),
             )
         kwargs = build_compile_kwargs(
-            cfg, device=device, quantized=ctx.quantized, calib_fingerprint=ctx.extras.get("calib_fingerprint")
+            cfg, device=device, quantized=runtime.quantized, calib_fingerprint=runtime.calib_fingerprint
         )
         if "engine_cache_dir" in kwargs:
             _check_writable_dir("tensorrt.engine_cache_dir", Path(kwargs["engine_cache_dir"]))
         if "timing_cache_path" in kwargs:
             _check_writable_dir("the parent of tensorrt.timing_cache_path", Path(kwargs["timing_cache_path"]).parent)
-        if ctx.quantized and cfg.min_block_size is None:
-            ctx.note("tensorrt: min_block_size=1 for the Q/DQ model (every quantized layer becomes TensorRT)")
-        cuda_graphs = bool(config.cuda_graphs) and config.use_cuda_graphs(device) and not cfg.dryrun
-        if config.cuda_graphs is None:
-            ctx.note(
+        if runtime.quantized and cfg.min_block_size is None:
+            log.note("tensorrt: min_block_size=1 for the Q/DQ model (every quantized layer becomes TensorRT)")
+        cuda_graphs = bool(settings.cuda_graphs) and use_cuda_graphs(settings, device) and not cfg.dryrun
+        if settings.cuda_graphs is None:
+            log.note(
                 "tensorrt: CUDA graphs off (on request with compile.cuda_graphs: true; they re-record at"
                 " every new input shape)"
             )
         if cfg.dryrun:
-            ctx.note("tensorrt: dry run, no engine built; the partitioned graph runs in PyTorch")
+            log.note("tensorrt: dry run, no engine built; the partitioned graph runs in PyTorch")
 
         runners, profile_details = [], []
-        for p, profile in enumerate(ctx.profiles):
-            specs_kw = _profile_inputs(profile, ctx, p)
-            ctx.log(f"exporting profile {p} for TensorRT")
-            program = export_profile(model, profile, device=device, dtype=ctx.dtype, quantized=ctx.quantized, index=p)
-            ctx.log(f"building TensorRT engines for profile {p} (minutes for large models)")
+        for p, profile in enumerate(profiles):
+            specs_kw = _profile_inputs(profile, runtime, p, log)
+            log.log(f"exporting profile {p} for TensorRT")
+            program = export_profile(
+                model, profile, device=device, dtype=runtime.dtype, quantized=runtime.quantized, index=p
+            )
+            log.log(f"building TensorRT engines for profile {p} (minutes for large models)")
             t0 = time.perf_counter()
             compiled = trt.dynamo.compile(program, arg_inputs=[trt.Input(**kw) for kw in specs_kw], **kwargs)
             seconds = time.perf_counter() - t0
@@ -655,22 +654,21 @@ class TensorRTBackend(Backend):
             report = partition_report(compiled)
             if report["fallback_ops"]:
                 ops = ", ".join(f"{k} ×{v}" for k, v in report["fallback_ops"].items())
-                ctx.note(f"tensorrt profile {p}: {report['tensorrt_blocks']} TensorRT block(s); in PyTorch: {ops}")
+                log.note(f"tensorrt profile {p}: {report['tensorrt_blocks']} TensorRT block(s); in PyTorch: {ops}")
             profile_details.append(
                 {"inputs": _jsonable(specs_kw), "partition": report, "build_seconds": round(seconds, 3)}
             )
             runners.append(_TensorRTRunner(compiled, specs_kw, cuda_graphs=cuda_graphs, dryrun=cfg.dryrun))
-        ctx.details["tensorrt"] = {
+        log.details["tensorrt"] = {
             "compile_kwargs": _jsonable(kwargs),
             "cuda_graphs": cuda_graphs,
             "profiles": profile_details,
         }
         return runners
 
-    def save(self, optimized: OptimizedModule, path: Path) -> dict[str, Any] | None:
-        runners = optimized._runners
+    def save(self, runners: list[Callable[..., Any]], path: Path) -> dict[str, Any] | None:
         if not runners or not all(isinstance(r, _TensorRTRunner) and not r.dryrun for r in runners):
-            return None  # dry-run graphs are rebuilt by re-running the compile step on load
+            return None  # dry-run graphs are built again from the saved module on load
         trt = _import_torch_tensorrt()
         files = []
         for i, r in enumerate(runners):
@@ -679,15 +677,14 @@ class TensorRTBackend(Backend):
             files.append(name)
         return {"files": files, "cuda_graphs": runners[0].cuda_graphs}
 
-    def load(self, path: Path, meta: dict[str, Any], ctx: StepContext) -> list[Callable[..., Any]] | None:
+    def load(self, path, meta, profiles, runtime, log):
         trt = _import_torch_tensorrt()
         files = meta["files"]
-        if len(files) != len(ctx.profiles):
-            raise ValueError(f"{str(path)!r}: {len(files)} TensorRT programs for {len(ctx.profiles)} profiles")
+        if len(files) != len(profiles):
+            raise ValueError(f"{str(path)!r}: {len(files)} TensorRT programs for {len(profiles)} profiles")
         runners = []
         for p, name in enumerate(files):
             module = trt.load(str(path / name)).module()
-            inputs = _profile_inputs(ctx.profiles[p], ctx, p)  # kept for a later save
+            inputs = _profile_inputs(profiles[p], runtime, p, log)  # kept for a later save
             runners.append(_TensorRTRunner(module, inputs, cuda_graphs=bool(meta.get("cuda_graphs"))))
-        ctx.set_backend(self.name, f"TensorRT engines loaded from {path}")
         return runners

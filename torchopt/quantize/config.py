@@ -133,6 +133,10 @@ class QuantizeConfig(StepConfig):
     def needs_cuda(self) -> bool:
         return FORMATS[self.format].needs_cuda
 
+    def calib_batches(self) -> int | None:
+        """The calibration batches the quantize step reads (None: all); the engine checks them up front."""
+        return self.max_batches
+
     def replace(self, **changes: Any) -> QuantizeConfig:
         """A validated copy with some options changed."""
         return type(self).from_dict({**self.to_dict(), **changes})

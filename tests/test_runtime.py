@@ -1,0 +1,65 @@
+"""torchopt.runtime: the Runtime record round-trips, and Dispatch checks, routes and casts calls."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from torchopt.inputs import InputSpec
+from torchopt.runtime import Dispatch, Runtime, cast_floats
+
+CPU = torch.device("cpu")
+PROFILES = [[InputSpec("x", min=(1, 4), max=(8, 4))], [InputSpec("x", min=(9, 4), max=(16, 4))]]
+
+
+def test_runtime_round_trips_through_its_dict():
+    rt = Runtime(device=CPU, dtype=torch.bfloat16, quantized=True, cast_outputs=False, calib_fingerprint="abc")
+    assert rt.to_dict() == {"dtype": "bfloat16", "quantized": True, "cast_outputs": False, "calib_fingerprint": "abc"}
+    assert Runtime.from_dict(rt.to_dict(), CPU) == rt
+
+
+def test_runtime_is_frozen_and_checked():
+    with pytest.raises(TypeError, match=r"Runtime.dtype must be dtype, got str 'float16'"):
+        Runtime(device=CPU, dtype="float16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Runtime(device=CPU).dtype = torch.float16  # type: ignore[misc]
+
+
+def test_adapt_and_examples_follow_the_compute_dtype():
+    rt = Runtime(device=CPU, dtype=torch.float16)
+    x, ids = rt.adapt([torch.randn(2, 4), torch.arange(3)])
+    assert x.dtype == torch.float16 and ids.dtype == torch.int64
+    (example,) = rt.examples(PROFILES[0], "max", seed=3)
+    assert example.shape == (8, 4) and example.dtype == torch.float16
+    torch.testing.assert_close(example, rt.examples(PROFILES[0], "max", seed=3)[0])
+
+
+def test_dispatch_routes_by_profile_and_casts_back():
+    calls = []
+
+    def runner(i):
+        return lambda x: calls.append(i) or {"y": x * 2, "n": torch.tensor(i)}
+
+    d = Dispatch([runner(0), runner(1)], PROFILES, Runtime(device=CPU, dtype=torch.bfloat16))
+    out = d(torch.ones(3, 4))
+    out_big = d(torch.ones(12, 4))
+    assert calls == [0, 1]
+    assert out["y"].dtype == torch.float32 and out["n"].dtype == torch.int64  # floats back to float32 only
+    assert out_big["y"].shape == (12, 4)
+    with pytest.raises(ValueError, match=r"fit none of the 2 profiles"):
+        d(torch.ones(17, 4))
+    with pytest.raises(TypeError, match=r"input 'x' must be a torch.Tensor, got list"):
+        d([1.0])
+    with pytest.raises(TypeError, match=r"input 'x' has dtype torch.int64, the spec expects float32"):
+        d(torch.ones(2, 4, dtype=torch.int64))
+    assert calls == [0, 1]  # refused calls never reach a runner
+
+
+def test_dispatch_needs_one_runner_per_profile():
+    with pytest.raises(ValueError, match=r"1 runners for 2 profiles"):
+        Dispatch([torch.nn.Identity()], PROFILES, Runtime(device=CPU))
+
+
+def test_cast_floats_keeps_structure():
+    out = cast_floats((torch.ones(1, dtype=torch.float16), [torch.ones(1, dtype=torch.int8)]), torch.float32)
+    assert isinstance(out, tuple) and out[0].dtype == torch.float32 and out[1][0].dtype == torch.int8

@@ -1,0 +1,119 @@
+"""How a prepared module runs: the `Runtime` record and the `Dispatch` that calls one runner per profile.
+
+`Runtime` is what a backend builds for and what saving writes out: the device, the compute dtype floating inputs
+are cast to, whether the module holds Q/DQ quantizers, and whether floating outputs go back to float32.
+`Dispatch` is the call path of an optimized module: inputs are checked against the profiles before any backend
+sees them, the matching profile's runner runs under no_grad, and outputs are cast back. `OptimizedModule` and
+the `validate` step both call through it, so what is validated is exactly what the user calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from torchopt.config import DTYPES, check_type, dtype_name
+from torchopt.inputs import InputSpec, select_profile
+
+__all__ = ["Dispatch", "Runtime", "cast_floats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision a prepared module runs.
+
+    device: the device of the module and of its inputs.
+    dtype: the compute dtype floating inputs are cast to (float32 unless a cast step changed it).
+    quantized: the module holds ModelOpt Q/DQ quantizers.
+    cast_outputs: floating outputs are returned in float32, as the original model returns them.
+    calib_fingerprint: the calibration data's fingerprint (keys the TensorRT engine cache), None when unquantized.
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    quantized: bool = False
+    cast_outputs: bool = True
+    calib_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_type("Runtime.device", self.device, torch.device)
+        check_type("Runtime.dtype", self.dtype, torch.dtype)
+        check_type("Runtime.quantized", self.quantized, bool)
+        check_type("Runtime.cast_outputs", self.cast_outputs, bool)
+
+    @property
+    def casts_outputs(self) -> bool:
+        """Whether outputs are cast back (only a module computing below float32 changes them)."""
+        return self.cast_outputs and self.dtype != torch.float32
+
+    def adapt(self, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs as the prepared module expects them: on its device, floats in its compute dtype."""
+        return [a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device) for a in args]
+
+    def examples(self, profile: list[InputSpec], which: str = "opt", seed: int = 0) -> list[torch.Tensor]:
+        """Seeded random inputs at a profile point, adapted to the prepared module."""
+        return self.adapt([s.example(which, seed=seed + i) for i, s in enumerate(profile)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": dtype_name(self.dtype),
+            "quantized": self.quantized,
+            "cast_outputs": self.cast_outputs,
+            "calib_fingerprint": self.calib_fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], device: torch.device) -> Runtime:
+        return cls(
+            device=device,
+            dtype=DTYPES[data["dtype"]],
+            quantized=data["quantized"],
+            cast_outputs=data["cast_outputs"],
+            calib_fingerprint=data.get("calib_fingerprint"),
+        )
+
+
+def cast_floats(out: Any, dtype: torch.dtype) -> Any:
+    """`out` with every floating tensor in it (tensors, lists, tuples, dicts) cast to `dtype`."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):
+        return type(out)(cast_floats(o, dtype) for o in out)
+    if isinstance(out, dict):
+        return {k: cast_floats(v, dtype) for k, v in out.items()}
+    return out
+
+
+class Dispatch:
+    """Call the runner of the profile that contains the inputs (given flat, in the profile's order)."""
+
+    def __init__(self, runners: list[Callable[..., Any]], profiles: list[list[InputSpec]], runtime: Runtime):
+        if len(runners) != len(profiles):
+            raise ValueError(f"{len(runners)} runners for {len(profiles)} profiles; one runner per profile")
+        self.runners = runners
+        self.profiles = profiles
+        self.runtime = runtime
+
+    def __call__(self, *inputs: Any) -> Any:
+        device = self.runtime.device
+        for spec, value in zip(self.profiles[0], inputs, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+            if value.device.type != device.type:
+                raise ValueError(
+                    f"input {spec.name!r} is on {value.device}, the optimized module runs on {device};"
+                    f" move it with .to({str(device)!r})"
+                )
+        index = select_profile(self.profiles, inputs)
+        for spec, value in zip(self.profiles[index], inputs, strict=True):
+            if value.is_floating_point() != spec.torch_dtype.is_floating_point:
+                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
+        inputs = [a.to(self.runtime.dtype) if a.is_floating_point() else a for a in inputs]
+        # Runners were compiled under no_grad; calling them with grad enabled would change dynamo's global
+        # state guard and recompile. The optimized module is for inference.
+        with torch.no_grad():
+            out = self.runners[index](*inputs)
+        return cast_floats(out, torch.float32) if self.runtime.casts_outputs else out
