@@ -32,6 +32,7 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
+from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_choice
 
 __all__ = [
@@ -158,8 +159,6 @@ def modelopt_config(
         mtq.quantize(model, cfg, None)  # then collect histograms: see torchopt.quantize.calibrate
     """
     if mtq is None:
-        from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
         mtq = import_modelopt_quantization()
     spec = check_format(fmt)
     method = check_method(fmt, method)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from torchopt._compat import import_modelopt_quantization
 from torchopt.quantize._tables import markdown_table, text_table
 
 __all__ = ["QuantRecord", "QuantSummary", "detect_format", "quant_record", "summary"]
@@ -104,8 +105,6 @@ def detect_format(model: torch.nn.Module) -> str | None:
     record = quant_record(model)
     if record is not None:
         return record.format
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
     mtq = import_modelopt_quantization()
     quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, mtq.nn.TensorQuantizer)]
     if not quantizers:
@@ -178,8 +177,6 @@ def summary(model: torch.nn.Module) -> QuantSummary:
         quantize(model, calib_data=loader, format="int8", keep=["*head*"])
         print(summary(model))           # or summary(model).to_markdown()
     """
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
     mtq = import_modelopt_quantization()
     record = quant_record(model)
     kept = record.kept if record else {}
