@@ -27,32 +27,13 @@ from torchopt.quantize.calibrate import (
     disable_fused_fast_paths,
     model_device,
 )
-from torchopt.quantize.config import QuantizeConfig
+from torchopt.quantize.config import QuantizeConfig, as_config
 from torchopt.quantize.formats import FORMATS, HISTOGRAM_METHODS, modelopt_config, weight_quantized_modules
 from torchopt.quantize.keep import apply_keep_precision, resolve_keep, top_level
 from torchopt.quantize.snapshot import ModuleSnapshot
 from torchopt.quantize.summary import RECORD_ATTR, QuantRecord, detect_format
 
-__all__ = ["as_config", "quantize"]
-
-
-def as_config(config: QuantizeConfig | dict | str | None, options: dict[str, Any]) -> QuantizeConfig:
-    """A QuantizeConfig from a config, a dict, a format name or None, with keyword options applied on top."""
-    if config is None:
-        base: dict[str, Any] = {}
-    elif isinstance(config, QuantizeConfig):
-        base = config.to_dict()
-    elif isinstance(config, str):
-        base = {"format": config}
-    elif isinstance(config, dict):
-        base = dict(config)
-    else:
-        raise TypeError(
-            f"config must be a QuantizeConfig, a dict of options or a format name, got {type(config).__name__}"
-        )
-    if not options and isinstance(config, QuantizeConfig):
-        return config
-    return QuantizeConfig.from_dict({**base, **options}, where="quantize config")
+__all__ = ["quantize"]
 
 
 def _check_quantizable(model: torch.nn.Module, kept: dict[str, Any], cfg: QuantizeConfig, mo_cfg: dict, mtq: Any):

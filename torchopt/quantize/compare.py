@@ -20,9 +20,9 @@ import torch
 
 from torchopt.config import check_choice, check_type
 from torchopt.quantize._tables import markdown_table, text_table
-from torchopt.quantize.api import as_config, quantize
+from torchopt.quantize.api import quantize
 from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.config import QuantizeConfig
+from torchopt.quantize.config import QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.formats import FORMATS, METHODS
 

@@ -29,9 +29,9 @@ import torch
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_choice
 from torchopt.quantize._tables import markdown_table, text_table
-from torchopt.quantize.api import as_config, quantize
+from torchopt.quantize.api import quantize
 from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig
+from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.keep import KeepRule
 from torchopt.quantize.summary import _origin_type, quant_record
