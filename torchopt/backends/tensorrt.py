@@ -438,7 +438,7 @@ def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tup
     """(format, deployment note) of a Q/DQ model about to be compiled; formats Torch-TensorRT 2.13 has no
     converter for (INT4-AWQ) raise ValueError here rather than fail inside the engine build."""
     from torchopt.quantize.formats import FORMATS, deployment_warning
-    from torchopt.quantize.summary import detect_format
+    from torchopt.quantize.quant_summary import detect_format
 
     fmt = detect_format(model)
     if fmt is None or fmt not in FORMATS:

@@ -18,13 +18,13 @@ Importing this package is light: ModelOpt, matplotlib and tqdm load inside the f
 from torchopt.quantize.api import quantize
 from torchopt.quantize.cache import CalibrationCache, model_fingerprint
 from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.compare import Comparison, compare
+from torchopt.quantize.comparison import Comparison, compare
 from torchopt.quantize.config import Budget, QuantizeConfig
 from torchopt.quantize.export import DeploymentWarning, export_quantized, quant_ops, warn_deployment
 from torchopt.quantize.formats import FORMATS, METHODS, FormatSpec, deployment_warning, modelopt_config
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.sensitivity import KeepSearch, Sensitivity, auto_keep, sensitivity
-from torchopt.quantize.summary import QuantRecord, QuantSummary, detect_format, summary
+from torchopt.quantize.layer_sensitivity import KeepSearch, Sensitivity, auto_keep, sensitivity
+from torchopt.quantize.quant_summary import QuantRecord, QuantSummary, detect_format, summary
 
 __all__ = [
     "FORMATS",

@@ -1,6 +1,6 @@
 """Quantization with one plain config (no budget): the checks, ModelOpt's conversion, the calibration (or a
 cache hit) and the `QuantRecord`. The public `torchopt.quantize.quantize` puts the budget search
-(`torchopt.quantize.sensitivity`) on top of this core; the search itself quantizes through it.
+(`torchopt.quantize.layer_sensitivity`) on top of this core; the search itself quantizes through it.
 
 A quantization that fails leaves the model as it was (`torchopt.quantize.snapshot`).
 """
@@ -30,8 +30,8 @@ from torchopt.quantize.calibrate import (
 from torchopt.quantize.config import QuantizeConfig
 from torchopt.quantize.formats import FORMATS, HISTOGRAM_METHODS, modelopt_config, weight_quantized_modules
 from torchopt.quantize.keep import apply_keep_precision, resolve_keep, top_level
+from torchopt.quantize.quant_summary import RECORD_ATTR, QuantRecord, detect_format
 from torchopt.quantize.snapshot import ModuleSnapshot
-from torchopt.quantize.summary import RECORD_ATTR, QuantRecord, detect_format
 
 __all__ = ["check_arguments", "check_target", "quantize_plain"]
 

@@ -17,8 +17,8 @@ import torch
 from torchopt.quantize._core import check_arguments, check_target, quantize_plain
 from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import QuantizeConfig, as_config
-from torchopt.quantize.sensitivity import auto_keep
-from torchopt.quantize.summary import RECORD_ATTR
+from torchopt.quantize.layer_sensitivity import auto_keep
+from torchopt.quantize.quant_summary import RECORD_ATTR
 
 __all__ = ["quantize"]
 

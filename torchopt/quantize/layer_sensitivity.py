@@ -34,7 +34,7 @@ from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.summary import _origin_type, quant_record
+from torchopt.quantize.quant_summary import _origin_type, quant_record
 
 __all__ = ["MODES", "KeepSearch", "Sensitivity", "auto_keep", "sensitivity"]
 
