@@ -10,7 +10,7 @@ import torch
 import torchopt.quantize as tq
 from torchopt._compat import import_modelopt_quantization
 from torchopt.accuracy import compare_outputs
-from torchopt.quantize.formats import HISTOGRAM_METHODS
+from torchopt.quantize.formats import HISTOGRAM_METHODS, format_from_weights, trt_formats
 
 
 def _sqnr(model, qmodel, batches):
@@ -55,6 +55,23 @@ def test_algorithms_per_method():
         "alpha": 0.5,
     }
     assert tq.modelopt_config("int4_awq", "awq")["algorithm"]["method"].startswith("awq")
+
+
+def test_the_table_tells_every_format_apart_by_its_weights():
+    for name, spec in tq.FORMATS.items():
+        assert format_from_weights(spec.weight_kind, spec.smoothed) == name
+    assert format_from_weights("int2", False) is None
+
+
+def test_the_cuda_extensions_the_table_names_exist_in_modelopt():
+    extensions = import_modelopt_quantization().extensions
+    getters = {spec.cuda_ext for spec in tq.FORMATS.values() if spec.cuda_ext is not None}
+    assert getters == {"get_cuda_ext", "get_cuda_ext_fp8"}
+    assert all(callable(getattr(extensions, g)) for g in getters)
+
+
+def test_tensorrt_converts_every_format_but_int4_awq():
+    assert trt_formats() == ["int8", "int8_smoothquant", "fp8", "nvfp4"]
 
 
 @pytest.mark.parametrize(
@@ -217,6 +234,14 @@ def test_model_quantized_by_modelopt_directly_is_detected(cnn, digits):
     assert tq.detect_format(cnn) == "fp8"
     with pytest.raises(ValueError, match=r"already quantized with format 'fp8'"):
         tq.quantize(cnn, "int8", batches, progress=False)
+
+
+@pytest.mark.parametrize("fmt", [name for name, spec in tq.FORMATS.items() if not spec.needs_cuda])
+def test_every_cpu_format_quantized_by_modelopt_directly_is_detected(block, block_data, fmt):
+    mtq = import_modelopt_quantization()
+    mo_cfg = tq.modelopt_config(fmt, tq.FORMATS[fmt].default_method)
+    mtq.quantize(block, mo_cfg, lambda m: [m(x) for x in block_data])
+    assert tq.detect_format(block) == fmt
 
 
 def test_bad_model_and_config_types(digits):

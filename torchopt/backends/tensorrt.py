@@ -437,7 +437,7 @@ def export_profile(
 def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tuple[str | None, str | None]:
     """(format, deployment note) of a Q/DQ model about to be compiled; formats Torch-TensorRT 2.13 has no
     converter for (INT4-AWQ) raise ValueError here rather than fail inside the engine build."""
-    from torchopt.quantize.formats import FORMATS, deployment_warning
+    from torchopt.quantize.formats import FORMATS, deployment_warning, trt_formats
     from torchopt.quantize.quant_summary import detect_format
 
     fmt = detect_format(model)
@@ -445,8 +445,8 @@ def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tup
         return fmt, None
     if FORMATS[fmt].trt_min_sm is None:
         raise ValueError(
-            f"the model is quantized to {fmt!r}, which Torch-TensorRT 2.13 cannot convert (it converts INT8, FP8"
-            " and NVFP4 Q/DQ); compile it with backend 'inductor' or quantize to int8/fp8"
+            f"the model is quantized to {fmt!r}, which Torch-TensorRT 2.13 cannot convert (it converts"
+            f" {', '.join(trt_formats())} Q/DQ); compile it with backend 'inductor' or quantize to one of those"
         )
     return fmt, deployment_warning(fmt, capability)
 

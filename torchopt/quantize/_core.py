@@ -235,12 +235,12 @@ def _load_cuda_kernels(fmt: str, mtq: Any) -> list[str]:
     and falls back to its PyTorch implementation. Loading them here keeps that warning out of user code (it
     is cached either way) and turns it into a note in the record.
     """
-    getters = {"int8": "get_cuda_ext", "int8_smoothquant": "get_cuda_ext", "fp8": "get_cuda_ext_fp8"}
-    if fmt not in getters:
+    getter = FORMATS[fmt].cuda_ext
+    if getter is None:
         return []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ext = getattr(mtq.extensions, getters[fmt])()
+        ext = getattr(mtq.extensions, getter)()
     if ext is not None:
         return []
     why = str(caught[-1].message).strip().splitlines()[-1] if caught else "unknown reason"

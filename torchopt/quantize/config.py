@@ -111,8 +111,9 @@ class QuantizeConfig(StepConfig):
         check_positive("quantize.entropy_stride", self.entropy_stride)
         if self.alpha is not None:
             check_range("quantize.alpha", self.alpha, low=0, high=1)
-            if self.format != "int8_smoothquant":
-                raise ValueError(f"quantize.alpha applies to format 'int8_smoothquant' only, format is {self.format!r}")
+            if not FORMATS[self.format].takes_alpha:
+                takes = ", ".join(repr(f.name) for f in FORMATS.values() if f.takes_alpha)
+                raise ValueError(f"quantize.alpha applies to format {takes} only, format is {self.format!r}")
         if self.cache_dir is not None:
             check_type("quantize.cache_dir", self.cache_dir, str, "a directory path")
         if isinstance(self.budget, dict):

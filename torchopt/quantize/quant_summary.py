@@ -14,6 +14,7 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 from torchopt.quantize._tables import markdown_table, text_table
+from torchopt.quantize.formats import format_from_weights
 
 __all__ = ["QuantRecord", "QuantSummary", "detect_format", "quant_record", "summary"]
 
@@ -112,15 +113,9 @@ def detect_format(model: torch.nn.Module) -> str | None:
     weights = [m for n, m in quantizers if n.endswith("weight_quantizer") and m.is_enabled]
     if not weights:
         return "unknown ModelOpt format"
-    q = weights[0]
-    kind = _bits(q)
-    if kind == "int8":
-        return (
-            "int8_smoothquant"
-            if any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers)
-            else "int8"
-        )
-    return {"fp8": "fp8", "int4": "int4_awq", "fp4": "nvfp4"}.get(kind, f"unknown ModelOpt format ({kind})")
+    kind = _bits(weights[0])
+    smoothed = any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers)
+    return format_from_weights(kind, smoothed) or f"unknown ModelOpt format ({kind})"
 
 
 @dataclasses.dataclass
