@@ -17,7 +17,7 @@ import torch
 from torchopt.quantize.api import quantize
 from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import QuantizeConfig
-from torchopt.quantize.summary import quant_record, summary
+from torchopt.quantize.quant_summary import quant_record, summary
 from torchopt.recipe import register_step
 
 __all__ = ["QuantizeConfig"]

@@ -142,7 +142,7 @@ def test_recipe_cache_dir_restores_on_rebuild(cnn, digits, tmp_path):
 
 
 def test_recipe_budget_keeps_the_sensitive_layer(cnn, digits):
-    with torch.no_grad():  # see test_sensitivity.outlier_cnn
+    with torch.no_grad():  # see test_layer_sensitivity.outlier_cnn
         cnn.conv1.weight[3] *= 1000.0
         cnn.conv1.bias[3] *= 1000.0
         cnn.conv2.weight[:, 3] /= 1000.0

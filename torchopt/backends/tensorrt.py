@@ -41,9 +41,9 @@ from torchopt.config import ConfigBase, check_choice, check_positive, check_type
 from torchopt.export import export_program
 from torchopt.inputs import InputSpec
 from torchopt.quantize.export import export_quantized
-from torchopt.quantize.formats import FORMATS, deployment_warning
+from torchopt.quantize.formats import FORMATS, deployment_warning, trt_formats
 from torchopt.quantize.keep import KeepRule, resolve_keep
-from torchopt.quantize.summary import detect_format
+from torchopt.quantize.quant_summary import detect_format
 from torchopt.runtime import Runtime
 
 __all__ = [
@@ -438,14 +438,13 @@ def export_profile(
 def _check_quantized(model: torch.nn.Module, capability: tuple[int, int]) -> tuple[str | None, str | None]:
     """(format, deployment note) of a Q/DQ model about to be compiled; formats Torch-TensorRT 2.13 has no
     converter for (INT4-AWQ) raise ValueError here rather than fail inside the engine build."""
-
     fmt = detect_format(model)
     if fmt is None or fmt not in FORMATS:
         return fmt, None
     if FORMATS[fmt].trt_min_sm is None:
         raise ValueError(
-            f"the model is quantized to {fmt!r}, which Torch-TensorRT 2.13 cannot convert (it converts INT8, FP8"
-            " and NVFP4 Q/DQ); compile it with backend 'inductor' or quantize to int8/fp8"
+            f"the model is quantized to {fmt!r}, which Torch-TensorRT 2.13 cannot convert (it converts"
+            f" {', '.join(trt_formats())} Q/DQ); compile it with backend 'inductor' or quantize to one of those"
         )
     return fmt, deployment_warning(fmt, capability)
 

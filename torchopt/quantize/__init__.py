@@ -16,41 +16,30 @@ Importing this package is light: ModelOpt, matplotlib and tqdm load inside the f
 """
 
 from torchopt.quantize.api import quantize
-from torchopt.quantize.cache import CalibrationCache, model_fingerprint
-from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.compare import Comparison, compare
+from torchopt.quantize.comparison import compare
 from torchopt.quantize.config import Budget, QuantizeConfig
-from torchopt.quantize.export import DeploymentWarning, export_quantized, quant_ops, warn_deployment
-from torchopt.quantize.formats import FORMATS, METHODS, FormatSpec, deployment_warning, modelopt_config
+from torchopt.quantize.export import DeploymentWarning, export_quantized, quant_ops
+from torchopt.quantize.formats import FORMATS, METHODS
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.sensitivity import KeepSearch, Sensitivity, auto_keep, sensitivity
-from torchopt.quantize.summary import QuantRecord, QuantSummary, detect_format, summary
+from torchopt.quantize.layer_sensitivity import auto_keep, sensitivity
+from torchopt.quantize.quant_summary import detect_format, summary
 
+# What README's "Quantization" section documents (tests/quantize/test_exports.py holds them to each other); the
+# result types (Comparison, Sensitivity, KeepSearch, QuantSummary), CalibData, the cache and the ModelOpt config
+# builder live in their modules (comparison, layer_sensitivity, quant_summary, calibrate, cache, formats).
 __all__ = [
     "FORMATS",
     "METHODS",
     "Budget",
-    "CalibData",
-    "CalibrationCache",
-    "Comparison",
     "DeploymentWarning",
-    "FormatSpec",
     "KeepRule",
-    "KeepSearch",
-    "QuantRecord",
-    "QuantSummary",
     "QuantizeConfig",
-    "Sensitivity",
     "auto_keep",
     "compare",
-    "deployment_warning",
     "detect_format",
     "export_quantized",
-    "model_fingerprint",
-    "modelopt_config",
     "quant_ops",
     "quantize",
     "sensitivity",
     "summary",
-    "warn_deployment",
 ]

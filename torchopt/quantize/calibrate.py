@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_positive
 
 __all__ = ["CalibData", "bypassed_modules", "calibrate_histograms", "disable_fused_fast_paths", "model_device"]
@@ -320,7 +321,7 @@ def calibrate_histograms(
     """
     from tqdm import tqdm  # noqa: PLC0415
 
-    mtq = _mtq()
+    mtq = import_modelopt_quantization()
     if method not in ("entropy", "percentile"):
         raise ValueError(f"method must be 'entropy' or 'percentile' for histogram calibration, got {method!r}")
     histogram_cls = mtq.calib.HistogramCalibrator
@@ -361,7 +362,7 @@ def bypassed_modules(model: torch.nn.Module, called: set[str] | None = None) -> 
     Typical cause: a fused path that uses the weights directly, e.g. ``nn.MultiheadAttention`` calls
     ``F.multi_head_attention_forward`` with ``out_proj.weight``, so ``out_proj``'s quantizers never run.
     """
-    tq = _mtq().nn.TensorQuantizer
+    tq = import_modelopt_quantization().nn.TensorQuantizer
     out = {}
     for name, module in model.named_modules():
         quantizers = {c: m for c, m in module.named_children() if isinstance(m, tq) and m.is_enabled}
@@ -374,12 +375,6 @@ def bypassed_modules(model: torch.nn.Module, called: set[str] | None = None) -> 
         elif static and inp.amax is None and getattr(inp, "_calibrator", None) is not None:
             out[name] = "its input quantizer never saw calibration data (its forward did not run)"
     return out
-
-
-def _mtq() -> Any:
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
-    return import_modelopt_quantization()
 
 
 class _NoFastPath:

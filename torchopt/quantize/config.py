@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torchopt.config import ConfigBase, StepConfig, check_choice, check_positive, check_type
+from torchopt.config import ConfigBase, StepConfig, check_choice, check_positive, check_range, check_type
 from torchopt.quantize.formats import FORMATS, check_format, check_method
 from torchopt.quantize.keep import KeepRule, check_precision
 
-__all__ = ["BUDGET_METRICS", "Budget", "QuantizeConfig"]
+__all__ = ["BUDGET_METRICS", "Budget", "QuantizeConfig", "as_config"]
 
 # Metrics of the quantized model against the float one (AccuracyMetrics fields) plus task accuracy; all are
 # "higher is better".
@@ -106,17 +106,14 @@ class QuantizeConfig(StepConfig):
             rule.check_selects(f"quantize.keep[{i}]")
         if self.max_batches is not None:
             check_positive("quantize.max_batches", self.max_batches)
-        check_type("quantize.percentile", self.percentile, (int, float))
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
+        check_range("quantize.percentile", self.percentile, low=0, high=100, low_open=True)
         self.percentile = float(self.percentile)
         check_positive("quantize.entropy_stride", self.entropy_stride)
         if self.alpha is not None:
-            check_type("quantize.alpha", self.alpha, (int, float))
-            if not 0 <= self.alpha <= 1:
-                raise ValueError(f"quantize.alpha (SmoothQuant migration strength) must be in [0, 1], got {self.alpha}")
-            if self.format != "int8_smoothquant":
-                raise ValueError(f"quantize.alpha applies to format 'int8_smoothquant' only, format is {self.format!r}")
+            check_range("quantize.alpha", self.alpha, low=0, high=1)
+            if not FORMATS[self.format].takes_alpha:
+                takes = ", ".join(repr(f.name) for f in FORMATS.values() if f.takes_alpha)
+                raise ValueError(f"quantize.alpha applies to format {takes} only, format is {self.format!r}")
         if self.cache_dir is not None:
             check_type("quantize.cache_dir", self.cache_dir, str, "a directory path")
         if isinstance(self.budget, dict):
@@ -139,4 +136,17 @@ class QuantizeConfig(StepConfig):
 
     def replace(self, **changes: Any) -> QuantizeConfig:
         """A validated copy with some options changed."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+        return type(self).merge(self, where=type(self).__name__, **changes)
+
+
+def as_config(config: QuantizeConfig | dict | str | None, options: dict[str, Any]) -> QuantizeConfig:
+    """A QuantizeConfig from a config, a dict, a format name or None, with keyword options applied on top."""
+    if isinstance(config, str):
+        config = {"format": config}
+    if isinstance(config, dict):
+        config, options = None, {**config, **options}  # the dict's options, then the keywords on top
+    elif config is not None and not isinstance(config, QuantizeConfig):
+        raise TypeError(
+            f"config must be a QuantizeConfig, a dict of options or a format name, got {type(config).__name__}"
+        )
+    return QuantizeConfig.merge(config, where="quantize config", **options)

@@ -18,7 +18,7 @@ import torch
 from torchopt._compat import import_modelopt_quantization
 from torchopt.quantize.calibrate import model_device
 from torchopt.quantize.formats import deployment_warning
-from torchopt.quantize.summary import detect_format
+from torchopt.quantize.quant_summary import detect_format
 
 __all__ = ["QUANT_OP_NAMESPACE", "DeploymentWarning", "export_quantized", "quant_ops", "warn_deployment"]
 

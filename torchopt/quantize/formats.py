@@ -32,6 +32,7 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
+from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_choice
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
     "check_format",
     "check_method",
     "deployment_warning",
+    "format_from_weights",
     "modelopt_config",
+    "trt_formats",
     "weight_quantized_modules",
 ]
 
@@ -60,10 +63,23 @@ class FormatSpec:
     description: str
     needs_cuda: bool = False  # ModelOpt's fake-quant kernels for the format assert CUDA tensors
     trt_min_sm: tuple[int, int] | None = (7, 5)  # None: Torch-TensorRT 2.13 has no converter for it
+    # How a model quantized outside torchopt is recognized (`detect_format`): the element type its enabled weight
+    # quantizers report ("int8", "fp8", "int4", "fp4"), and, between formats of one weight type, whether
+    # SmoothQuant left a ``pre_quant_scale`` on a quantizer.
+    weight_kind: str = ""
+    smoothed: bool = False
+    # The getter in ``mtq.extensions`` of the format's CUDA fake-quant extension, loaded once before calibrating
+    # (None: the format has none to load up front).
+    cuda_ext: str | None = None
 
     @property
     def default_method(self) -> str:
         return self.methods[0]
+
+    @property
+    def takes_alpha(self) -> bool:
+        """Whether the SmoothQuant migration strength (``alpha``) applies to the format."""
+        return "smoothquant" in self.methods
 
 
 FORMATS: dict[str, FormatSpec] = {
@@ -74,12 +90,17 @@ FORMATS: dict[str, FormatSpec] = {
             "INT8_DEFAULT_CFG",
             ("max", "entropy", "percentile", "mse"),
             "INT8 weights per output channel (axis 0), INT8 activations per tensor",
+            weight_kind="int8",
+            cuda_ext="get_cuda_ext",
         ),
         FormatSpec(
             "int8_smoothquant",
             "INT8_SMOOTHQUANT_CFG",
             ("smoothquant",),
             "INT8 with SmoothQuant (activation outliers migrated into the weights); for transformers",
+            weight_kind="int8",
+            smoothed=True,
+            cuda_ext="get_cuda_ext",
         ),
         FormatSpec(
             "fp8",
@@ -87,6 +108,8 @@ FORMATS: dict[str, FormatSpec] = {
             ("max", "percentile", "mse"),
             "FP8 E4M3 weights and activations, per tensor",
             trt_min_sm=(8, 9),
+            weight_kind="fp8",
+            cuda_ext="get_cuda_ext_fp8",
         ),
         FormatSpec(
             "int4_awq",
@@ -94,6 +117,7 @@ FORMATS: dict[str, FormatSpec] = {
             ("awq", "max"),
             "INT4 weight-only, blocks of 128 along the input dim, AWQ scaling",
             trt_min_sm=None,
+            weight_kind="int4",
         ),
         FormatSpec(
             "nvfp4",
@@ -102,9 +126,24 @@ FORMATS: dict[str, FormatSpec] = {
             "NVFP4 (E2M1 with FP8 scales per 16 elements) weights and activations",
             needs_cuda=True,
             trt_min_sm=(10, 0),
+            weight_kind="fp4",
         ),
     )
 }
+
+
+def format_from_weights(weight_kind: str, smoothed: bool) -> str | None:
+    """The format whose weights are `weight_kind` ("int8", "fp8", ...; see `FormatSpec.weight_kind`), told apart
+    from another of the same weight type by `smoothed`; None when no format has such weights."""
+    same_weights = [f for f in FORMATS.values() if f.weight_kind == weight_kind]
+    if len(same_weights) > 1:
+        same_weights = [f for f in same_weights if f.smoothed == smoothed]
+    return same_weights[0].name if same_weights else None
+
+
+def trt_formats() -> list[str]:
+    """The formats Torch-TensorRT 2.13 converts (on a GPU recent enough: `deployment_warning`)."""
+    return [f.name for f in FORMATS.values() if f.trt_min_sm is not None]
 
 
 def check_format(name: Any, where: str = "format") -> FormatSpec:
@@ -158,8 +197,6 @@ def modelopt_config(
         mtq.quantize(model, cfg, None)  # then collect histograms: see torchopt.quantize.calibrate
     """
     if mtq is None:
-        from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
         mtq = import_modelopt_quantization()
     spec = check_format(fmt)
     method = check_method(fmt, method)

@@ -6,9 +6,10 @@ A `KeepRule` selects modules by ``pattern`` (``fnmatch`` glob on ``model.named_m
 get no Q/DQ. ``precision`` says what the kept module runs in:
 
 - ``auto``: the model's own dtype (float32, or what a ``cast`` step chose);
-- ``fp32`` / ``fp16`` / ``bf16``: the module's parameters are cast and forward hooks cast its floating inputs
-  to that dtype and its outputs back, so the exported graph (and a strongly typed TensorRT network) runs the
-  layer in that precision.
+- ``fp32`` / ``fp16`` / ``bf16`` (or ``float32`` / ``float16`` / ``bfloat16`` and the other names
+  `torchopt.config.parse_dtype` reads, e.g. ``half``): the module's parameters are cast and forward hooks cast
+  its floating inputs to that dtype and its outputs back, so the exported graph (and a strongly typed TensorRT
+  network) runs the layer in that precision.
 
 A rule that selects nothing is an error naming the rule and the nearest module names (or the module types the
 model has). When rules overlap, the later rule's precision wins, like ModelOpt's ordered ``quant_cfg``.
@@ -23,25 +24,30 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_type
+from torchopt.config import DTYPES, FLOAT_DTYPES, ConfigBase, check_choice, check_type, parse_dtype
 
 __all__ = ["KEEP_PRECISIONS", "KeepRule", "KeptModule", "apply_keep_precision", "check_precision", "resolve_keep"]
 
+# The spelling a kept layer's precision is stored under (in the config, the summary, the report and the
+# calibration cache key); any spelling of these dtypes that torchopt.config.parse_dtype reads is accepted.
+_STORED_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 KEEP_PRECISIONS: dict[str, torch.dtype | None] = {
     "auto": None,
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
+    **{_STORED_NAMES[name]: DTYPES[name] for name in FLOAT_DTYPES},
 }
-_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float": "fp32"}
 
 
 def check_precision(value: Any, where: str) -> str:
-    """The canonical precision name ('auto', 'fp32', 'fp16', 'bf16'; aliases such as 'float16' accepted)."""
+    """The stored precision name ('auto', 'fp32', 'fp16', 'bf16') for 'auto' or any name of a float dtype in
+    torchopt's dtype vocabulary ('float16', 'half', 'fp16', ...: `torchopt.config.parse_dtype`)."""
     check_type(where, value, str)
-    value = _ALIASES.get(value, value)
-    check_choice(where, value, list(KEEP_PRECISIONS))
-    return value
+    if value == "auto":
+        return value
+    try:
+        return _STORED_NAMES[parse_dtype(where, value, FLOAT_DTYPES)]
+    except ValueError:
+        check_choice(where, value, list(KEEP_PRECISIONS))  # not a float dtype: name the stored spellings
+        raise
 
 
 @dataclasses.dataclass

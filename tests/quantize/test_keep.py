@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import torchopt.quantize as tq
-from torchopt.quantize.keep import KeepRule, resolve_keep
+from torchopt.config import DTYPES, parse_dtype
+from torchopt.quantize.config import Budget
+from torchopt.quantize.keep import KEEP_PRECISIONS, KeepRule, resolve_keep
 
 
 def _status(model):
@@ -133,6 +135,8 @@ def test_keeping_everything_is_an_error(cnn, digits):
         ({"pattern": ""}, ValueError, r"keep.pattern must not be empty"),
         ({"pattern": 3}, TypeError, r"keep.pattern must be a glob on module names"),
         ({"pattern": "a", "precision": "int4"}, ValueError, r"keep.precision must be one of \['auto', 'fp32'"),
+        ({"pattern": "a", "precision": "float64"}, ValueError, r"keep.precision must be one of \['auto', 'fp32'"),
+        ({"pattern": "a", "precision": torch.float16}, TypeError, r"keep.precision must be str"),
     ],
 )
 def test_bad_keep_rules(kwargs, error, match):
@@ -150,3 +154,15 @@ def test_rule_selecting_nothing_is_refused(cnn):
 def test_resolve_keep_aliases_and_descendants(cnn):
     kept = resolve_keep(cnn, [KeepRule(pattern="fc*", precision="float16")])
     assert {n: k.precision for n, k in kept.items()} == {"fc1": "fp16"}
+
+
+# Every name torchopt.config's dtype vocabulary has for a float dtype (what a cast step's `dtype` takes).
+FLOAT_DTYPE_NAMES = ["float32", "float", "fp32", "float16", "half", "fp16", "bfloat16", "bf16"]
+
+
+@pytest.mark.parametrize("name", FLOAT_DTYPE_NAMES)
+def test_keep_precision_takes_every_name_the_cast_step_takes(name):
+    stored = KeepRule(pattern="a", precision=name).precision
+    assert stored in ("fp32", "fp16", "bf16")  # one stored spelling per dtype (config, summary, cache key)
+    assert KEEP_PRECISIONS[stored] == DTYPES[parse_dtype("dtype", name)]
+    assert Budget(precision=name).precision == stored

@@ -20,9 +20,9 @@ import torch
 
 from torchopt.config import check_choice, check_type
 from torchopt.quantize._tables import markdown_table, text_table
-from torchopt.quantize.api import as_config, quantize
+from torchopt.quantize.api import quantize
 from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.config import QuantizeConfig
+from torchopt.quantize.config import QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.formats import FORMATS, METHODS
 
@@ -182,8 +182,8 @@ def compare(
             rows.append({**row, "status": "n/a", "note": f"{method} does not apply to {fmt}"})
             continue
         t0 = time.perf_counter()
-        # alpha (SmoothQuant's strength) is only valid for int8_smoothquant
-        cfg = base.replace(format=fmt, method=method, alpha=base.alpha if fmt == "int8_smoothquant" else None)
+        # alpha (SmoothQuant's strength) is only valid for the formats that take it
+        cfg = base.replace(format=fmt, method=method, alpha=base.alpha if FORMATS[fmt].takes_alpha else None)
         qmodel = quantize(copy.deepcopy(model), cfg, calib, progress=progress)
         seconds = time.perf_counter() - t0
         rows.append({**row, "status": "ok", **evals.metrics(qmodel), "calib_seconds": seconds, "note": ""})

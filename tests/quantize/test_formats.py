@@ -10,7 +10,14 @@ import torch
 import torchopt.quantize as tq
 from torchopt._compat import import_modelopt_quantization
 from torchopt.accuracy import compare_outputs
-from torchopt.quantize.formats import HISTOGRAM_METHODS
+from torchopt.quantize.export import warn_deployment
+from torchopt.quantize.formats import (
+    HISTOGRAM_METHODS,
+    deployment_warning,
+    format_from_weights,
+    modelopt_config,
+    trt_formats,
+)
 
 
 def _sqnr(model, qmodel, batches):
@@ -26,7 +33,7 @@ def test_every_format_maps_to_a_modelopt_preset_copy(fmt):
     spec = tq.FORMATS[fmt]
     before = copy.deepcopy(getattr(mtq, spec.preset))
     for method in spec.methods:
-        cfg = tq.modelopt_config(fmt, method, keep_modules=["conv1"])
+        cfg = modelopt_config(fmt, method, keep_modules=["conv1"])
         assert cfg["quant_cfg"][-1] == {"quantizer_name": "conv1.*", "enable": False}  # kept layers win: last
         mtq.config.QuantizeConfig(**cfg)  # ModelOpt accepts it
     assert getattr(mtq, spec.preset) == before, "the preset itself must never be mutated"
@@ -35,7 +42,7 @@ def test_every_format_maps_to_a_modelopt_preset_copy(fmt):
 @pytest.mark.parametrize("method", HISTOGRAM_METHODS)
 def test_histogram_methods_edit_the_input_entry_in_place(method):
     mtq = import_modelopt_quantization()
-    cfg = tq.modelopt_config("int8", method)
+    cfg = modelopt_config("int8", method)
     assert cfg["algorithm"] is None  # ModelOpt's max algorithm cannot finish a histogram calibrator
     entries = cfg["quant_cfg"]
     idx = [i for i, e in enumerate(entries) if e.get("cfg", {}).get("calibrator") == "histogram"]
@@ -48,13 +55,30 @@ def test_histogram_methods_edit_the_input_entry_in_place(method):
 
 
 def test_algorithms_per_method():
-    assert tq.modelopt_config("int8", "max")["algorithm"] == "max"
-    assert tq.modelopt_config("int8", "mse")["algorithm"] == {"method": "mse"}
-    assert tq.modelopt_config("int8_smoothquant", "smoothquant", alpha=0.5)["algorithm"] == {
+    assert modelopt_config("int8", "max")["algorithm"] == "max"
+    assert modelopt_config("int8", "mse")["algorithm"] == {"method": "mse"}
+    assert modelopt_config("int8_smoothquant", "smoothquant", alpha=0.5)["algorithm"] == {
         "method": "smoothquant",
         "alpha": 0.5,
     }
-    assert tq.modelopt_config("int4_awq", "awq")["algorithm"]["method"].startswith("awq")
+    assert modelopt_config("int4_awq", "awq")["algorithm"]["method"].startswith("awq")
+
+
+def test_the_table_tells_every_format_apart_by_its_weights():
+    for name, spec in tq.FORMATS.items():
+        assert format_from_weights(spec.weight_kind, spec.smoothed) == name
+    assert format_from_weights("int2", False) is None
+
+
+def test_the_cuda_extensions_the_table_names_exist_in_modelopt():
+    extensions = import_modelopt_quantization().extensions
+    getters = {spec.cuda_ext for spec in tq.FORMATS.values() if spec.cuda_ext is not None}
+    assert getters == {"get_cuda_ext", "get_cuda_ext_fp8"}
+    assert all(callable(getattr(extensions, g)) for g in getters)
+
+
+def test_tensorrt_converts_every_format_but_int4_awq():
+    assert trt_formats() == ["int8", "int8_smoothquant", "fp8", "nvfp4"]
 
 
 @pytest.mark.parametrize(
@@ -131,18 +155,18 @@ def test_config_round_trips_through_json():
     ],
 )
 def test_deployment_warning_by_compute_capability(fmt, capability, expected):
-    message = tq.deployment_warning(fmt, capability)
+    message = deployment_warning(fmt, capability)
     if expected is None:
         assert message is None
     else:
         assert expected in message
         with pytest.warns(tq.DeploymentWarning, match=expected.replace("+", r"\+")):
-            tq.warn_deployment(fmt, capability)
+            warn_deployment(fmt, capability)
 
 
 def test_deployment_warning_bad_capability():
     with pytest.raises(TypeError, match=r"capability must be a \(major, minor\) pair"):
-        tq.deployment_warning("fp8", 9)
+        deployment_warning("fp8", 9)
 
 
 # --- every format on real fake-quant runs --------------------------------------------------------------
@@ -217,6 +241,14 @@ def test_model_quantized_by_modelopt_directly_is_detected(cnn, digits):
     assert tq.detect_format(cnn) == "fp8"
     with pytest.raises(ValueError, match=r"already quantized with format 'fp8'"):
         tq.quantize(cnn, "int8", batches, progress=False)
+
+
+@pytest.mark.parametrize("fmt", [name for name, spec in tq.FORMATS.items() if not spec.needs_cuda])
+def test_every_cpu_format_quantized_by_modelopt_directly_is_detected(block, block_data, fmt):
+    mtq = import_modelopt_quantization()
+    mo_cfg = modelopt_config(fmt, tq.FORMATS[fmt].default_method)
+    mtq.quantize(block, mo_cfg, lambda m: [m(x) for x in block_data])
+    assert tq.detect_format(block) == fmt
 
 
 def test_bad_model_and_config_types(digits):

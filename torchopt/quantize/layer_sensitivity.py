@@ -28,13 +28,13 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_choice
+from torchopt.quantize._core import quantize_plain
 from torchopt.quantize._tables import markdown_table, text_table
-from torchopt.quantize.api import as_config, quantize
 from torchopt.quantize.calibrate import CalibData
-from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig
+from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.summary import _origin_type, quant_record
+from torchopt.quantize.quant_summary import _origin_type, quant_record
 
 __all__ = ["MODES", "KeepSearch", "Sensitivity", "auto_keep", "sensitivity"]
 
@@ -220,7 +220,7 @@ def sensitivity(
     check_choice("mode", mode, list(MODES))
     check_choice("metric", metric, list(BUDGET_METRICS))
     cfg, calib, evals = _prepare(model, calib_data, eval_data, config, labels, num_inputs)
-    qmodel = quantize(copy.deepcopy(model), cfg, calib, progress=progress)
+    qmodel = quantize_plain(copy.deepcopy(model), cfg, calib, progress=progress)
     return _measure(qmodel, evals, metric, mode, progress)
 
 
@@ -296,7 +296,7 @@ def auto_keep(
     if budget.metric == "accuracy" and labels is None:
         raise ValueError("budget metric 'accuracy' needs labels=... (class ids of the evaluation samples)")
     cfg, calib, evals = _prepare(model, calib_data, eval_data, config, labels, num_inputs)
-    qmodel = quantize(copy.deepcopy(model), cfg, calib, progress=progress)
+    qmodel = quantize_plain(copy.deepcopy(model), cfg, calib, progress=progress)
     sens = _measure(qmodel, evals, budget.metric, "all_but_one", progress)
     target, limit = budget.min, budget.max_keep or len(sens.ranking)
     layers = _layers(qmodel)
@@ -329,7 +329,7 @@ def auto_keep(
     while True:
         if kept:
             rules = [*cfg.keep, *_keep_rules(kept, budget)]
-            vmodel = quantize(
+            vmodel = quantize_plain(
                 copy.deepcopy(model), cfg.replace(keep=[r.to_dict() for r in rules]), calib, progress=progress
             )
             achieved = evals.metric(vmodel, budget.metric)

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from torchopt._compat import import_modelopt_quantization
 from torchopt.quantize._tables import markdown_table, text_table
+from torchopt.quantize.formats import format_from_weights
 
 __all__ = ["QuantRecord", "QuantSummary", "detect_format", "quant_record", "summary"]
 
@@ -104,8 +106,6 @@ def detect_format(model: torch.nn.Module) -> str | None:
     record = quant_record(model)
     if record is not None:
         return record.format
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
     mtq = import_modelopt_quantization()
     quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, mtq.nn.TensorQuantizer)]
     if not quantizers:
@@ -113,15 +113,9 @@ def detect_format(model: torch.nn.Module) -> str | None:
     weights = [m for n, m in quantizers if n.endswith("weight_quantizer") and m.is_enabled]
     if not weights:
         return "unknown ModelOpt format"
-    q = weights[0]
-    kind = _bits(q)
-    if kind == "int8":
-        return (
-            "int8_smoothquant"
-            if any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers)
-            else "int8"
-        )
-    return {"fp8": "fp8", "int4": "int4_awq", "fp4": "nvfp4"}.get(kind, f"unknown ModelOpt format ({kind})")
+    kind = _bits(weights[0])
+    smoothed = any(getattr(m, "pre_quant_scale", None) is not None for _, m in quantizers)
+    return format_from_weights(kind, smoothed) or f"unknown ModelOpt format ({kind})"
 
 
 @dataclasses.dataclass
@@ -178,8 +172,6 @@ def summary(model: torch.nn.Module) -> QuantSummary:
         quantize(model, calib_data=loader, format="int8", keep=["*head*"])
         print(summary(model))           # or summary(model).to_markdown()
     """
-    from torchopt._compat import import_modelopt_quantization  # noqa: PLC0415
-
     mtq = import_modelopt_quantization()
     record = quant_record(model)
     kept = record.kept if record else {}

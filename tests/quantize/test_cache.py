@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torchopt.quantize as tq
+from torchopt.quantize.cache import model_fingerprint
 
 
 def _run(model, digits, tmp_path, **options):
@@ -63,11 +64,11 @@ def test_anything_that_changes_the_result_misses(cnn, digits, tmp_path, change):
 
 
 def test_model_fingerprint(cnn):
-    fp = tq.model_fingerprint(cnn)
-    assert fp == tq.model_fingerprint(copy.deepcopy(cnn))
+    fp = model_fingerprint(cnn)
+    assert fp == model_fingerprint(copy.deepcopy(cnn))
     with torch.no_grad():
         cnn.fc1.weight[0, 0] += 1e-7
-    assert tq.model_fingerprint(cnn) != fp
+    assert model_fingerprint(cnn) != fp
 
 
 def test_callable_calibration_skips_the_cache(cnn, digits, tmp_path):

@@ -8,6 +8,8 @@ import torch
 
 import torchopt.quantize as tq
 from torchopt._compat import import_modelopt_quantization
+from torchopt.quantize._core import quantize_plain
+from torchopt.quantize.calibrate import CalibData
 
 
 class ConvBnNet(torch.nn.Module):
@@ -171,3 +173,12 @@ def test_other_output_during_quantize_still_comes_through(net, calib, capsys):
     out = capsys.readouterr().out
     assert "user output from the forward loop" in out
     assert "Inserted" not in out
+
+
+def test_the_plain_core_refuses_a_budget_untouched(net, calib):
+    """The budget search sits on top of the core (`torchopt.quantize.quantize`); the core never skips it silently."""
+    before = _state(net)
+    cfg = tq.QuantizeConfig(format="int8", budget={"metric": "sqnr_db", "min": 20})
+    with pytest.raises(ValueError, match=r"quantize_plain takes a config without a budget"):
+        quantize_plain(net, cfg, CalibData(calib), progress=False)
+    _assert_same_state(net, before)
