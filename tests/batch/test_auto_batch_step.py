@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchopt
-from torchopt.batch.memory import CpuRssMemory
+from torchopt.batch.memory_backends import CpuRssMemory
 from torchopt.recipe import Recipe
 from torchopt.recipes import AutoBatchConfig
 

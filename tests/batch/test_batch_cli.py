@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from torchopt.batch.cli import parse_bytes, register
-from torchopt.batch.memory import CpuRssMemory
+from torchopt.batch.memory_backends import CpuRssMemory
 from torchopt.cli import main
 
 MODEL_FILE = textwrap.dedent(

@@ -11,8 +11,9 @@ import torch
 from matplotlib.figure import Figure
 
 from torchopt.batch import MaxBatchConfig, find_max_batch
-from torchopt.batch._step import as_step, run_guarded
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, OomReport, is_out_of_memory, oom_report
+from torchopt.batch._calls import as_step, run_guarded
+from torchopt.batch.memory_backends import CpuRssMemory, CudaMemory
+from torchopt.batch.oom import OomReport, is_out_of_memory, oom_report
 
 MiB = 2**20
 GiB = 2**30

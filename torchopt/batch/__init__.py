@@ -23,8 +23,9 @@ matplotlib is imported only by the ``plot()`` methods.
 
 from torchopt.batch.adaptive import AdaptiveBatchConfig, AdaptiveBatchSizer, SizerEvent
 from torchopt.batch.max_batch import MaxBatchConfig, MaxBatchResult, Probe, find_max_batch
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, MemoryBackend, OomReport, is_out_of_memory, oom_report
-from torchopt.batch.memory_model import MemoryModel, fit_memory_model
+from torchopt.batch.memory_backends import CpuRssMemory, CudaMemory, MemoryBackend
+from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
+from torchopt.batch.oom import OomReport, is_out_of_memory, oom_report
 from torchopt.batch.optimal import OptimalBatchConfig, OptimalBatchResult, SweepPoint, find_optimal_batch
 from torchopt.batch.shapes import batch_profile
 

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from torchopt.batch._step import check_batch_limit, oom_text, resolve_config, run_guarded
-from torchopt.batch.memory import MemoryBackend, release_memory
-from torchopt.batch.memory_model import fit_memory_model
+from torchopt.batch._calls import check_batch_limit, oom_text, resolve_config, run_guarded
+from torchopt.batch.memory_backends import MemoryBackend, release_memory
+from torchopt.batch.memory_fit import fit_memory_model
 from torchopt.config import ConfigBase, check_positive, check_type
 
 __all__ = ["AdaptiveBatchConfig", "AdaptiveBatchSizer", "SizerEvent"]
@@ -237,7 +237,7 @@ class AdaptiveBatchSizer:
             capacity = self._memory.used_bytes() + self._memory.free_bytes()
             allowed = capacity * (1 - cfg.headroom_fraction)
             model = fit_memory_model(list(self._peaks.items()), base_bytes=self._base_bytes)
-            fits = model.max_batch(allowed)
+            fits = model.largest_batch(allowed)
             if fits < size + 1:
                 return  # memory headroom does not allow more now; try again after the next streak
             new = min(new, int(fits))

@@ -112,7 +112,7 @@ def run_find_batch(args: argparse.Namespace) -> int:
     import torch
 
     from torchopt.batch import batch_profile, find_max_batch, find_optimal_batch
-    from torchopt.batch._step import as_make_inputs
+    from torchopt.batch._calls import as_make_inputs
     from torchopt.inputs import DTYPES, parse_input_spec
     from torchopt.models import load_model
 

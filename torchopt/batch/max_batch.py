@@ -30,7 +30,7 @@ at the limit), the OOM's own account scales the failed size down to the target i
 a limit (CPU RSS) are searched by measuring: a run whose peak exceeds the target is a failure.
 
 The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
-by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
+by type (`torchopt.batch.oom.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
 and the result says whether live memory returned to its baseline. Any other error is re-raised unchanged,
 with the batch size that triggered it noted.
 """
@@ -44,7 +44,7 @@ import math
 import time
 from typing import Any
 
-from torchopt.batch._step import (
+from torchopt.batch._calls import (
     as_make_inputs,
     as_step,
     batch_device,
@@ -53,8 +53,9 @@ from torchopt.batch._step import (
     resolve_config,
     run_guarded,
 )
-from torchopt.batch.memory import MemoryBackend, OomReport, memory_backend, oom_report
-from torchopt.batch.memory_model import MemoryModel, fit_memory_model
+from torchopt.batch.memory_backends import MemoryBackend, memory_backend
+from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
+from torchopt.batch.oom import OomReport, oom_report
 from torchopt.config import ConfigBase, check_positive, check_type
 
 __all__ = ["MaxBatchConfig", "MaxBatchResult", "Probe", "find_max_batch"]
@@ -352,7 +353,7 @@ class _Search:
             return None, "max_batch"
         model = self.model()
         if hi is None:
-            predicted = model.max_batch(self.fit_target)
+            predicted = model.largest_batch(self.fit_target)
             first = min(self.ok, key=lambda p: p.size)
             span = self.fitted(lo) - self.fitted(first)
             if len(self.ok) < 2 or span < cfg.min_span * (self.fit_target - self.fitted(first)):
@@ -379,7 +380,7 @@ class _Search:
             size, why = lo.size + _floor(frac * gap), "interpolate"
         else:  # an OOM: aim below the prediction by the allowance, doubled per OOM in a row
             backoff = self.fragment_allowance * 2 ** max(0, self.failures_in_a_row - 1)
-            estimate = model.max_batch(self.fit_target - backoff)
+            estimate = model.largest_batch(self.fit_target - backoff)
             bound = self.oom_bound(hi)
             if bound is not None and bound >= lo.size:  # a success above it would disprove it: then ignored
                 # The allocator's account of the failure scaled to the target; it also sees the fragments.

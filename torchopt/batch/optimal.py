@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from torchopt.batch._step import (
+from torchopt.batch._calls import (
     as_make_inputs,
     as_step,
     batch_device,
@@ -26,7 +26,7 @@ from torchopt.batch._step import (
     resolve_config,
     run_guarded,
 )
-from torchopt.batch.memory import release_memory
+from torchopt.batch.memory_backends import release_memory
 from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.profile import LatencyConfig, LatencyResult, latency
 from torchopt.profile import percentile as percentile_of

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchopt.batch.memory import exception_chain, is_out_of_memory
+from torchopt.batch.oom import exception_chain, is_out_of_memory
 from torchopt.config import ConfigBase, check_type
 from torchopt.inputs import InputSpec
 from torchopt.profile import infer_device
