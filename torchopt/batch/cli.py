@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from torchopt.cli import add_model_arguments, check_out_dir
+import torch
 
-__all__ = ["parse_bytes", "register", "run_find_batch"]
+from torchopt.batch import batch_profile, find_max_batch, find_optimal_batch
+from torchopt.batch._calls import as_make_inputs
+from torchopt.cli_args import add_model_arguments, check_out_dir, parse_bytes
+from torchopt.inputs import DTYPES, parse_input_spec
+from torchopt.models import load_model
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(text: str, name: str = "size") -> int:
-    """``"16GiB"``, ``"512MiB"``, ``"2.5GB"`` or a number of bytes → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{name} must be a number of bytes or a size like 16GiB, 512MiB, 2.5GB; got {text!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
+__all__ = ["register", "run_find_batch"]
 
 
 def register(subparsers: Any) -> None:
@@ -109,13 +103,6 @@ def _profile_label(mx, best, max_fit: int, max_batch: int | None, given_hi: int 
 
 def run_find_batch(args: argparse.Namespace) -> int:
     """`torchopt find-batch`: see the module docstring."""
-    import torch
-
-    from torchopt.batch import batch_profile, find_max_batch, find_optimal_batch
-    from torchopt.batch._calls import as_make_inputs
-    from torchopt.inputs import DTYPES, parse_input_spec
-    from torchopt.models import load_model
-
     specs = [parse_input_spec(t) for t in args.input]
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
     headroom = parse_bytes(args.headroom, "--headroom") if args.headroom is not None else None
