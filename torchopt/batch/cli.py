@@ -22,6 +22,7 @@ import torch
 from torchopt.batch import batch_profile, find_max_batch, find_optimal_batch
 from torchopt.batch._calls import as_make_inputs
 from torchopt.cli_args import add_model_arguments, check_out_dir, parse_bytes
+from torchopt.config import resolve_device
 from torchopt.inputs import DTYPES, parse_input_spec
 from torchopt.models import load_model
 
@@ -106,9 +107,7 @@ def run_find_batch(args: argparse.Namespace) -> int:
     specs = [parse_input_spec(t) for t in args.input]
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
     headroom = parse_bytes(args.headroom, "--headroom") if args.headroom is not None else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} needs CUDA, but no CUDA device is available here")
+    device = resolve_device("--device", args.device)
     out = Path(args.out)
     check_out_dir(out)  # now, before the searches; the folder itself is made when the first result is written
     dtype = DTYPES[args.dtype]

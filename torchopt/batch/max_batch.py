@@ -49,6 +49,7 @@ from torchopt.batch._calls import (
     as_step,
     batch_device,
     build_batch,
+    check_batch_limit,
     oom_text,
     resolve_config,
     run_guarded,
@@ -56,7 +57,7 @@ from torchopt.batch._calls import (
 from torchopt.batch.memory_backends import MemoryBackend, memory_backend
 from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
 from torchopt.batch.oom import OomReport, oom_report
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.config import ConfigBase, check_positive, check_range, check_type
 
 __all__ = ["MaxBatchConfig", "MaxBatchResult", "Probe", "find_max_batch"]
 
@@ -107,22 +108,16 @@ class MaxBatchConfig(ConfigBase):
         if self.memory_budget is not None:
             check_positive("memory_budget", self.memory_budget)
         check_positive("headroom", self.headroom, allow_zero=True)
-        check_type("max_batch", self.max_batch, int)
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (the largest batch the search may run), got {self.max_batch}")
+        check_batch_limit("max_batch", self.max_batch)
         check_positive("start", self.start)
         if self.start > self.max_batch:
             raise ValueError(f"start ({self.start}) must be <= max_batch ({self.max_batch})")
         check_positive("warmup", self.warmup)
         check_positive("calls_per_probe", self.calls_per_probe)
         check_positive("max_probes", self.max_probes)
-        for name in ("fragmentation", "tolerance", "plan_fraction", "min_span", "slope_margin"):
-            value = getattr(self, name)
-            check_type(name, value, (int, float))
-            if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.plan_fraction == 0:
-            raise ValueError("plan_fraction must be > 0, got 0")
+        for name in ("fragmentation", "tolerance", "min_span", "slope_margin"):
+            check_range(name, getattr(self, name), low=0, high=1, high_open=True)
+        check_range("plan_fraction", self.plan_fraction, low=0, high=1, low_open=True, high_open=True)
         check_type("progress", self.progress, bool)
 
 

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from torchopt.config import check_type
+from torchopt.config import check_type, resolve_device
 
 __all__ = ["CpuRssMemory", "CudaMemory", "MemoryBackend", "memory_backend", "release_memory"]
 
@@ -92,12 +92,7 @@ class CudaMemory:
     baseline_slack = 0
 
     def __init__(self, device: torch.device | str | int | None = None):
-        if not torch.cuda.is_available():
-            raise ValueError("CudaMemory needs a CUDA device, but torch.cuda.is_available() is False")
-        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        if dev.type != "cuda":
-            raise ValueError(f"CudaMemory needs a CUDA device, got {dev}")
-        self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        self.device = resolve_device("CudaMemory: device", "cuda" if device is None else device, kinds=("cuda",))
 
     def __repr__(self) -> str:
         return f"CudaMemory({self.device})"

@@ -22,12 +22,13 @@ from torchopt.batch._calls import (
     as_step,
     batch_device,
     build_batch,
+    check_batch_limit,
     oom_text,
     resolve_config,
     run_guarded,
 )
 from torchopt.batch.memory_backends import release_memory
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.config import ConfigBase, check_positive, check_range, check_type
 from torchopt.profile import LatencyConfig, LatencyResult, latency
 from torchopt.profile import percentile as percentile_of
 
@@ -82,13 +83,9 @@ class OptimalBatchConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.latency_budget_ms is not None:
             check_positive("latency_budget_ms", self.latency_budget_ms, types_=(int, float))
-        check_type("percentile", self.percentile, (int, float))
-        if not 0 <= self.percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+        check_range("percentile", self.percentile, low=0, high=100)
         if self.max_batch is not None:
-            check_type("max_batch", self.max_batch, int)
-            if self.max_batch < 1:
-                raise ValueError(f"max_batch must be >= 1 (the largest batch swept), got {self.max_batch}")
+            check_batch_limit("max_batch", self.max_batch)
         check_positive("start", self.start)
         check_positive("limit", self.limit)
         if self.start > self.cap:
