@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from torchopt.batch._calls import check_batch_limit, oom_text, resolve_config, run_guarded
+from torchopt.batch._calls import check_batch_limit, oom_text, run_guarded
 from torchopt.batch.memory_backends import MemoryBackend, release_memory
 from torchopt.batch.memory_fit import fit_memory_model
 from torchopt.config import ConfigBase, check_positive, check_range, check_type
@@ -140,7 +140,7 @@ class AdaptiveBatchSizer:
         memory: MemoryBackend | None = None,
         **overrides: Any,
     ):
-        self.config = resolve_config(AdaptiveBatchConfig, config, {}, overrides, _WHERE)
+        self.config = AdaptiveBatchConfig.merge(config, where=f"{_WHERE} options", **overrides)
         cfg = self.config
         check_batch_limit("initial", initial)
         if not cfg.min_size <= initial <= (cfg.max_size or initial):

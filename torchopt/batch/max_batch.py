@@ -51,7 +51,6 @@ from torchopt.batch._calls import (
     build_batch,
     check_batch_limit,
     oom_text,
-    resolve_config,
     run_guarded,
 )
 from torchopt.batch.memory_backends import MemoryBackend, memory_backend
@@ -411,9 +410,6 @@ def find_max_batch(
     fn_or_model: Any,
     make_inputs: Any,
     *,
-    memory_budget: int | None = None,
-    headroom: int | None = None,
-    max_batch: int | None = None,
     config: MaxBatchConfig | None = None,
     memory: MemoryBackend | None = None,
     **overrides: Any,
@@ -425,8 +421,9 @@ def find_max_batch(
             e.g. a training step with backward and optimizer.
         make_inputs: ``make_inputs(batch)`` → a tensor, a tuple of inputs or a dict of keyword inputs with
             `batch` items along dim 0; or InputSpec(s) (dim 0 is the batch, other dims at their max).
-        memory_budget / headroom / max_batch: see `MaxBatchConfig` (None = the config's value).
-        config: a `MaxBatchConfig`; other fields can be overridden as keyword arguments.
+        config: a `MaxBatchConfig` (default: its defaults).
+        **overrides: any field of `MaxBatchConfig` (memory_budget, headroom, max_batch, ...), replacing the
+            config's value.
         memory: the memory backend (default: CUDA for a CUDA step, peak RSS on CPU when a budget is given).
 
     Example::
@@ -438,8 +435,7 @@ def find_max_batch(
         res.plot().savefig("max_batch.png")
     """
     t_start = time.perf_counter()
-    given = {"memory_budget": memory_budget, "headroom": headroom, "max_batch": max_batch}
-    cfg = resolve_config(MaxBatchConfig, config, given, overrides, _WHERE)
+    cfg = MaxBatchConfig.merge(config, where=f"{_WHERE} options", **overrides)
     step = as_step(fn_or_model, _WHERE)
     make = as_make_inputs(make_inputs, fn_or_model, _WHERE, which="max")
 
