@@ -138,6 +138,22 @@ def test_messages_without_the_allocators_account(text):
 # GPU: the account of a real OOM while a CUDA graph's private pool holds free blocks.
 
 
+def _real_oom(cuda: CudaMemory) -> tuple[torch.OutOfMemoryError, int]:
+    """A real OOM: 700 MiB asked with 600 MiB held, under a limit 1 GiB above what is in use; the error and the
+    live bytes at the failure."""
+    with cuda.limit(cuda.used_bytes() + GiB):
+        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
+        allocated = torch.cuda.memory_allocated()
+        failure = None
+        try:
+            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
+        except torch.OutOfMemoryError as exc:
+            failure = exc
+        del x
+    assert failure is not None
+    return failure, allocated
+
+
 @pytest.mark.gpu
 def test_oom_report_with_a_cuda_graph_private_pool(memory_limit):
     cuda = CudaMemory()
@@ -152,16 +168,7 @@ def test_oom_report_with_a_cuda_graph_private_pool(memory_limit):
     with torch.cuda.graph(graph):
         out = (static * 2).sum()  # the 8 MiB temporary is freed into the graph's private pool
     torch.cuda.synchronize()
-    with cuda.limit(cuda.used_bytes() + GiB):
-        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
-        allocated = torch.cuda.memory_allocated()
-        failure = None
-        try:
-            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
-        except torch.OutOfMemoryError as exc:
-            failure = exc
-        del x
-    assert failure is not None
+    failure, allocated = _real_oom(cuda)
     assert "private pools" in str(failure), str(failure)
     report = oom_report(failure)
     assert report is not None, str(failure)
@@ -234,16 +241,7 @@ def test_oom_report_of_a_real_cuda_oom(memory_limit):
     """The account read from a real OOM matches the allocator's own counters at the failure."""
     cuda = CudaMemory()
     cuda.cleanup()
-    with cuda.limit(cuda.used_bytes() + GiB):
-        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
-        allocated = torch.cuda.memory_allocated()
-        failure = None
-        try:
-            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
-        except torch.OutOfMemoryError as exc:
-            failure = exc
-        del x
-    assert failure is not None
+    failure, allocated = _real_oom(cuda)
     report = oom_report(failure)
     assert report is not None, str(failure)
     assert report.requested_bytes == 700 * MiB
