@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from torchopt.batch import MemoryModel, fit_memory_model
+from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
 
 MiB = 2**20
 

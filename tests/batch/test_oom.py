@@ -9,7 +9,8 @@ counters on a real OOM, CUDA-graph private pools included.
 import pytest
 import torch
 
-from torchopt.batch import CudaMemory, OomReport, is_out_of_memory, oom_report
+from torchopt.batch import CudaMemory, is_out_of_memory
+from torchopt.batch.oom import OomReport, oom_report
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
