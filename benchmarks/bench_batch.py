@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from torchopt.batch import find_max_batch, find_optimal_batch
-from torchopt.batch._step import run_guarded
-from torchopt.batch.memory import release_memory
+from torchopt.batch._calls import run_guarded
+from torchopt.batch.memory_backends import release_memory
 from torchopt.profile import latency
 from torchopt.profile.report import environment, write_json
 

@@ -24,7 +24,7 @@ from torchopt.batch import (
     find_max_batch,
     find_optimal_batch,
 )
-from torchopt.batch._step import as_make_inputs, check_batch_limit
+from torchopt.batch._calls import as_make_inputs, check_batch_limit
 from torchopt.config import check_type
 from torchopt.recipe import StepConfig, register_step
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import shutil
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import torchopt
 from torchopt import recipes
 from torchopt.backends import BackendUnavailableError
 from torchopt.calib_source import load_calib_data
+from torchopt.cli_args import MODEL_HELP, add_model_arguments, check_out_dir
 from torchopt.inputs import parse_input_spec
 from torchopt.models import DEMO_MODEL, ModelLoadError, demo_inputs, load_model
 
@@ -31,8 +31,6 @@ __all__ = ["MODEL_HELP", "add_model_arguments", "check_out_dir", "main"]
 # Feature packages that add their own subcommands through `register(subparsers)`.
 _PLUGINS = ["torchopt.profile.cli", "torchopt.batch.cli"]
 
-
-MODEL_HELP = "torchvision name (random weights), module:callable or file.py:callable"
 
 CALIB_HELP = (
     "calibration data for quantizing recipes: a folder of images, a .pt/.npy tensor of samples (dim 0), or"
@@ -49,27 +47,6 @@ _EXPECTED = (
     OSError,
     torchopt.AccuracyError,
 )
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, input_help: str, *, required: bool = True) -> None:
-    """The positional MODEL and the repeatable --input SPEC that every model-taking subcommand shares."""
-    parser.add_argument("model", help=MODEL_HELP)
-    parser.add_argument("--input", action="append", metavar="SPEC", required=required, help=input_help)
-
-
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """Raise ValueError now, before any long work, when `out` could not be created or written; creates nothing
-    (a failed run must not leave an empty folder behind)."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{flag} {str(out)!r} exists and is not a directory")
-        existing = out
-    else:
-        existing = next(p for p in out.absolute().parents if p.exists())
-        if not existing.is_dir():
-            raise ValueError(f"{flag} {str(out)!r} cannot be created: {str(existing)!r} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(out)!r} cannot be written: {str(existing)!r} is not writable")
 
 
 def _write_outputs(optimized, out: Path) -> None:

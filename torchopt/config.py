@@ -100,20 +100,23 @@ def check_range(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
+    high_open: bool = False,
     types_: type | tuple[type, ...] = (int, float),
 ) -> None:
     """Raise TypeError unless `value` is one of `types_`, ValueError unless it lies in the range.
 
-    The range is ``[low, high]`` (``(low, high]`` with `low_open`); either bound may be None (unbounded).
+    The range is ``[low, high]``; `low_open` / `high_open` leave a bound out (``(low, high)`` with both);
+    either bound may be None (unbounded).
     """
     check_type(name, value, types_)
     below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and value > high
+    above = high is not None and (value >= high if high_open else value > high)
     if below or above:
         left = "(" if low_open else "["
+        right = ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {value!r}")
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -94,7 +94,7 @@ class SimDevice:
       a budget below the capacity can then only be judged by measuring;
     - `live_peaks=False` reports no live-tensor peak (``peak_allocated_bytes() is None``), like CPU RSS;
     - an OOM's message gives the allocator's account in the words and number format of CUDA's caching allocator
-      (requested, allocated, reserved but unallocated: what `torchopt.batch.memory.oom_report` reads);
+      (requested, allocated, reserved but unallocated: what `torchopt.batch.oom.oom_report` reads);
       `reports=False` raises a message without it (another allocator, a library workspace).
 
     With the defaults (no fragmentation, no cache) reserved = live at every moment.

@@ -1,5 +1,6 @@
 """find_max_batch: the search logic on a simulated device-memory model (CPU), the CPU RSS path, bad input,
-and real out-of-memory errors on a GPU (`gpu` marker)."""
+and real out-of-memory errors on a GPU (`gpu` marker). The OOM classification and
+the backends themselves are tested in test_oom.py and test_memory_backends.py."""
 
 import json
 import math
@@ -11,8 +12,8 @@ import torch
 from matplotlib.figure import Figure
 
 from torchopt.batch import MaxBatchConfig, find_max_batch
-from torchopt.batch._step import as_step, run_guarded
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, OomReport, is_out_of_memory, oom_report
+from torchopt.batch._calls import as_step, run_guarded
+from torchopt.batch.memory_backends import CpuRssMemory, CudaMemory
 
 MiB = 2**20
 GiB = 2**30
@@ -322,61 +323,6 @@ def test_runtime_errors_that_are_not_oom_propagate(sim_device, sim_inputs):
     assert any("batch size 2" in n for n in info.value.__notes__)
 
 
-@pytest.mark.parametrize(
-    ("message", "is_oom"),
-    [
-        ("CUDA error: out of memory", True),
-        ("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)", True),
-        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes", True),
-        ("Expected all tensors to be on the same device", False),
-    ],
-)
-def test_oom_classification(message, is_oom):
-    assert is_out_of_memory(RuntimeError(message)) is is_oom
-    assert is_out_of_memory(torch.OutOfMemoryError("x"))
-    assert not is_out_of_memory(ValueError("CUDA out of memory"))  # only RuntimeErrors carry these messages
-    try:
-        try:
-            raise torch.OutOfMemoryError("inner")
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError("backend compiler failed") from exc
-    except RuntimeError as outer:
-        assert is_out_of_memory(outer)  # e.g. torch.compile wrapping an OOM
-
-
-# Messages of CUDA's caching allocator: from the H100 runs of benchmarks/bench_batch.py (ViT-B/16 under an 8 GiB
-# limit), and the size formats it prints (c10's format_size: bytes, KiB, MiB, GiB with 2 decimals).
-VIT_OOM = (
-    "CUDA out of memory. Tried to allocate 2.21 GiB. GPU 0 has a total capacity of 79.18 GiB of which 70.73 GiB is"
-    " free. Including non-PyTorch memory, this process has 8.44 GiB memory in use. 8.00 GiB allowed; Of the"
-    " allocated memory 5.73 GiB is allocated by PyTorch, and 2.04 GiB is reserved by PyTorch but unallocated. If"
-    " reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to"
-    " avoid fragmentation.  See documentation for Memory Management"
-)
-SMALL_OOM = (
-    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 8.00 GiB of which 0 bytes is"
-    " free. Of the allocated memory 7.51 GiB is allocated by PyTorch, and 512 bytes is reserved by PyTorch but"
-    " unallocated."
-)
-
-
-def test_oom_report_reads_the_caching_allocators_account():
-    vit = oom_report(torch.OutOfMemoryError(VIT_OOM))
-    assert vit == OomReport(round(2.21 * GiB), round(5.73 * GiB), round(2.04 * GiB))
-    assert vit.demand_bytes == round(2.21 * GiB) + round(5.73 * GiB) + round(2.04 * GiB)
-    small = oom_report(torch.OutOfMemoryError(SMALL_OOM))
-    assert small == OomReport(20 * MiB, round(7.51 * GiB), 512)
-    try:  # wrapped, e.g. by torch.compile: the account is found along the cause chain
-        try:
-            raise torch.OutOfMemoryError(SMALL_OOM.replace("20.00 MiB", "1.50 KiB"))
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError("backend compiler failed") from exc
-    except RuntimeError as outer:
-        assert oom_report(outer).requested_bytes == 1536
-    for other in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory. Tried to allocate"):
-        assert oom_report(RuntimeError(other)) is None
-
-
 def test_make_inputs_with_the_wrong_batch_size(sim_device, curves):
     sim = sim_device(GiB, curves["linear"](MiB))
     with pytest.raises(ValueError, match=r"make_inputs\(2\) returned argument 0 with 3 items along dim 0"):
@@ -477,47 +423,6 @@ def test_cpu_search_against_peak_rss():
 
 
 @pytest.mark.gpu
-def test_cuda_backend_sees_the_per_process_limit(memory_limit):
-    memory_limit(2 * GiB)
-    cuda = CudaMemory()
-    capacity = cuda.used_bytes() + cuda.free_bytes()
-    if hasattr(torch.cuda, "get_per_process_memory_fraction"):
-        assert abs(capacity - 2 * GiB) <= 4 * MiB
-    before = cuda.allocated_bytes()
-    x = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
-    cuda.reset_peak()
-    y = x + 1
-    assert cuda.peak_bytes() >= 512 * MiB and cuda.peak_allocated_bytes() >= before + 512 * MiB
-    del x, y
-    cuda.cleanup()
-    assert cuda.allocated_bytes() == before
-
-
-@pytest.mark.gpu
-def test_oom_report_of_a_real_cuda_oom(memory_limit):
-    """The account read from a real OOM matches the allocator's own counters at the failure."""
-    cuda = CudaMemory()
-    cuda.cleanup()
-    with cuda.limit(cuda.used_bytes() + GiB):
-        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
-        allocated = torch.cuda.memory_allocated()
-        failure = None
-        try:
-            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
-        except torch.OutOfMemoryError as exc:
-            failure = exc
-        del x
-    assert failure is not None
-    report = oom_report(failure)
-    assert report is not None, str(failure)
-    assert report.requested_bytes == 700 * MiB
-    assert abs(report.allocated_bytes - allocated) <= 0.01 * GiB  # printed with 2 decimals of its unit
-    assert report.fragment_bytes <= 0.01 * GiB + 2 * MiB  # the allocator freed its cache before failing
-    del failure
-    cuda.cleanup()
-
-
-@pytest.mark.gpu
 def test_real_ooms_are_survived_and_memory_returns_to_baseline(memory_limit):
     dev = torch.device("cuda")
     torch.cuda.empty_cache()
@@ -592,32 +497,6 @@ def _fails_under_the_limit(fn_or_model, make, size: int, target: int) -> bool:
         _, failure = run_guarded(attempt, size, "test", cuda.cleanup)
     cuda.cleanup()
     return failure is not None
-
-
-@pytest.mark.gpu
-def test_cuda_limit_raises_oom_past_it_and_restores_the_previous_fraction(memory_limit):
-    if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
-        pytest.skip("torch < 2.8 cannot read the per-process memory fraction back")
-    memory_limit(4 * GiB)  # the fraction in force before the limit
-    cuda = CudaMemory()
-    cuda.cleanup()
-    before = torch.cuda.get_per_process_memory_fraction()
-    used = cuda.used_bytes()
-    with cuda.limit(used + GiB):
-        assert cuda.used_bytes() + cuda.free_bytes() <= used + GiB  # the backend sees the limit too
-        x = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")  # within the limit
-        with pytest.raises(torch.OutOfMemoryError):
-            torch.empty(768 * MiB, dtype=torch.uint8, device="cuda")  # 1.25 GiB above `used`: past it
-        del x
-    assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(before, abs=1e-6)
-    y = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")  # fits again under the previous 4 GiB
-    del y
-    with pytest.raises(KeyError, match="not an OOM"), cuda.limit(used + GiB):
-        raise KeyError("not an OOM")
-    assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(before, abs=1e-6)
-    with cuda.limit(8 * GiB):  # looser than the fraction set before: the tighter one stays
-        assert torch.cuda.get_per_process_memory_fraction() == pytest.approx(before, abs=1e-6)
-    cuda.cleanup()
 
 
 @pytest.mark.gpu

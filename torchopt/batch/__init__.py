@@ -1,9 +1,9 @@
 """torchopt.batch: batch sizes that fit, that are fast, and that adapt.
 
 - `find_max_batch`: the largest batch within a memory budget — warm up, probe, fit ``peak = a + b · batch``,
-  predict, **verify by running it**, refine (after an OOM, from the allocator's own account of it:
-  `oom_report`); never returns a size it has not run. CUDA (caching allocator + ``mem_get_info``); on CPU
-  only with an explicit ``memory_budget`` (peak RSS).
+  predict, **verify by running it**, refine (after an OOM, from the allocator's own account of it,
+  `torchopt.batch.oom.oom_report`); never returns a size it has not run. CUDA (caching allocator +
+  ``mem_get_info``); on CPU only with an explicit ``memory_budget`` (peak RSS).
 - `find_optimal_batch`: the best throughput whose latency percentile meets a budget (CPU and CUDA).
 - `batch_profile`: those results as a dynamic-shape profile (``opt`` = optimal, ``max`` = max fit); the
   recipe step ``auto_batch`` does it inside `torchopt.optimize`.
@@ -21,13 +21,16 @@ Example::
 matplotlib is imported only by the ``plot()`` methods.
 """
 
-from torchopt.batch.adaptive import AdaptiveBatchConfig, AdaptiveBatchSizer, SizerEvent
-from torchopt.batch.max_batch import MaxBatchConfig, MaxBatchResult, Probe, find_max_batch
-from torchopt.batch.memory import CpuRssMemory, CudaMemory, MemoryBackend, OomReport, is_out_of_memory, oom_report
-from torchopt.batch.memory_model import MemoryModel, fit_memory_model
-from torchopt.batch.optimal import OptimalBatchConfig, OptimalBatchResult, SweepPoint, find_optimal_batch
+from torchopt.batch.adaptive import AdaptiveBatchConfig, AdaptiveBatchSizer
+from torchopt.batch.max_batch import MaxBatchConfig, MaxBatchResult, find_max_batch
+from torchopt.batch.memory_backends import CpuRssMemory, CudaMemory, MemoryBackend
+from torchopt.batch.oom import is_out_of_memory
+from torchopt.batch.optimal import OptimalBatchConfig, OptimalBatchResult, find_optimal_batch
 from torchopt.batch.shapes import batch_profile
 
+# The README's entry points, their configs (`config=`) and results, the memory backends their `memory=` takes,
+# and `is_out_of_memory` for loops that report to an AdaptiveBatchSizer themselves. The rest (probe records,
+# the memory fit, the allocator's OOM account) stays in its module: torchopt.batch.memory_fit, .oom, ...
 __all__ = [
     "AdaptiveBatchConfig",
     "AdaptiveBatchSizer",
@@ -36,17 +39,10 @@ __all__ = [
     "MaxBatchConfig",
     "MaxBatchResult",
     "MemoryBackend",
-    "MemoryModel",
-    "OomReport",
     "OptimalBatchConfig",
     "OptimalBatchResult",
-    "Probe",
-    "SizerEvent",
-    "SweepPoint",
     "batch_profile",
     "find_max_batch",
     "find_optimal_batch",
-    "fit_memory_model",
     "is_out_of_memory",
-    "oom_report",
 ]

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from torchopt.batch._step import check_batch_limit, oom_text, resolve_config, run_guarded
-from torchopt.batch.memory import MemoryBackend, release_memory
-from torchopt.batch.memory_model import fit_memory_model
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.batch._calls import check_batch_limit, oom_text, run_guarded
+from torchopt.batch.memory_backends import MemoryBackend, release_memory
+from torchopt.batch.memory_fit import fit_memory_model
+from torchopt.config import ConfigBase, check_positive, check_range, check_type
 
 __all__ = ["AdaptiveBatchConfig", "AdaptiveBatchSizer", "SizerEvent"]
 
@@ -96,16 +96,12 @@ class AdaptiveBatchConfig(ConfigBase):
             check_batch_limit("max_size", self.max_size)
             if self.max_size < self.min_size:
                 raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
-        check_type("shrink_factor", self.shrink_factor, (int, float))
-        if not 0 < self.shrink_factor < 1:
-            raise ValueError(f"shrink_factor must be in (0, 1), got {self.shrink_factor}")
+        check_range("shrink_factor", self.shrink_factor, low=0, high=1, low_open=True, high_open=True)
         check_type("grow_factor", self.grow_factor, (int, float))
         if self.grow_factor <= 1:
             raise ValueError(f"grow_factor must be > 1, got {self.grow_factor}")
         check_positive("grow_after", self.grow_after)
-        check_type("headroom_fraction", self.headroom_fraction, (int, float))
-        if not 0 <= self.headroom_fraction < 1:
-            raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
+        check_range("headroom_fraction", self.headroom_fraction, low=0, high=1, high_open=True)
         check_positive("max_retries", self.max_retries, allow_zero=True)
         check_positive("max_history", self.max_history)
 
@@ -144,7 +140,7 @@ class AdaptiveBatchSizer:
         memory: MemoryBackend | None = None,
         **overrides: Any,
     ):
-        self.config = resolve_config(AdaptiveBatchConfig, config, {}, overrides, _WHERE)
+        self.config = AdaptiveBatchConfig.merge(config, where=f"{_WHERE} options", **overrides)
         cfg = self.config
         check_batch_limit("initial", initial)
         if not cfg.min_size <= initial <= (cfg.max_size or initial):
@@ -237,7 +233,7 @@ class AdaptiveBatchSizer:
             capacity = self._memory.used_bytes() + self._memory.free_bytes()
             allowed = capacity * (1 - cfg.headroom_fraction)
             model = fit_memory_model(list(self._peaks.items()), base_bytes=self._base_bytes)
-            fits = model.max_batch(allowed)
+            fits = model.largest_batch(allowed)
             if fits < size + 1:
                 return  # memory headroom does not allow more now; try again after the next streak
             new = min(new, int(fits))

@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from torchopt.cli import add_model_arguments, check_out_dir
+import torch
 
-__all__ = ["parse_bytes", "register", "run_find_batch"]
+from torchopt.batch import MaxBatchConfig, OptimalBatchConfig, batch_profile, find_max_batch, find_optimal_batch
+from torchopt.batch._calls import as_make_inputs
+from torchopt.cli_args import add_config_arguments, add_model_arguments, check_out_dir, format_bytes, parse_bytes
+from torchopt.config import resolve_device
+from torchopt.inputs import DTYPES, parse_input_spec
+from torchopt.models import load_model
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+__all__ = ["register", "run_find_batch"]
 
 
-def parse_bytes(text: str, name: str = "size") -> int:
-    """``"16GiB"``, ``"512MiB"``, ``"2.5GB"`` or a number of bytes → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{name} must be a number of bytes or a size like 16GiB, 512MiB, 2.5GB; got {text!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
+_BYTE_OPTIONS = ("memory_budget", "headroom")
+_SHOW_BYTES = dict.fromkeys(_BYTE_OPTIONS, format_bytes)
 
 
 def register(subparsers: Any) -> None:
@@ -62,13 +61,19 @@ def register(subparsers: Any) -> None:
         default="float32",
         help="cast the model and floating inputs (default: float32)",
     )
-    p.add_argument("--memory-budget", default=None, help="peak memory allowed, e.g. 20GiB (default: all free)")
-    p.add_argument("--headroom", default=None, help="bytes kept free below the budget (default: 256MiB)")
-    p.add_argument("--max-batch", type=int, default=None, help="never run a larger batch")
-    p.add_argument("--latency-budget-ms", type=float, default=None, help="latency budget per call (ms)")
-    p.add_argument("--percentile", type=float, default=None, help="percentile held to the budget (default 99)")
+    # Sizes in bytes are parsed in run_find_batch, where a bad one is a one-line error like any other.
+    add_config_arguments(
+        p, MaxBatchConfig, ["memory_budget", "headroom"], parsers=dict.fromkeys(_BYTE_OPTIONS, str), shows=_SHOW_BYTES
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="never run a larger batch, in either search (default: the top of the --input batch range, if any)",
+    )
+    add_config_arguments(p, OptimalBatchConfig, ["latency_budget_ms", "percentile"])
+    add_config_arguments(p, MaxBatchConfig, ["progress"])
     p.add_argument("--out", default="torchopt_out/find_batch", help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_find_batch)
 
 
@@ -109,24 +114,14 @@ def _profile_label(mx, best, max_fit: int, max_batch: int | None, given_hi: int 
 
 def run_find_batch(args: argparse.Namespace) -> int:
     """`torchopt find-batch`: see the module docstring."""
-    import torch
-
-    from torchopt.batch import batch_profile, find_max_batch, find_optimal_batch
-    from torchopt.batch._step import as_make_inputs
-    from torchopt.inputs import DTYPES, parse_input_spec
-    from torchopt.models import load_model
-
     specs = [parse_input_spec(t) for t in args.input]
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
-    headroom = parse_bytes(args.headroom, "--headroom") if args.headroom is not None else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} needs CUDA, but no CUDA device is available here")
+    headroom = parse_bytes(args.headroom, "--headroom")
+    device = resolve_device("--device", args.device)
     out = Path(args.out)
     check_out_dir(out)  # now, before the searches; the folder itself is made when the first result is written
     dtype = DTYPES[args.dtype]
     model = load_model(args.model).to(device=device, dtype=dtype)
-    progress = not args.no_progress
     run_max = args.mode in ("max", "both") or (args.mode == "auto" and (device.type == "cuda" or budget))
     run_opt = args.mode in ("optimal", "both", "auto")
     report: dict[str, Any] = {"model": args.model, "inputs": args.input, "device": str(device), "dtype": args.dtype}
@@ -142,7 +137,8 @@ def run_find_batch(args: argparse.Namespace) -> int:
     if run_max:
         print(f"searching the largest batch of {args.model} that fits on {device} ...", file=sys.stderr)
         make = as_make_inputs(specs, model, "find-batch", which="max", float_dtype=dtype)
-        mx = find_max_batch(model, make, memory_budget=budget, headroom=headroom, max_batch=cap, progress=progress)
+        limits = {} if cap is None else {"max_batch": cap}  # else MaxBatchConfig's own limit
+        mx = find_max_batch(model, make, memory_budget=budget, headroom=headroom, progress=args.progress, **limits)
         print(mx)
         out.mkdir(parents=True, exist_ok=True)
         mx.plot().savefig(out / "max_batch.png", dpi=120)
@@ -161,7 +157,7 @@ def run_find_batch(args: argparse.Namespace) -> int:
             percentile=args.percentile,
             max_batch=max_fit,
             start=start,
-            progress=progress,
+            progress=args.progress,
         )
         print(best)
         out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ at the limit), the OOM's own account scales the failed size down to the target i
 a limit (CPU RSS) are searched by measuring: a run whose peak exceeds the target is a failure.
 
 The returned size is always one that ran with a peak within the target. Out-of-memory errors are recognized
-by type (`torchopt.batch.memory.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
+by type (`torchopt.batch.oom.is_out_of_memory`); memory is recovered after leaving the ``except`` block,
 and the result says whether live memory returned to its baseline. Any other error is re-raised unchanged,
 with the batch size that triggered it noted.
 """
@@ -42,20 +42,22 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
-from torchopt.batch._step import (
+from torchopt.batch._calls import (
     as_make_inputs,
     as_step,
     batch_device,
     build_batch,
+    check_batch_limit,
     oom_text,
-    resolve_config,
     run_guarded,
 )
-from torchopt.batch.memory import MemoryBackend, OomReport, memory_backend, oom_report
-from torchopt.batch.memory_model import MemoryModel, fit_memory_model
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.batch.memory_backends import MemoryBackend, memory_backend
+from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
+from torchopt.batch.oom import OomReport, oom_report
+from torchopt.config import ConfigBase, check_positive, check_range, check_type
 
 __all__ = ["MaxBatchConfig", "MaxBatchResult", "Probe", "find_max_batch"]
 
@@ -106,22 +108,16 @@ class MaxBatchConfig(ConfigBase):
         if self.memory_budget is not None:
             check_positive("memory_budget", self.memory_budget)
         check_positive("headroom", self.headroom, allow_zero=True)
-        check_type("max_batch", self.max_batch, int)
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (the largest batch the search may run), got {self.max_batch}")
+        check_batch_limit("max_batch", self.max_batch)
         check_positive("start", self.start)
         if self.start > self.max_batch:
             raise ValueError(f"start ({self.start}) must be <= max_batch ({self.max_batch})")
         check_positive("warmup", self.warmup)
         check_positive("calls_per_probe", self.calls_per_probe)
         check_positive("max_probes", self.max_probes)
-        for name in ("fragmentation", "tolerance", "plan_fraction", "min_span", "slope_margin"):
-            value = getattr(self, name)
-            check_type(name, value, (int, float))
-            if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.plan_fraction == 0:
-            raise ValueError("plan_fraction must be > 0, got 0")
+        for name in ("fragmentation", "tolerance", "min_span", "slope_margin"):
+            check_range(name, getattr(self, name), low=0, high=1, high_open=True)
+        check_range("plan_fraction", self.plan_fraction, low=0, high=1, low_open=True, high_open=True)
         check_type("progress", self.progress, bool)
 
 
@@ -281,16 +277,48 @@ class _Search:
     """
 
     def __init__(
-        self, cfg: MaxBatchConfig, target: int, base_bytes: int, *, live: bool, fit_target: int, safe_target: int
+        self,
+        cfg: MaxBatchConfig,
+        target: int,
+        base_bytes: int,
+        *,
+        baseline: int,
+        live: bool,
+        fit_target: int,
+        safe_target: int,
     ):
         self.cfg = cfg
         self.target = target
         self.base_bytes = base_bytes
+        self.baseline = baseline  # live bytes after the warm-up: memory must return to it after the search
         self.live = live
         self.fit_target = fit_target  # the target in fitted units: verification aims here
         self.safe_target = safe_target  # less the fragmentation allowance: where a refinement after an OOM aims
         self.probes: list[Probe] = []
         self.failures_in_a_row = 0
+
+    @classmethod
+    def after_warmup(cls, cfg: MaxBatchConfig, target: int, memory: MemoryBackend, warm: Probe) -> _Search:
+        """The search that starts from the warm-up probe `warm`, with the memory held after it as the base."""
+        baseline = int(memory.allocated_bytes())
+        used = int(memory.used_bytes())
+        # Reserved peaks over-count without memory pressure (the allocator keeps its cache), so fit live-tensor
+        # peaks where the backend has them, and keep back what live bytes cannot show: the reserved-but-unused
+        # bytes at the baseline, plus `fragmentation` of the target for fragmentation and rounding.
+        live = warm.peak_allocated_bytes is not None
+        allowance = (max(0, used - baseline) + math.ceil(cfg.fragmentation * target)) if live else 0
+        gap = max(0, used - baseline) if live else 0
+        search = cls(
+            cfg,
+            target,
+            base_bytes=baseline if live else used,
+            baseline=baseline,
+            live=live,
+            fit_target=target - gap,
+            safe_target=target - allowance,
+        )
+        search.probes.append(warm)
+        return search
 
     @property
     def fragment_allowance(self) -> int:
@@ -352,7 +380,7 @@ class _Search:
             return None, "max_batch"
         model = self.model()
         if hi is None:
-            predicted = model.max_batch(self.fit_target)
+            predicted = model.largest_batch(self.fit_target)
             first = min(self.ok, key=lambda p: p.size)
             span = self.fitted(lo) - self.fitted(first)
             if len(self.ok) < 2 or span < cfg.min_span * (self.fit_target - self.fitted(first)):
@@ -379,7 +407,7 @@ class _Search:
             size, why = lo.size + _floor(frac * gap), "interpolate"
         else:  # an OOM: aim below the prediction by the allowance, doubled per OOM in a row
             backoff = self.fragment_allowance * 2 ** max(0, self.failures_in_a_row - 1)
-            estimate = model.max_batch(self.fit_target - backoff)
+            estimate = model.largest_batch(self.fit_target - backoff)
             bound = self.oom_bound(hi)
             if bound is not None and bound >= lo.size:  # a success above it would disprove it: then ignored
                 # The allocator's account of the failure scaled to the target; it also sees the fragments.
@@ -415,9 +443,6 @@ def find_max_batch(
     fn_or_model: Any,
     make_inputs: Any,
     *,
-    memory_budget: int | None = None,
-    headroom: int | None = None,
-    max_batch: int | None = None,
     config: MaxBatchConfig | None = None,
     memory: MemoryBackend | None = None,
     **overrides: Any,
@@ -429,8 +454,9 @@ def find_max_batch(
             e.g. a training step with backward and optimizer.
         make_inputs: ``make_inputs(batch)`` → a tensor, a tuple of inputs or a dict of keyword inputs with
             `batch` items along dim 0; or InputSpec(s) (dim 0 is the batch, other dims at their max).
-        memory_budget / headroom / max_batch: see `MaxBatchConfig` (None = the config's value).
-        config: a `MaxBatchConfig`; other fields can be overridden as keyword arguments.
+        config: a `MaxBatchConfig` (default: its defaults).
+        **overrides: any field of `MaxBatchConfig` (memory_budget, headroom, max_batch, ...), replacing the
+            config's value.
         memory: the memory backend (default: CUDA for a CUDA step, peak RSS on CPU when a budget is given).
 
     Example::
@@ -442,131 +468,174 @@ def find_max_batch(
         res.plot().savefig("max_batch.png")
     """
     t_start = time.perf_counter()
-    given = {"memory_budget": memory_budget, "headroom": headroom, "max_batch": max_batch}
-    cfg = resolve_config(MaxBatchConfig, config, given, overrides, _WHERE)
+    cfg = MaxBatchConfig.merge(config, where=f"{_WHERE} options", **overrides)
     step = as_step(fn_or_model, _WHERE)
     make = as_make_inputs(make_inputs, fn_or_model, _WHERE, which="max")
+    memory = _checked_backend(memory, fn_or_model, make, cfg)
+    room = _Room.measure(memory, cfg)
+    probe = _Prober(step, make, memory, room.target)
+    limit = getattr(memory, "limit", None)
+    from tqdm.auto import tqdm  # lazy: tqdm.auto looks for IPython
 
-    # Check everything cheap before running anything.
+    bar = tqdm(total=cfg.max_probes + 1, desc=_WHERE, unit="probe", disable=not cfg.progress, leave=False)
+    # Under the backend's limit a probe fits the target for real or fails; the previous limit is back on exit.
+    enforce = limit(room.target) if limit is not None else contextlib.nullcontext()
+    with bar, enforce:
+        warm = _warm_up(probe, cfg, room)
+        bar.update(1)
+        search = _Search.after_warmup(cfg, room.target, memory, warm)
+        limited_by = _probe_until_done(search, probe, cfg, bar)
+    return _result(search, memory, cfg, room, limited_by, enforced=limit is not None, t_start=t_start)
+
+
+_BACKEND_METHODS = (
+    "free_bytes",
+    "used_bytes",
+    "allocated_bytes",
+    "total_bytes",
+    "reset_peak",
+    "peak_bytes",
+    "peak_allocated_bytes",
+    "cleanup",
+    "synchronize",
+)
+
+
+def _checked_backend(memory: Any, fn_or_model: Any, make: Callable[[int], Any], cfg: MaxBatchConfig) -> MemoryBackend:
+    """The memory backend (`memory`, or the one for the step's device), after checking everything cheap before
+    anything runs: a first batch is built (and checked) to find the device."""
     first = build_batch(make, cfg.start, _WHERE)
     if memory is None:
         memory = memory_backend(batch_device(fn_or_model, first), cfg.memory_budget)
     del first
-    for name in (
-        "free_bytes",
-        "used_bytes",
-        "allocated_bytes",
-        "total_bytes",
-        "reset_peak",
-        "peak_bytes",
-        "peak_allocated_bytes",
-        "cleanup",
-        "synchronize",
-    ):
+    for name in _BACKEND_METHODS:
         if not callable(getattr(memory, name, None)):
             raise TypeError(f"memory must be a MemoryBackend (method {name}() is missing), got {memory!r}")
     limit = getattr(memory, "limit", None)  # optional: a backend that can enforce the target (CUDA)
     if limit is not None and not callable(limit):
         raise TypeError(f"memory.limit must be a method limit(nbytes) -> context manager or absent, got {limit!r}")
-    memory.cleanup()
-    total = int(memory.total_bytes())
-    capacity = int(memory.used_bytes() + memory.free_bytes())
-    notes: list[str] = []
-    if cfg.memory_budget is not None and cfg.memory_budget > total:
-        raise ValueError(
-            f"memory_budget={cfg.memory_budget} bytes ({cfg.memory_budget / 2**30:.2f} GiB) is larger than"
-            f" the device ({total} bytes, {total / 2**30:.2f} GiB on {memory!r}); give a budget <= the device"
-            " size, or None for all the memory this process can get"
-        )
-    budget = capacity if cfg.memory_budget is None else min(cfg.memory_budget, capacity)
-    if cfg.memory_budget is not None and cfg.memory_budget > capacity:
-        notes.append(
-            f"memory_budget {cfg.memory_budget / MiB:,.0f} MiB exceeds what this process can get now"
-            f" ({capacity / MiB:,.0f} MiB; other processes hold the rest): searched within the latter"
-        )
-    target = budget - cfg.headroom
-    if target <= memory.used_bytes():
-        raise ValueError(
-            f"the search target (budget {budget} - headroom {cfg.headroom} = {target} bytes) leaves nothing"
-            f" above what is already in use ({memory.used_bytes()} bytes): lower headroom or raise"
-            " memory_budget"
-        )
+    return memory
 
-    def run(size: int, calls: int, kind: str) -> Probe:
+
+@dataclasses.dataclass
+class _Room:
+    """The bytes the search works within: the device, what this process can get, the budget and the target."""
+
+    total: int
+    capacity: int
+    budget: int
+    target: int  # budget - headroom: what a probe's peak must stay within
+    notes: list[str]
+
+    @classmethod
+    def measure(cls, memory: MemoryBackend, cfg: MaxBatchConfig) -> _Room:
+        memory.cleanup()
+        total = int(memory.total_bytes())
+        capacity = int(memory.used_bytes() + memory.free_bytes())
+        notes: list[str] = []
+        if cfg.memory_budget is not None and cfg.memory_budget > total:
+            raise ValueError(
+                f"memory_budget={cfg.memory_budget} bytes ({cfg.memory_budget / 2**30:.2f} GiB) is larger than"
+                f" the device ({total} bytes, {total / 2**30:.2f} GiB on {memory!r}); give a budget <= the device"
+                " size, or None for all the memory this process can get"
+            )
+        budget = capacity if cfg.memory_budget is None else min(cfg.memory_budget, capacity)
+        if cfg.memory_budget is not None and cfg.memory_budget > capacity:
+            notes.append(
+                f"memory_budget {cfg.memory_budget / MiB:,.0f} MiB exceeds what this process can get now"
+                f" ({capacity / MiB:,.0f} MiB; other processes hold the rest): searched within the latter"
+            )
+        target = budget - cfg.headroom
+        if target <= memory.used_bytes():
+            raise ValueError(
+                f"the search target (budget {budget} - headroom {cfg.headroom} = {target} bytes) leaves nothing"
+                f" above what is already in use ({memory.used_bytes()} bytes): lower headroom or raise"
+                " memory_budget"
+            )
+        return cls(total, capacity, budget, target, notes)
+
+
+class _Prober:
+    """Runs the step at one size and records it as a `Probe` (an OOM is a failed probe, not an error)."""
+
+    def __init__(self, step: Callable[..., Any], make: Callable[[int], Any], memory: MemoryBackend, target: int):
+        self.step = step
+        self.make = make
+        self.memory = memory
+        self.target = target
+
+    def __call__(self, size: int, calls: int, kind: str) -> Probe:
         t0 = time.perf_counter()
-
-        def attempt() -> tuple[int, int | None]:
-            args, kwargs = build_batch(make, size, _WHERE)
-            for _ in range(calls - 1):
-                step(*args, **kwargs)
-            memory.synchronize()
-            memory.cleanup()  # cached blocks of the earlier calls (e.g. autotune workspaces) must not count
-            memory.reset_peak()
-            out = step(*args, **kwargs)
-            memory.synchronize()
-            del out, args, kwargs
-            return int(memory.peak_bytes()), memory.peak_allocated_bytes()
-
-        peaks, failure = run_guarded(attempt, size, _WHERE, memory.cleanup)
+        peaks, failure = run_guarded(lambda: self._measure(size, calls), size, _WHERE, self.memory.cleanup)
         if failure is not None:
             seconds = time.perf_counter() - t0
             return Probe(size, "oom", None, seconds, kind, message=oom_text(failure), oom=oom_report(failure))
-        memory.cleanup()
+        self.memory.cleanup()
         peak, peak_alloc = peaks
-        status = "ok" if peak <= target else "over_budget"
+        status = "ok" if peak <= self.target else "over_budget"
         return Probe(size, status, peak, time.perf_counter() - t0, kind, peak_alloc)
 
-    from tqdm.auto import tqdm
+    def _measure(self, size: int, calls: int) -> tuple[int, int | None]:
+        """`calls` calls at `size`; the peaks of the last one."""
+        memory = self.memory
+        args, kwargs = build_batch(self.make, size, _WHERE)
+        for _ in range(calls - 1):
+            self.step(*args, **kwargs)
+        memory.synchronize()
+        memory.cleanup()  # cached blocks of the earlier calls (e.g. autotune workspaces) must not count
+        memory.reset_peak()
+        out = self.step(*args, **kwargs)
+        memory.synchronize()
+        del out, args, kwargs
+        return int(memory.peak_bytes()), memory.peak_allocated_bytes()
 
-    bar = tqdm(total=cfg.max_probes + 1, desc=_WHERE, unit="probe", disable=not cfg.progress, leave=False)
-    # Under the backend's limit a probe fits the target for real or fails; the previous limit is back on exit.
-    enforce = limit(target) if limit is not None else contextlib.nullcontext()
-    with bar, enforce:
-        warm = run(cfg.start, cfg.warmup, "warmup")
-        bar.update(1)
-        if not warm.ok:
-            used = "ran out of memory" if warm.status == "oom" else f"peaked at {warm.peak_bytes / MiB:,.0f} MiB"
-            raise ValueError(
-                f"{_WHERE}: the step does not fit even at the warm-up batch size start={cfg.start}: it"
-                f" {used}, the target is {target / MiB:,.0f} MiB (budget {budget / MiB:,.0f} MiB - headroom"
-                f" {cfg.headroom / MiB:,.0f} MiB). Lower `start`, the headroom, or the step's memory."
-            )
-        baseline = int(memory.allocated_bytes())
-        used = int(memory.used_bytes())
-        # Reserved peaks over-count without memory pressure (the allocator keeps its cache), so fit live-tensor
-        # peaks where the backend has them, and keep back what live bytes cannot show: the reserved-but-unused
-        # bytes at the baseline, plus `fragmentation` of the target for fragmentation and rounding.
-        live = warm.peak_allocated_bytes is not None
-        allowance = (max(0, used - baseline) + math.ceil(cfg.fragmentation * target)) if live else 0
-        gap = max(0, used - baseline) if live else 0
-        search = _Search(
-            cfg,
-            target,
-            base_bytes=baseline if live else used,
-            live=live,
-            fit_target=target - gap,
-            safe_target=target - allowance,
+
+def _warm_up(probe: _Prober, cfg: MaxBatchConfig, room: _Room) -> Probe:
+    """The warm-up probe at `start`; a step that does not fit even there is an error."""
+    warm = probe(cfg.start, cfg.warmup, "warmup")
+    if not warm.ok:
+        used = "ran out of memory" if warm.status == "oom" else f"peaked at {warm.peak_bytes / MiB:,.0f} MiB"
+        raise ValueError(
+            f"{_WHERE}: the step does not fit even at the warm-up batch size start={cfg.start}: it"
+            f" {used}, the target is {room.target / MiB:,.0f} MiB (budget {room.budget / MiB:,.0f} MiB - headroom"
+            f" {cfg.headroom / MiB:,.0f} MiB). Lower `start`, the headroom, or the step's memory."
         )
-        search.probes.append(warm)
-        limited_by = "max_probes"
-        while True:
-            size, why = search.next_size()
-            if size is None:
-                limited_by = why
-                break
-            if search.num_probes >= cfg.max_probes:
-                break
-            probe = run(size, cfg.calls_per_probe, "probe")
-            search.probes.append(probe)
-            search.failures_in_a_row = 0 if probe.ok else search.failures_in_a_row + 1
-            bar.update(1)
-            bar.set_postfix_str(f"{why} {size}: {probe.status}")
+    return warm
+
+
+def _probe_until_done(search: _Search, probe: _Prober, cfg: MaxBatchConfig, bar: Any) -> str:
+    """Probe the sizes `search` asks for until it stops or `max_probes` ran; returns what limited the result."""
+    while True:
+        size, why = search.next_size()
+        if size is None:
+            return why
+        if search.num_probes >= cfg.max_probes:
+            return "max_probes"
+        result = probe(size, cfg.calls_per_probe, "probe")
+        search.probes.append(result)
+        search.failures_in_a_row = 0 if result.ok else search.failures_in_a_row + 1
+        bar.update(1)
+        bar.set_postfix_str(f"{why} {size}: {result.status}")
+
+
+def _result(
+    search: _Search,
+    memory: MemoryBackend,
+    cfg: MaxBatchConfig,
+    room: _Room,
+    limited_by: str,
+    *,
+    enforced: bool,
+    t_start: float,
+) -> MaxBatchResult:
+    """The result, with notes on memory that did not return to its baseline and on a probe-limited stop."""
+    notes = list(room.notes)
     final = int(memory.allocated_bytes())
-    returned = final <= baseline + memory.baseline_slack
+    returned = final <= search.baseline + memory.baseline_slack
     if not returned:
         notes.append(
             f"live memory did not return to its baseline: {final / MiB:,.1f} MiB after the search against"
-            f" {baseline / MiB:,.1f} MiB after warm-up (does the step keep references to its batches?)"
+            f" {search.baseline / MiB:,.1f} MiB after warm-up (does the step keep references to its batches?)"
         )
     lo = search.lo
     if limited_by == "max_probes":
@@ -579,19 +648,19 @@ def find_max_batch(
         size=lo.size,
         model=search.model(),
         probes=search.probes,
-        budget_bytes=int(budget),
-        target_bytes=int(target),
+        budget_bytes=int(room.budget),
+        target_bytes=int(room.target),
         headroom_bytes=cfg.headroom,
-        capacity_bytes=capacity,
-        total_bytes=total,
+        capacity_bytes=room.capacity,
+        total_bytes=room.total,
         limited_by=limited_by,
-        baseline_bytes=baseline,
+        baseline_bytes=search.baseline,
         final_bytes=final,
         memory_returned=returned,
         backend=getattr(memory, "name", type(memory).__name__),
         seconds=time.perf_counter() - t_start,
-        enforced=limit is not None,
+        enforced=enforced,
         fitted_to="live" if search.live else "peak",
-        allowance_bytes=int(allowance),
+        allowance_bytes=int(search.target - search.safe_target),
         notes=notes,
     )

@@ -17,17 +17,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from torchopt.batch._step import (
+from torchopt.batch._calls import (
     as_make_inputs,
     as_step,
     batch_device,
     build_batch,
+    check_batch_limit,
     oom_text,
-    resolve_config,
     run_guarded,
 )
-from torchopt.batch.memory import release_memory
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.batch.memory_backends import release_memory
+from torchopt.config import ConfigBase, check_positive, check_range, check_type
 from torchopt.profile import LatencyConfig, LatencyResult, latency
 from torchopt.profile import percentile as percentile_of
 
@@ -82,13 +82,9 @@ class OptimalBatchConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.latency_budget_ms is not None:
             check_positive("latency_budget_ms", self.latency_budget_ms, types_=(int, float))
-        check_type("percentile", self.percentile, (int, float))
-        if not 0 <= self.percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+        check_range("percentile", self.percentile, low=0, high=100)
         if self.max_batch is not None:
-            check_type("max_batch", self.max_batch, int)
-            if self.max_batch < 1:
-                raise ValueError(f"max_batch must be >= 1 (the largest batch swept), got {self.max_batch}")
+            check_batch_limit("max_batch", self.max_batch)
         check_positive("start", self.start)
         check_positive("limit", self.limit)
         if self.start > self.cap:
@@ -217,9 +213,6 @@ def find_optimal_batch(
     fn: Any,
     make_inputs: Any,
     *,
-    latency_budget_ms: float | None = None,
-    percentile: float | None = None,
-    max_batch: int | None = None,
     config: OptimalBatchConfig | None = None,
     timer: Callable[..., LatencyResult] = latency,
     **overrides: Any,
@@ -230,9 +223,9 @@ def find_optimal_batch(
         fn: an ``nn.Module`` (run under ``no_grad``) or a callable taking one batch.
         make_inputs: ``make_inputs(batch)`` → a tensor, a tuple of inputs or a dict of keyword inputs; or
             InputSpec(s) (dim 0 is the batch, the other dims at their opt).
-        latency_budget_ms / percentile / max_batch: see `OptimalBatchConfig` (None = the config's value;
-            percentile defaults to 99).
-        config: an `OptimalBatchConfig`; other fields can be overridden as keyword arguments.
+        config: an `OptimalBatchConfig` (default: its defaults).
+        **overrides: any field of `OptimalBatchConfig` (latency_budget_ms, percentile, max_batch, ...),
+            replacing the config's value.
         timer: times one size: called like `torchopt.profile.latency` (``timer(call, *args, **options)``
             with the config's latency options, ``device`` and ``batch_size``) and returns a `LatencyResult`.
             The default measures; a latency model in its place (e.g. a simulator of a target device, or a
@@ -248,8 +241,7 @@ def find_optimal_batch(
     if not callable(timer):
         raise TypeError(f"timer must be callable like torchopt.profile.latency, got {type(timer).__name__}")
     t_start = time.perf_counter()
-    given = {"latency_budget_ms": latency_budget_ms, "percentile": percentile, "max_batch": max_batch}
-    cfg = resolve_config(OptimalBatchConfig, config, given, overrides, _WHERE)
+    cfg = OptimalBatchConfig.merge(config, where=f"{_WHERE} options", **overrides)
     step = as_step(fn, _WHERE)
     make = as_make_inputs(make_inputs, fn, _WHERE, which="opt")
     device = batch_device(fn, build_batch(make, cfg.start, _WHERE))

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from torchopt.batch._step import check_batch_limit
+from torchopt.batch._calls import check_batch_limit
 from torchopt.inputs import InputSpec
 
 __all__ = ["batch_profile"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchopt.batch import AdaptiveBatchConfig, AdaptiveBatchSizer, CudaMemory
-from torchopt.batch.memory import release_memory
+from torchopt.batch.memory_backends import release_memory
 
 MiB = 2**20
 GiB = 2**30

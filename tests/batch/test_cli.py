@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from torchopt.batch.cli import parse_bytes, register
-from torchopt.batch.memory import CpuRssMemory
+from torchopt.batch.cli import register
+from torchopt.batch.memory_backends import CpuRssMemory
 from torchopt.cli import main
+from torchopt.cli_args import parse_bytes
 
 MODEL_FILE = textwrap.dedent(
     """

@@ -1,4 +1,5 @@
-"""`oom_report`: every variant of the CUDA caching allocator's out-of-memory message.
+"""`torchopt.batch.oom`: which errors are out-of-memory errors, and every variant of the CUDA caching
+allocator's out-of-memory message (`oom_report`).
 
 The messages are built as c10/cuda/CUDACachingAllocator.cpp concatenates them (the `oom_message` fixture
 of conftest.py) or copied from real runs; the GPU tests at the end check the account against the allocator's own
@@ -8,7 +9,8 @@ counters on a real OOM, CUDA-graph private pools included.
 import pytest
 import torch
 
-from torchopt.batch import CudaMemory, OomReport, oom_report
+from torchopt.batch import CudaMemory, is_out_of_memory
+from torchopt.batch.oom import OomReport, oom_report
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -56,7 +58,7 @@ def test_every_variant_of_the_message(oom_message, requested, allocated, fragmen
 
 
 # The H200's message under a per-process limit once CUDA graphs had run (the numbers of
-# tests/batch/test_max_batch.py::test_oom_report_of_a_real_cuda_oom).
+# test_oom_report_of_a_real_cuda_oom below).
 H200_OOM = (
     "CUDA out of memory. Tried to allocate 700.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which 137.64 GiB"
     " is free. Including non-PyTorch memory, this process has 1.16 GiB memory in use. 1.13 GiB allowed; Of the"
@@ -137,6 +139,22 @@ def test_messages_without_the_allocators_account(text):
 # GPU: the account of a real OOM while a CUDA graph's private pool holds free blocks.
 
 
+def _real_oom(cuda: CudaMemory) -> tuple[torch.OutOfMemoryError, int]:
+    """A real OOM: 700 MiB asked with 600 MiB held, under a limit 1 GiB above what is in use; the error and the
+    live bytes at the failure."""
+    with cuda.limit(cuda.used_bytes() + GiB):
+        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
+        allocated = torch.cuda.memory_allocated()
+        failure = None
+        try:
+            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
+        except torch.OutOfMemoryError as exc:
+            failure = exc
+        del x
+    assert failure is not None
+    return failure, allocated
+
+
 @pytest.mark.gpu
 def test_oom_report_with_a_cuda_graph_private_pool(memory_limit):
     cuda = CudaMemory()
@@ -151,16 +169,7 @@ def test_oom_report_with_a_cuda_graph_private_pool(memory_limit):
     with torch.cuda.graph(graph):
         out = (static * 2).sum()  # the 8 MiB temporary is freed into the graph's private pool
     torch.cuda.synchronize()
-    with cuda.limit(cuda.used_bytes() + GiB):
-        x = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
-        allocated = torch.cuda.memory_allocated()
-        failure = None
-        try:
-            torch.empty(700 * MiB, dtype=torch.uint8, device="cuda")
-        except torch.OutOfMemoryError as exc:
-            failure = exc
-        del x
-    assert failure is not None
+    failure, allocated = _real_oom(cuda)
     assert "private pools" in str(failure), str(failure)
     report = oom_report(failure)
     assert report is not None, str(failure)
@@ -168,4 +177,76 @@ def test_oom_report_with_a_cuda_graph_private_pool(memory_limit):
     assert report.private_pool_bytes >= 8 * MiB  # the freed temporary (its segment may be larger)
     assert abs(report.allocated_bytes - allocated) <= 0.01 * GiB  # live bytes, the pool's free blocks taken out
     del failure, graph, out, static
+    cuda.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("message", "is_oom"),
+    [
+        ("CUDA error: out of memory", True),
+        ("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)", True),
+        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes", True),
+        ("Expected all tensors to be on the same device", False),
+    ],
+)
+def test_oom_classification(message, is_oom):
+    assert is_out_of_memory(RuntimeError(message)) is is_oom
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))  # only RuntimeErrors carry these messages
+    try:
+        try:
+            raise torch.OutOfMemoryError("inner")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("backend compiler failed") from exc
+    except RuntimeError as outer:
+        assert is_out_of_memory(outer)  # e.g. torch.compile wrapping an OOM
+
+
+# Messages of CUDA's caching allocator: from the H100 runs of benchmarks/bench_batch.py (ViT-B/16 under an 8 GiB
+# limit), and the size formats it prints (c10's format_size: bytes, KiB, MiB, GiB with 2 decimals).
+VIT_OOM = (
+    "CUDA out of memory. Tried to allocate 2.21 GiB. GPU 0 has a total capacity of 79.18 GiB of which 70.73 GiB is"
+    " free. Including non-PyTorch memory, this process has 8.44 GiB memory in use. 8.00 GiB allowed; Of the"
+    " allocated memory 5.73 GiB is allocated by PyTorch, and 2.04 GiB is reserved by PyTorch but unallocated. If"
+    " reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to"
+    " avoid fragmentation.  See documentation for Memory Management"
+)
+
+
+SMALL_OOM = (
+    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 8.00 GiB of which 0 bytes is"
+    " free. Of the allocated memory 7.51 GiB is allocated by PyTorch, and 512 bytes is reserved by PyTorch but"
+    " unallocated."
+)
+
+
+def test_oom_report_reads_the_caching_allocators_account():
+    vit = oom_report(torch.OutOfMemoryError(VIT_OOM))
+    assert vit == OomReport(round(2.21 * GiB), round(5.73 * GiB), round(2.04 * GiB))
+    assert vit.demand_bytes == round(2.21 * GiB) + round(5.73 * GiB) + round(2.04 * GiB)
+    small = oom_report(torch.OutOfMemoryError(SMALL_OOM))
+    assert small == OomReport(20 * MiB, round(7.51 * GiB), 512)
+    try:  # wrapped, e.g. by torch.compile: the account is found along the cause chain
+        try:
+            raise torch.OutOfMemoryError(SMALL_OOM.replace("20.00 MiB", "1.50 KiB"))
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("backend compiler failed") from exc
+    except RuntimeError as outer:
+        assert oom_report(outer).requested_bytes == 1536
+    for other in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory. Tried to allocate"):
+        assert oom_report(RuntimeError(other)) is None
+
+
+@pytest.mark.gpu
+def test_oom_report_of_a_real_cuda_oom(memory_limit):
+    """The account read from a real OOM matches the allocator's own counters at the failure."""
+    cuda = CudaMemory()
+    cuda.cleanup()
+    failure, allocated = _real_oom(cuda)
+    report = oom_report(failure)
+    assert report is not None, str(failure)
+    assert report.requested_bytes == 700 * MiB
+    assert abs(report.allocated_bytes - allocated) <= 0.01 * GiB  # printed with 2 decimals of its unit
+    assert report.fragment_bytes <= 0.01 * GiB + 2 * MiB  # the allocator freed its cache before failing
+    del failure
     cuda.cleanup()

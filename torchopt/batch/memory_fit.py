@@ -34,7 +34,7 @@ class MemoryModel:
         """Least-squares estimate of the peak bytes at `batch`."""
         return self.intercept + self.slope * batch
 
-    def max_batch(self, target_bytes: float) -> float:
+    def largest_batch(self, target_bytes: float) -> float:
         """The largest batch predicted to stay within `target_bytes` (``math.inf`` if memory does not grow).
 
         Extrapolates from the largest measured point with the conservative slope; may be below that point
@@ -72,7 +72,7 @@ def fit_memory_model(points: Sequence[tuple[int, int]], *, base_bytes: float = 0
     Example::
 
         model = fit_memory_model([(8, 1_200_000_000), (64, 3_000_000_000)])
-        model.max_batch(70e9)   # largest batch predicted to fit in 70 GB
+        model.largest_batch(70e9)   # largest batch predicted to fit in 70 GB
     """
     if not points:
         raise ValueError("fit_memory_model needs at least one (batch, peak_bytes) point, got none")

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchopt.batch.memory import exception_chain, is_out_of_memory
-from torchopt.config import ConfigBase, check_type
+from torchopt.batch.oom import exception_chain, is_out_of_memory
+from torchopt.config import check_type
 from torchopt.inputs import InputSpec
 from torchopt.profile import infer_device
 
@@ -22,21 +22,8 @@ __all__ = [
     "build_batch",
     "check_batch_limit",
     "oom_text",
-    "resolve_config",
     "run_guarded",
 ]
-
-C = TypeVar("C", bound=ConfigBase)
-
-
-def resolve_config(cls: type[C], config: C | None, given: dict[str, Any], overrides: dict[str, Any], where: str) -> C:
-    """The entry point's config: `config` (or the defaults), then the explicit keyword arguments that are not
-    None, then any other field passed as a keyword argument."""
-    if config is not None:
-        check_type("config", config, cls)
-    options = {**(config.to_dict() if config else {}), **{k: v for k, v in given.items() if v is not None}}
-    return cls.from_dict({**options, **overrides}, where=f"{where} options")
-
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 

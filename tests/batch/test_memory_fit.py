@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from torchopt.batch import MemoryModel, fit_memory_model
+from torchopt.batch.memory_fit import MemoryModel, fit_memory_model
 
 MiB = 2**20
 
@@ -18,7 +18,7 @@ def test_exact_on_linear_points(intercept, slope, sizes):
     assert model.intercept == pytest.approx(intercept, rel=1e-9, abs=1e-3)
     assert model.max_slope == pytest.approx(slope, rel=1e-9)
     target = intercept + slope * 5000.5
-    assert math.floor(model.max_batch(target)) == 5000
+    assert math.floor(model.largest_batch(target)) == 5000
     assert model.predict(77) == pytest.approx(intercept + slope * 77, rel=1e-9)
 
 
@@ -29,7 +29,7 @@ def test_single_point_slope_is_an_upper_bound():
     # The fixed workspace is counted as per-item memory: the estimate over-counts, so it under-predicts the max.
     assert model.slope == pytest.approx(slope + workspace / n)
     true_max = (16 * 2**30 - base - workspace) / slope
-    assert model.max_batch(16 * 2**30) < true_max
+    assert model.largest_batch(16 * 2**30) < true_max
 
 
 def test_conservative_prediction_uses_the_steepest_secant_and_the_margin():
@@ -40,18 +40,18 @@ def test_conservative_prediction_uses_the_steepest_secant_and_the_margin():
     target = 4 * 2**30
     n_last, m_last = pts[-1]
     least_squares_guess = n_last + (target - m_last) / model.slope
-    assert model.max_batch(target) < least_squares_guess
+    assert model.largest_batch(target) < least_squares_guess
     with_margin = fit_memory_model(pts, margin=0.05)
-    assert with_margin.max_batch(target) < model.max_batch(target)
+    assert with_margin.largest_batch(target) < model.largest_batch(target)
     assert with_margin.conservative_slope == pytest.approx(model.max_slope * 1.05)
 
 
 def test_flat_memory_predicts_no_limit_and_over_target_predicts_below_the_point():
     flat = fit_memory_model([(4, 100 * MiB), (64, 100 * MiB)])
-    assert flat.max_batch(200 * MiB) == math.inf
-    assert flat.max_batch(50 * MiB) == 0.0
+    assert flat.largest_batch(200 * MiB) == math.inf
+    assert flat.largest_batch(50 * MiB) == 0.0
     over = fit_memory_model([(10, 10 * MiB), (20, 20 * MiB)])
-    assert over.max_batch(15 * MiB) == pytest.approx(15)
+    assert over.largest_batch(15 * MiB) == pytest.approx(15)
 
 
 def test_repeated_sizes_are_averaged():
