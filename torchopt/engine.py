@@ -21,6 +21,7 @@ import torch
 
 from torchopt.accuracy import AccuracyMetrics, compare_outputs, flatten_outputs, is_classifier_output
 from torchopt.config import check_type
+from torchopt.environment import environment
 from torchopt.inputs import (
     InputSpec,
     StructuredInputs,
@@ -32,7 +33,6 @@ from torchopt.inputs import (
     select_profile,
 )
 from torchopt.profile.comparison import compare_latency
-from torchopt.profile.report import environment
 from torchopt.quantize.calibrate import CalibData
 from torchopt.recipe import Recipe, get_handler
 from torchopt.report import OptimizeReport, StepRecord

@@ -1,4 +1,4 @@
-"""torchopt.profile reports: JSON round trip, Markdown content, environment, output-directory errors."""
+"""torchopt.profile reports: JSON round trip, Markdown content, output-directory errors."""
 
 import json
 import math
@@ -60,12 +60,6 @@ def test_latency_markdown_speedup_column(runs):
 def test_write_json_replaces_non_finite(tmp_path):
     path = tp.write_json({"a": math.inf, "b": [math.nan, 1.0]}, tmp_path / "x.json")
     assert json.loads(path.read_text()) == {"a": None, "b": [None, 1.0]}
-
-
-def test_environment_fields():
-    env = tp.environment()
-    assert env["torch"] == torch.__version__ and env["date"] and env["python"]
-    assert (env["gpu"] is None) == (not torch.cuda.is_available())
 
 
 def test_unwritable_output_dir(tmp_path):

@@ -16,6 +16,7 @@ Example::
 Nothing heavy is imported here: matplotlib loads inside the plotting functions, torch.profiler inside `trace`.
 """
 
+from torchopt.environment import environment
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
 from torchopt.profile.latency import LatencyConfig, LatencyResult, infer_device, latency, time_calls
 from torchopt.profile.memory import (
@@ -42,7 +43,7 @@ from torchopt.profile.plots import (
     plot_stage_timeline,
     save_figure,
 )
-from torchopt.profile.report import ProfileReport, environment, write_json
+from torchopt.profile.report import ProfileReport, write_json
 from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
 from torchopt.profile.stats import percentile, summarize
 from torchopt.profile.trace import NoGPUKernelsWarning, OpStat, TraceConfig, Tracer, TraceResult, trace

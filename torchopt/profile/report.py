@@ -1,4 +1,4 @@
-"""Reports: JSON and Markdown renderings of latency, trace and memory results, and the run's environment.
+"""Reports: JSON and Markdown renderings of latency, trace and memory results, with the run's environment.
 
 `ProfileReport` collects named latency results (e.g. ``{"eager": ..., "optimized": ...}``), an optional trace
 summary, memory report and figure paths, and saves them as ``<stem>.json`` and ``<stem>.md``.
@@ -7,18 +7,16 @@ summary, memory report and figure paths, and saves them as ``<stem>.json`` and `
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from torchopt.config import check_type
+from torchopt.environment import environment
 
 if TYPE_CHECKING:
     from torchopt.profile.latency import LatencyResult
@@ -29,7 +27,6 @@ __all__ = [
     "ProfileReport",
     "check_output_dir",
     "check_output_file",
-    "environment",
     "fmt_bytes",
     "latency_markdown",
     "memory_markdown",
@@ -91,35 +88,6 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
     p = check_output_file(path, "path")
     p.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
     return p
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """Device, versions and date of this run (recorded with every report and benchmark)."""
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "torchopt": _version("torchopt-infer"),
-        "cuda": torch.version.cuda,
-        "gpu": None,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env["gpu"] = props.name
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["gpu_capability"] = f"{props.major}.{props.minor}"
-    return env
 
 
 def fmt_bytes(n: float | None) -> str:
