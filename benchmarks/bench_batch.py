@@ -42,7 +42,7 @@ from torchopt.batch._step import run_guarded
 from torchopt.batch.memory import release_memory
 from torchopt.environment import environment
 from torchopt.profile import latency
-from torchopt.profile.report import write_json
+from torchopt.profile.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS_PER_PROBE = 2  # find_max_batch's default: the first call absorbs per-shape work, the second is measured

@@ -30,7 +30,7 @@ import torch
 
 import torchopt.profile as tp
 from torchopt.environment import environment
-from torchopt.profile.report import write_json
+from torchopt.profile.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Goals from the issue: latency's own cost and its agreement with the references.

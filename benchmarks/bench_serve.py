@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from torchopt.environment import environment
-from torchopt.profile.report import write_json
+from torchopt.profile.files import write_json
 from torchopt.serve import DynamicBatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -69,7 +69,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path, int]:
 
     from torchopt.inputs import parse_input_spec
     from torchopt.models import load_model
-    from torchopt.profile.report import check_output_dir
+    from torchopt.profile.files import check_output_dir
 
     for name in ("warmup", "iters"):
         if getattr(args, name) <= 0:

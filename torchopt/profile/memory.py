@@ -35,8 +35,9 @@ from typing import Any, overload
 import torch
 
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type
+from torchopt.profile.files import check_output_file
+from torchopt.profile.formatting import fmt_bytes
 from torchopt.profile.latency import infer_device
-from torchopt.profile.report import check_output_file, fmt_bytes
 from torchopt.profile.stage import StageRecorder
 
 __all__ = [

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchopt.config import check_type
-from torchopt.profile.report import check_output_file
+from torchopt.profile.files import check_output_file
 from torchopt.profile.stats import percentile
 
 if TYPE_CHECKING:

@@ -7,109 +7,22 @@ summary, memory report and figure paths, and saves them as ``<stem>.json`` and `
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from torchopt.config import check_type
 from torchopt.environment import environment
+from torchopt.profile.files import check_output_dir, json_safe, write_json
+from torchopt.profile.formatting import fmt_bytes, fmt_ms, markdown_table
 
 if TYPE_CHECKING:
     from torchopt.profile.latency import LatencyResult
     from torchopt.profile.memory import MemoryReport
     from torchopt.profile.trace import TraceResult
 
-__all__ = [
-    "ProfileReport",
-    "check_output_dir",
-    "check_output_file",
-    "fmt_bytes",
-    "latency_markdown",
-    "memory_markdown",
-    "trace_markdown",
-    "write_json",
-]
-
-
-def check_output_dir(path: str | os.PathLike, name: str = "out_dir") -> Path:
-    """Create `path` if needed and check that files can be written in it; ValueError naming `name` if not."""
-    check_type(name, path, (str, os.PathLike), "a directory path")
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{name} {os.fspath(path)!r} exists and is not a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{name} {os.fspath(path)!r} cannot be created: {exc}") from exc
-    probe = p / f".torchopt-write-test-{os.getpid()}"
-    try:  # os.access lies for root and on some network file systems: try for real
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"{name} {os.fspath(path)!r} is not writable: {exc}") from exc
-    return p
-
-
-def check_output_file(path: str | os.PathLike, name: str = "path") -> Path:
-    """Check that `path` can be written as a file (its directory is created if needed)."""
-    check_type(name, path, (str, os.PathLike), "a file path")
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{name} {os.fspath(path)!r} is a directory, expected a file path")
-    check_output_dir(p.parent if str(p.parent) else ".", f"the directory of {name}")
-    return p
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: dataclasses via to_dict, non-finite floats as None, paths as strings."""
-    if hasattr(value, "to_dict") and callable(value.to_dict):
-        return _plain(value.to_dict())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (torch.device, torch.dtype)):
-        return str(value)
-    return value
-
-
-def write_json(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` (dicts, lists, dataclasses, results with to_dict) as indented JSON."""
-    p = check_output_file(path, "path")
-    p.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
-    return p
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    sign = "-" if n < 0 else ""
-    n = abs(float(n))
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} GiB"
-
-
-def _ms(v: float | None) -> str:
-    return "–" if v is None else f"{v:.3f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+__all__ = ["ProfileReport", "latency_markdown", "memory_markdown", "trace_markdown"]
 
 
 def latency_markdown(results: dict[str, LatencyResult] | LatencyResult, speedups: dict[str, Any] | None = None) -> str:
@@ -133,9 +46,9 @@ def latency_markdown(results: dict[str, LatencyResult] | LatencyResult, speedups
         rows.append(
             [
                 name,
-                _ms(r.p50_ms),
-                _ms(r.p90_ms),
-                _ms(r.p99_ms),
+                fmt_ms(r.p50_ms),
+                fmt_ms(r.p90_ms),
+                fmt_ms(r.p99_ms),
                 f"{r.mean_ms:.3f} ± {r.std_ms:.3f}",
                 f"{r.throughput:,.1f} {r.throughput_unit}",
                 speedup_cell,
@@ -145,7 +58,7 @@ def latency_markdown(results: dict[str, LatencyResult] | LatencyResult, speedups
             ]
         )
     header = ["run", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "throughput", "speed-up", "stable"]
-    return _table([*header, "iters", "device"], rows)
+    return markdown_table([*header, "iters", "device"], rows)
 
 
 def trace_markdown(res: TraceResult) -> str:
@@ -171,28 +84,29 @@ def trace_markdown(res: TraceResult) -> str:
             [
                 s.path,
                 str(s.count),
-                _ms(s.mean_ms),
-                _ms(s.p99_ms),
-                _ms(s.total_ms),
+                fmt_ms(s.mean_ms),
+                fmt_ms(s.p99_ms),
+                fmt_ms(s.total_ms),
                 f"{100 * s.share:.1f} %",
-                _ms(s.device_ms),
+                fmt_ms(s.device_ms),
             ]
             for s in res.stages
         ]
         out.append(
-            "### Stages\n\n" + _table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
+            "### Stages\n\n"
+            + markdown_table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
         )
         out.append("Slowest stages: " + ", ".join(f"`{s.path}` ({s.total_ms:.3f} ms)" for s in res.slowest_stages))
     if res.top_ops:
         gpu = res.gpu_kernels is not None
         rows = [
-            [f"`{o.name}`", str(o.count), *([_ms(o.self_device_ms)] if gpu else []), _ms(o.self_cpu_ms)]
+            [f"`{o.name}`", str(o.count), *([fmt_ms(o.self_device_ms)] if gpu else []), fmt_ms(o.self_cpu_ms)]
             for o in res.top_ops
         ]
         title = "self device time" if res.top_ops_by == "self_device_ms" else "self CPU time (no GPU activity)"
         out.append(
             f"### Top ops by {title}\n\n"
-            + _table(["op", "count", *(["self GPU ms"] if gpu else []), "self CPU ms"], rows)
+            + markdown_table(["op", "count", *(["self GPU ms"] if gpu else []), "self CPU ms"], rows)
         )
     return "\n\n".join(out)
 
@@ -225,7 +139,7 @@ def memory_markdown(rep: MemoryReport) -> str:
         ]
         peak = ["peak RSS"] if cpu else ["peak allocated", "peak reserved"]
         header = ["stage", "count", *peak, "peak above entry", "retained"]
-        text += "\n\n### Memory per stage\n\n" + _table(header, rows)
+        text += "\n\n### Memory per stage\n\n" + markdown_table(header, rows)
     if rep.fragmentation is not None:
         f = rep.fragmentation
         text += (
@@ -255,7 +169,7 @@ class ProfileReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(
+        return json_safe(
             {
                 "title": self.title,
                 "environment": self.environment,

@@ -35,7 +35,7 @@ from typing import Any, overload
 import torch
 
 from torchopt.config import ConfigBase, check_positive, check_type
-from torchopt.profile.report import check_output_file
+from torchopt.profile.files import check_output_file
 from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, stage_stats
 
 __all__ = ["NoGPUKernelsWarning", "OpStat", "TraceConfig", "TraceResult", "Tracer", "trace"]
