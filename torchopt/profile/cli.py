@@ -101,7 +101,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from torchopt.profile import compare_latency, latency, plot_comparison, plot_latency
-    from torchopt.profile.report import ProfileReport, latency_markdown
+    from torchopt.profile.latency import latency_markdown
+    from torchopt.profile.report import ProfileReport
 
     model, inputs, _, out, batch = _setup(args)
     opts = {

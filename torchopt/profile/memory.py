@@ -36,7 +36,7 @@ import torch
 
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type
 from torchopt.profile.files import check_output_file
-from torchopt.profile.formatting import fmt_bytes
+from torchopt.profile.formatting import fmt_bytes, markdown_table
 from torchopt.profile.latency import infer_device
 from torchopt.profile.stage import StageRecorder
 
@@ -53,6 +53,7 @@ __all__ = [
     "compare_snapshots",
     "fragmentation",
     "memory",
+    "memory_markdown",
     "record_history",
     "rss_bytes",
     "snapshot",
@@ -474,8 +475,6 @@ class MemoryReport:
         return d
 
     def __str__(self) -> str:
-        from torchopt.profile.report import memory_markdown
-
         return memory_markdown(self)
 
 
@@ -661,3 +660,42 @@ def memory(fn: Callable[..., Any] | None = None, *inputs: Any, config: MemoryCon
         for _ in range(cfg.iters):
             fn(*inputs)
     return tracker.result
+
+
+def memory_markdown(rep: MemoryReport) -> str:
+    """Peaks, per-stage peaks and fragmentation of a memory report."""
+    what = "CUDA caching allocator" if rep.device.startswith("cuda") else "process RSS (CPU)"
+    out = [
+        f"- device {rep.device}, measured: {what}",
+        f"- peak RSS {fmt_bytes(rep.peak_allocated_bytes)}"
+        if not rep.device.startswith("cuda")
+        else f"- peak allocated {fmt_bytes(rep.peak_allocated_bytes)},"
+        f" peak reserved {fmt_bytes(rep.peak_reserved_bytes)}",
+    ]
+    if rep.history_path:
+        out.append(f"- allocation history: `{rep.history_path}` (open in https://pytorch.org/memory_viz)")
+    text = "\n".join(out)
+    if rep.stages:
+        cpu = not rep.device.startswith("cuda")  # RSS only: allocated and reserved are the same number
+        rows = [
+            [
+                s.path,
+                str(s.count),
+                fmt_bytes(s.peak_allocated_bytes),
+                *([] if cpu else [fmt_bytes(s.peak_reserved_bytes)]),
+                fmt_bytes(s.peak_increase_bytes),
+                fmt_bytes(s.retained_bytes),
+            ]
+            for s in rep.stages
+        ]
+        peak = ["peak RSS"] if cpu else ["peak allocated", "peak reserved"]
+        header = ["stage", "count", *peak, "peak above entry", "retained"]
+        text += "\n\n### Memory per stage\n\n" + markdown_table(header, rows)
+    if rep.fragmentation is not None:
+        f = rep.fragmentation
+        text += (
+            f"\n\nFragmentation: reserved − allocated {fmt_bytes(f.reserved_minus_allocated_bytes)}"
+            f" ({f.fragmentation_pct:.1f} % of reserved), inactive split {fmt_bytes(f.inactive_split_bytes)},"
+            f" allocation retries {f.num_alloc_retries}, OOMs {f.num_ooms}"
+        )
+    return text
