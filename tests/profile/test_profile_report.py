@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchopt.profile as tp
-from torchopt.profile.latency import latency_markdown
+from torchopt.profile.timing import latency_markdown
 
 
 @pytest.fixture(scope="module")

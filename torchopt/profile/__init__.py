@@ -19,7 +19,6 @@ Nothing heavy is imported here: matplotlib loads inside the plotting functions, 
 from torchopt.environment import environment
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
 from torchopt.profile.files import write_json
-from torchopt.profile.latency import LatencyConfig, LatencyResult, infer_device, latency, time_calls
 from torchopt.profile.memory import (
     Fragmentation,
     MemoryConfig,
@@ -47,6 +46,7 @@ from torchopt.profile.plots import (
 from torchopt.profile.report import ProfileReport
 from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
 from torchopt.profile.stats import percentile, summarize
+from torchopt.profile.timing import LatencyConfig, LatencyResult, infer_device, latency, time_calls
 from torchopt.profile.trace import NoGPUKernelsWarning, OpStat, TraceConfig, Tracer, TraceResult, trace
 
 __all__ = [

@@ -101,8 +101,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from torchopt.profile import compare_latency, latency, plot_comparison, plot_latency
-    from torchopt.profile.latency import latency_markdown
     from torchopt.profile.report import ProfileReport
+    from torchopt.profile.timing import latency_markdown
 
     model, inputs, _, out, batch = _setup(args)
     opts = {

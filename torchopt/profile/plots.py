@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from torchopt.config import check_type
 from torchopt.profile.files import check_output_file
-from torchopt.profile.latency import LatencyResult
 from torchopt.profile.memory import MemoryReport, MemorySample, VRAMMonitor
 from torchopt.profile.stage import StageEvent, StageRecorder
 from torchopt.profile.stats import percentile
+from torchopt.profile.timing import LatencyResult
 from torchopt.profile.trace import TraceResult
 
 if TYPE_CHECKING:
