@@ -19,7 +19,7 @@ Nothing heavy is imported here: matplotlib loads inside the plotting functions, 
 from torchopt.environment import environment
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
 from torchopt.profile.files import write_json
-from torchopt.profile.memory import (
+from torchopt.profile.memory_tracking import (
     Fragmentation,
     MemoryConfig,
     MemoryReport,

@@ -14,7 +14,7 @@ from typing import Any
 from torchopt.config import check_type
 from torchopt.environment import environment
 from torchopt.profile.files import check_output_dir, json_safe, write_json
-from torchopt.profile.memory import MemoryReport, memory_markdown
+from torchopt.profile.memory_tracking import MemoryReport, memory_markdown
 from torchopt.profile.timing import LatencyResult, latency_markdown
 from torchopt.profile.trace import TraceResult, trace_markdown
 
