@@ -17,7 +17,7 @@ from torchopt.profile.memory_tracking import MemoryReport, MemorySample, VRAMMon
 from torchopt.profile.stage import StageEvent, StageRecorder
 from torchopt.profile.stats import percentile
 from torchopt.profile.timing import LatencyResult
-from torchopt.profile.trace import TraceResult
+from torchopt.profile.tracing import TraceResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

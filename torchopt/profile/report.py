@@ -16,7 +16,7 @@ from torchopt.environment import environment
 from torchopt.profile.files import check_output_dir, json_safe, write_json
 from torchopt.profile.memory_tracking import MemoryReport, memory_markdown
 from torchopt.profile.timing import LatencyResult, latency_markdown
-from torchopt.profile.trace import TraceResult, trace_markdown
+from torchopt.profile.tracing import TraceResult, trace_markdown
 
 __all__ = ["ProfileReport"]
 
