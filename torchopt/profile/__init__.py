@@ -44,7 +44,7 @@ from torchopt.profile.plots import (
     save_figure,
 )
 from torchopt.profile.report import ProfileReport
-from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
+from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
 from torchopt.profile.stats import percentile, summarize
 from torchopt.profile.timing import LatencyConfig, LatencyResult, infer_device, latency, time_calls
 from torchopt.profile.tracing import NoGPUKernelsWarning, OpStat, TraceConfig, Tracer, TraceResult, trace

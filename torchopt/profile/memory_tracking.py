@@ -37,7 +37,7 @@ import torch
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type
 from torchopt.profile.files import check_output_file
 from torchopt.profile.formatting import fmt_bytes, markdown_table
-from torchopt.profile.stage import StageRecorder
+from torchopt.profile.stages import StageRecorder
 from torchopt.profile.timing import infer_device
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torchopt.config import check_type
 from torchopt.profile.files import check_output_file
 from torchopt.profile.memory_tracking import MemoryReport, MemorySample, VRAMMonitor
-from torchopt.profile.stage import StageEvent, StageRecorder
+from torchopt.profile.stages import StageEvent, StageRecorder
 from torchopt.profile.stats import percentile
 from torchopt.profile.timing import LatencyResult
 from torchopt.profile.tracing import TraceResult

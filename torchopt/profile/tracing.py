@@ -37,7 +37,7 @@ import torch
 from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.profile.files import check_output_file
 from torchopt.profile.formatting import fmt_ms, markdown_table
-from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, stage_stats
+from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, stage_stats
 
 __all__ = ["NoGPUKernelsWarning", "OpStat", "TraceConfig", "TraceResult", "Tracer", "trace", "trace_markdown"]
 
