@@ -43,7 +43,7 @@ from torchopt.profile.plots import (
     plot_stage_timeline,
     save_figure,
 )
-from torchopt.profile.report import ProfileReport
+from torchopt.profile.profile_report import ProfileReport
 from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
 from torchopt.profile.stats import percentile, summarize
 from torchopt.profile.timing import LatencyConfig, LatencyResult, infer_device, latency, time_calls

@@ -101,7 +101,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from torchopt.profile import compare_latency, latency, plot_comparison, plot_latency
-    from torchopt.profile.report import ProfileReport
+    from torchopt.profile.profile_report import ProfileReport
     from torchopt.profile.timing import latency_markdown
 
     model, inputs, _, out, batch = _setup(args)
@@ -164,7 +164,7 @@ def run_profile(args: argparse.Namespace) -> int:
         stage_modules,
         trace,
     )
-    from torchopt.profile.report import ProfileReport
+    from torchopt.profile.profile_report import ProfileReport
 
     model, inputs, device, out, batch = _setup(args)
     figures: dict[str, str] = {}
