@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchopt.profile as tp
+from torchopt.profile.plots import save_figure
 from torchopt.profile.timing import latency_markdown
 
 
@@ -25,7 +26,7 @@ def test_profile_report_saves_json_and_markdown(runs, tmp_path):
 
     tr = tp.trace(step, torch.randn(4), wait=0, warmup=1, active=2, measure_overhead=False)
     mem = tp.memory(step, torch.randn(4), sample_interval_ms=0)
-    fig = tp.save_figure(tp.plot_latency(runs["eager"]), tmp_path / "figs" / "lat.png")
+    fig = save_figure(tp.plot_latency(runs["eager"]), tmp_path / "figs" / "lat.png")
     rep = tp.ProfileReport("demo", latency=runs, trace=tr, memory=mem, figures={"latency": fig}, notes=["hello"])
     json_path, md_path = rep.save(tmp_path / "out", "rep")
     data = json.loads(json_path.read_text())

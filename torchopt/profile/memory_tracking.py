@@ -243,7 +243,7 @@ def record_history(
 
     Example::
 
-        with torchopt.profile.record_history("out/alloc.pickle"):
+        with torchopt.profile.memory_tracking.record_history("out/alloc.pickle"):
             model(x)
     """
     p = check_output_file(path, "path")

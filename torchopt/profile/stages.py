@@ -173,7 +173,7 @@ class StageRecorder:
 
     Example::
 
-        with torchopt.profile.StageRecorder() as rec:
+        with torchopt.profile.stages.StageRecorder() as rec:
             run_pipeline()
         for s in rec.stats():
             print(s.path, s.count, s.mean_ms)
