@@ -126,6 +126,12 @@ def test_unwritable_out(model_spec, tmp_path):
         _run(["profile", model_spec, "--input", "x=4x32", "--out", str(blocker / "o")])
 
 
+def test_bad_device_names_the_option(model_spec, tmp_path):
+    # before torchopt.config.resolve_device, torch.device's own RuntimeError reached the user
+    with pytest.raises(ValueError, match="--device 'gpu0' is not a valid device string"):
+        _run(["bench", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--device", "gpu0"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
 def test_cuda_only_options_on_cpu(model_spec, tmp_path):
     with pytest.raises(ValueError, match="needs CUDA"):

@@ -124,7 +124,7 @@ def test_watcher_fraction_threshold():
     ("kwargs", "error", "match"),
     [
         ({"threshold": 1.5, "metric": "rss"}, ValueError, r"fraction must be in \(0, 1\]"),
-        ({"threshold": -5, "metric": "rss"}, ValueError, "threshold must be > 0 bytes"),
+        ({"threshold": -5, "metric": "rss"}, ValueError, "threshold must be > 0, got -5"),
         ({"threshold": "1GB", "metric": "rss"}, TypeError, "threshold must be bytes"),
         ({"metric": "vram"}, ValueError, "metric must be one of"),
         ({"interval_s": 0, "metric": "rss"}, ValueError, "interval_s must be > 0"),
@@ -157,8 +157,10 @@ def test_memory_bad_input(tmp_path):
         tp.memory(torch.relu, torch.randn(2), record_history=True)
     with pytest.raises(ValueError, match="iters must be > 0"):
         tp.memory(torch.relu, torch.randn(2), iters=0)
-    with pytest.raises(ValueError, match="device must be like"):
+    with pytest.raises(ValueError, match="device 'tpu:0:1' is not a valid device string"):
         tp.memory(torch.relu, torch.randn(2), device="tpu:0:1")
+    with pytest.raises(ValueError, match=r"device type must be one of \['cpu', 'cuda'\], got 'meta'"):
+        tp.snapshot(device="meta")
     with pytest.raises(TypeError, match="before must be MemorySnapshot"):
         tp.compare_snapshots({}, tp.snapshot())
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from torchopt.config import check_positive, resolve_device
 from torchopt.inputs import parse_input_spec
 from torchopt.models import load_model
 from torchopt.profile import (
@@ -85,16 +86,13 @@ def register(subparsers: Any) -> None:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path, int]:
     """Model (eval, on the device), seeded example inputs, the device, the output dir, the batch size."""
-    for name in ("warmup", "iters"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    check_positive("--warmup", args.warmup)
+    check_positive("--iters", args.iters)
+    if args.batch_size is not None:
+        check_positive("--batch-size", args.batch_size)
     out = check_output_dir(args.out, "--out")
     specs = [parse_input_spec(t) for t in args.input]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} needs CUDA, but no CUDA device is available here")
+    device = resolve_device("--device", args.device)
     model = load_model(args.model).to(device)
     inputs = [s.example("opt", device=device, seed=i) for i, s in enumerate(specs)]
     batch = args.batch_size or (inputs[0].shape[0] if inputs[0].dim() > 0 else 1)

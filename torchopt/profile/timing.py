@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_positive, check_type
+from torchopt.config import ConfigBase, check_choice, check_positive, check_type, resolve_device
 from torchopt.profile.formatting import fmt_ms, markdown_table
 from torchopt.profile.stats import stability_spread_pct, summarize
 
@@ -155,10 +155,9 @@ def infer_device(fn: Any, inputs: tuple[Any, ...]) -> torch.device:
     return devices[0] if devices else torch.device("cpu")
 
 
-def _resolve_device(fn: Any, inputs: tuple[Any, ...], cfg: LatencyConfig) -> torch.device:
-    device = torch.device(cfg.device) if cfg.device is not None else infer_device(fn, inputs)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} needs CUDA, but no CUDA device is available here")
+def _call_device(fn: Any, inputs: tuple[Any, ...], cfg: LatencyConfig) -> torch.device:
+    """`cfg.device` when set, else the device the inputs (or the module) are on; a CUDA graph needs CUDA."""
+    device = resolve_device("device", cfg.device) if cfg.device is not None else infer_device(fn, inputs)
     if cfg.cuda_graph and device.type != "cuda":
         raise ValueError(
             "cuda_graph=True needs the call to run on CUDA (a CUDA graph replays GPU kernels),"
@@ -274,10 +273,8 @@ def latency(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(fn).__name__} {fn!r}")
-    if config is not None:
-        check_type("config", config, LatencyConfig)
-    cfg = LatencyConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="latency options")
-    device = _resolve_device(fn, inputs, cfg)
+    cfg = LatencyConfig.merge(config, where="latency options", **overrides)
+    device = _call_device(fn, inputs, cfg)
     is_cuda = device.type == "cuda"
 
     flush = None

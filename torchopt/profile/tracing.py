@@ -431,9 +431,7 @@ def trace(fn: Callable[..., Any] | None = None, *inputs: Any, config: TraceConfi
     """
     if fn is not None and not callable(fn):
         raise TypeError(f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}")
-    if config is not None:
-        check_type("config", config, TraceConfig)
-    cfg = TraceConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="trace options")
+    cfg = TraceConfig.merge(config, where="trace options", **overrides)
     tracer = Tracer(cfg)
     if fn is None:
         if inputs:
