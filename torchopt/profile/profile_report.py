@@ -1,7 +1,9 @@
-"""Reports: JSON and Markdown renderings of latency, trace and memory results, with the run's environment.
+"""`ProfileReport`: one profiling run's results, figures and environment, saved as JSON and Markdown.
 
-`ProfileReport` collects named latency results (e.g. ``{"eager": ..., "optimized": ...}``), an optional trace
-summary, memory report and figure paths, and saves them as ``<stem>.json`` and ``<stem>.md``.
+It sits on top of the result modules and renders each result with that module's Markdown writer
+(`latency_markdown`, `trace_markdown`, `memory_markdown`). It collects named latency results (e.g.
+``{"eager": ..., "optimized": ...}``), an optional trace summary, memory report and figure paths, and saves them
+as ``<stem>.json`` and ``<stem>.md``.
 """
 
 from __future__ import annotations
