@@ -40,8 +40,9 @@ import torch
 from torchopt.batch import find_max_batch, find_optimal_batch
 from torchopt.batch._calls import run_guarded
 from torchopt.batch.memory_backends import release_memory
+from torchopt.environment import environment
 from torchopt.profile import latency
-from torchopt.profile.report import environment, write_json
+from torchopt.profile.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS_PER_PROBE = 2  # find_max_batch's default: the first call absorbs per-shape work, the second is measured

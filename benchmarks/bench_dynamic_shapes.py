@@ -38,8 +38,9 @@ from _ceilings import matmul_tflops
 
 import torchopt
 from torchopt import InputSpec, Recipe
+from torchopt.environment import environment
 from torchopt.profile import latency
-from torchopt.profile.report import environment, write_json
+from torchopt.profile.files import write_json
 from torchopt.recipes import CastConfig, CompileConfig, ValidateConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchopt.environment import environment
 from torchopt.feeder import FeederConfig, FrameFeeder, default_transform
-from torchopt.profile.report import environment
 
 FRAME = (1080, 1920, 3)
 SIZE = (224, 224)

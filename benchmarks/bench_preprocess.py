@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from torchopt.environment import environment
 from torchopt.kernels import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,7 +50,6 @@ from torchopt.kernels import (
     preprocess,
     preprocess_params,
 )
-from torchopt.profile.report import environment
 
 PP = importlib.import_module("torchopt.kernels.preprocess_op")  # for _reference_chain / _chain_kwargs
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 import torchopt.profile as tp
-from torchopt.profile.report import environment, write_json
+from torchopt.environment import environment
+from torchopt.profile.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Goals from the issue: latency's own cost and its agreement with the references.

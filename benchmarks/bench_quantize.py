@@ -38,7 +38,7 @@ import torch
 
 import torchopt.quantize as tq
 from torchopt._compat import import_modelopt_quantization
-from torchopt.profile.report import environment
+from torchopt.environment import environment
 from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.evaluate import EvalSet
 

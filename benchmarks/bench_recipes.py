@@ -26,8 +26,8 @@ from _ceilings import matmul_tflops
 
 import torchopt
 from torchopt._compat import import_torchvision
+from torchopt.environment import environment
 from torchopt.profile import latency
-from torchopt.profile.report import environment
 
 BATCHES = [1, 32]
 # ResNet-50 at 224x224: 4.09 GMACs per image = 8.18 GFLOP (torchvision's model card).

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from torchopt.profile.report import environment, write_json
+from torchopt.environment import environment
+from torchopt.profile.files import write_json
 from torchopt.serve import DynamicBatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"

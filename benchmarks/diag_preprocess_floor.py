@@ -29,8 +29,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_preprocess as bench  # noqa: E402
 
+from torchopt.environment import environment  # noqa: E402
 from torchopt.kernels import PreprocessConfig, preprocess  # noqa: E402
-from torchopt.profile.report import environment  # noqa: E402
 
 PP = importlib.import_module("torchopt.kernels.preprocess_op")
 KERNELS = importlib.import_module("torchopt.kernels._preprocess_triton")

@@ -19,6 +19,7 @@ import torch
 from torchopt import recipes, saving
 from torchopt.accuracy import AccuracyError
 from torchopt.config import check_type, resolve_device
+from torchopt.environment import environment
 from torchopt.inputs import (
     InputSpec,
     StructuredInputs,
@@ -29,7 +30,6 @@ from torchopt.inputs import (
     normalize_profiles,
     select_profile,
 )
-from torchopt.profile.report import environment
 from torchopt.quantize.calibrate import CalibData
 from torchopt.recipe import Recipe, StepConfig, StepContext, get_handler
 from torchopt.report import OptimizeReport, StepRecord

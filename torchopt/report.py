@@ -53,7 +53,7 @@ class OptimizeReport:
     fake_quant: bool = False  # quantized layers simulated in float (no TensorRT): latency is not deployable speed
     optimize_seconds: float = 0.0
     peak_memory_bytes: int | None = None
-    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # torchopt.profile.environment()
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # torchopt.environment.environment()
 
     @property
     def speedup(self) -> float | None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchopt.profile as tp
+from torchopt.profile.stages import StageRecorder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +66,7 @@ def test_comparison_figure(results, tmp_path):
 def test_stage_timeline_figure(traced, tmp_path):
     tp.plot_stage_timeline(traced, tmp_path / "stages.png")
     _check_png(tmp_path / "stages.png")
-    with tp.StageRecorder() as rec, tp.stage("x"):
+    with StageRecorder() as rec, tp.stage("x"):
         pass
     tp.plot_stage_timeline(rec, tmp_path / "rec.pdf")
     assert (tmp_path / "rec.pdf").read_bytes().startswith(b"%PDF")

@@ -10,7 +10,7 @@ import torch
 from torchopt.batch.oom import exception_chain, is_out_of_memory
 from torchopt.config import check_type
 from torchopt.inputs import InputSpec
-from torchopt.profile import infer_device
+from torchopt.profile.timing import infer_device
 
 T = TypeVar("T")
 __all__ = [

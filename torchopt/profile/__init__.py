@@ -13,68 +13,42 @@ Example::
     tp.plot_latency(res, "out/latency.png")
     tp.ProfileReport("my model", latency={"eager": res}, trace=summary, memory=mem).save("out/")
 
-Nothing heavy is imported here: matplotlib loads inside the plotting functions, torch.profiler inside `trace`.
+The package exports the entry points, their option and result classes and what other layers use; the rest
+(stage recorders, snapshots' parts, output helpers) is imported from its module: `timing`, `comparison`, `stages`,
+`tracing`, `memory_tracking`, `plots`, `profile_report`, `stats`, `files`. Nothing heavy is imported here:
+matplotlib loads inside the plotting functions, torch.profiler inside `trace`.
 """
 
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
-from torchopt.profile.latency import LatencyConfig, LatencyResult, infer_device, latency, time_calls
-from torchopt.profile.memory import (
-    Fragmentation,
+from torchopt.profile.memory_tracking import (
     MemoryConfig,
     MemoryReport,
-    MemorySample,
-    MemorySnapshot,
-    MemoryTracker,
-    SnapshotDiff,
-    StageMemory,
     VRAMMonitor,
     compare_snapshots,
-    fragmentation,
     memory,
-    record_history,
-    rss_bytes,
     snapshot,
 )
-from torchopt.profile.plots import (
-    plot_comparison,
-    plot_latency,
-    plot_memory,
-    plot_stage_timeline,
-    save_figure,
-)
-from torchopt.profile.report import ProfileReport, environment, write_json
-from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, current_stage, stage, stage_modules
-from torchopt.profile.stats import percentile, summarize
-from torchopt.profile.trace import NoGPUKernelsWarning, OpStat, TraceConfig, Tracer, TraceResult, trace
+from torchopt.profile.plots import plot_comparison, plot_latency, plot_memory, plot_stage_timeline
+from torchopt.profile.profile_report import ProfileReport
+from torchopt.profile.stages import stage, stage_modules
+from torchopt.profile.stats import percentile
+from torchopt.profile.timing import LatencyConfig, LatencyResult, infer_device, latency
+from torchopt.profile.tracing import NoGPUKernelsWarning, TraceConfig, TraceResult, trace
 
 __all__ = [
-    "Fragmentation",
     "LatencyComparison",
     "LatencyConfig",
     "LatencyResult",
     "MemoryConfig",
     "MemoryReport",
-    "MemorySample",
-    "MemorySnapshot",
-    "MemoryTracker",
     "NoGPUKernelsWarning",
-    "OpStat",
     "ProfileReport",
-    "SnapshotDiff",
     "Speedup",
-    "StageEvent",
-    "StageMemory",
-    "StageRecorder",
-    "StageStat",
     "TraceConfig",
     "TraceResult",
-    "Tracer",
     "VRAMMonitor",
     "compare_latency",
     "compare_snapshots",
-    "current_stage",
-    "environment",
-    "fragmentation",
     "infer_device",
     "latency",
     "memory",
@@ -83,14 +57,8 @@ __all__ = [
     "plot_latency",
     "plot_memory",
     "plot_stage_timeline",
-    "record_history",
-    "rss_bytes",
-    "save_figure",
     "snapshot",
     "stage",
     "stage_modules",
-    "summarize",
-    "time_calls",
     "trace",
-    "write_json",
 ]

@@ -17,11 +17,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from torchopt.cli_args import add_model_arguments
+from torchopt.config import check_positive, resolve_device
+from torchopt.inputs import parse_input_spec
+from torchopt.models import load_model
+from torchopt.profile import (
+    compare_latency,
+    latency,
+    memory,
+    plot_comparison,
+    plot_latency,
+    plot_memory,
+    plot_stage_timeline,
+    stage_modules,
+    trace,
+)
+from torchopt.profile.files import check_output_dir
+from torchopt.profile.profile_report import ProfileReport
+from torchopt.profile.timing import latency_markdown
+
 __all__ = ["register"]
 
 
 def _add_common(p: argparse.ArgumentParser, out: str) -> None:
-    from torchopt.cli import add_model_arguments  # noqa: PLC0415  (torchopt.cli imports this module)
 
     add_model_arguments(p, "input spec name[:dtype]=DIMxDIM..., DIM = N or MIN-OPT-MAX (opt is used); repeat per input")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -65,22 +85,13 @@ def register(subparsers: Any) -> None:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path, int]:
     """Model (eval, on the device), seeded example inputs, the device, the output dir, the batch size."""
-    import torch
-
-    from torchopt.inputs import parse_input_spec
-    from torchopt.models import load_model
-    from torchopt.profile.report import check_output_dir
-
-    for name in ("warmup", "iters"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    check_positive("--warmup", args.warmup)
+    check_positive("--iters", args.iters)
+    if args.batch_size is not None:
+        check_positive("--batch-size", args.batch_size)
     out = check_output_dir(args.out, "--out")
     specs = [parse_input_spec(t) for t in args.input]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} needs CUDA, but no CUDA device is available here")
+    device = resolve_device("--device", args.device)
     model = load_model(args.model).to(device)
     inputs = [s.example("opt", device=device, seed=i) for i, s in enumerate(specs)]
     batch = args.batch_size or (inputs[0].shape[0] if inputs[0].dim() > 0 else 1)
@@ -98,11 +109,6 @@ def _print_outputs(json_path: Path, md_path: Path, figures: dict[str, str], extr
 
 def run_bench(args: argparse.Namespace) -> int:
     """`torchopt bench`: latency of the model (and of torch.compile(model) with --compile)."""
-    import torch
-
-    from torchopt.profile import compare_latency, latency, plot_comparison, plot_latency
-    from torchopt.profile.report import ProfileReport, latency_markdown
-
     model, inputs, _, out, batch = _setup(args)
     opts = {
         "warmup": args.warmup,
@@ -152,19 +158,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_profile(args: argparse.Namespace) -> int:
     """`torchopt profile`: trace (a stage per child module), memory per stage, latency, figures, report."""
-    import torch
-
-    from torchopt.profile import (
-        latency,
-        memory,
-        plot_latency,
-        plot_memory,
-        plot_stage_timeline,
-        stage_modules,
-        trace,
-    )
-    from torchopt.profile.report import ProfileReport
-
     model, inputs, device, out, batch = _setup(args)
     figures: dict[str, str] = {}
     history = out / "alloc_history.pickle" if args.memory_history else None

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from torchopt.config import check_positive, check_type
-from torchopt.profile.latency import LatencyResult, infer_device, time_calls
 from torchopt.profile.stats import percentile, stability_spread_pct, summarize
+from torchopt.profile.timing import LatencyResult, infer_device, time_calls
 
 __all__ = ["LatencyComparison", "Speedup", "compare_latency"]
 

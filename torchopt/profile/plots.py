@@ -12,16 +12,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchopt.config import check_type
-from torchopt.profile.report import check_output_file
+from torchopt.profile.files import check_output_file
+from torchopt.profile.memory_tracking import MemoryReport, MemorySample, VRAMMonitor
+from torchopt.profile.stages import StageEvent, StageRecorder
 from torchopt.profile.stats import percentile
+from torchopt.profile.timing import LatencyResult
+from torchopt.profile.tracing import TraceResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from torchopt.profile.latency import LatencyResult
-    from torchopt.profile.memory import MemoryReport, MemorySample, VRAMMonitor
-    from torchopt.profile.stage import StageEvent, StageRecorder
-    from torchopt.profile.trace import TraceResult
 
 __all__ = ["plot_comparison", "plot_latency", "plot_memory", "plot_stage_timeline", "save_figure"]
 
@@ -53,8 +52,6 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
 
 
 def _samples(data: LatencyResult | Sequence[float], name: str) -> list[float]:
-    from torchopt.profile.latency import LatencyResult
-
     samples = data.samples_ms if isinstance(data, LatencyResult) else data
     check_type(name, samples, (list, tuple), "a LatencyResult or a list of millisecond samples")
     if not samples:
@@ -148,9 +145,6 @@ def plot_comparison(
 
 
 def _stage_events(data: Any) -> list[StageEvent]:
-    from torchopt.profile.stage import StageEvent, StageRecorder
-    from torchopt.profile.trace import TraceResult
-
     if isinstance(data, TraceResult):
         return data.stage_events
     if isinstance(data, StageRecorder):
@@ -217,8 +211,6 @@ def plot_memory(
         rep = torchopt.profile.memory(model, x)
         torchopt.profile.plot_memory(rep, "out/memory.png")
     """
-    from torchopt.profile.memory import MemoryReport, MemorySample, VRAMMonitor
-
     marks: list[tuple[float, str, str]] = []
     threshold = None
     cpu = False

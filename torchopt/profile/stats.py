@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torchopt.config import check_range
+
 __all__ = ["percentile", "stability_spread_pct", "summarize"]
 
 # The percentiles every latency summary reports, as (field suffix, q).
@@ -22,8 +24,7 @@ def percentile(sorted_samples: Sequence[float], q: float) -> float:
     """The `q`-th percentile (0–100) of already sorted samples, linearly interpolated like numpy's default."""
     if not sorted_samples:
         raise ValueError("percentile of an empty sample list is undefined")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
+    check_range("percentile q", q, low=0.0, high=100.0)
     pos = (len(sorted_samples) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_samples) - 1)

@@ -7,18 +7,19 @@ import pytest
 import torch
 
 import torchopt.profile as tp
+from torchopt.profile.stages import StageRecorder, current_stage
 
 
 def test_nesting_records_paths_and_depths():
-    with tp.StageRecorder() as rec:
+    with StageRecorder() as rec:
         with tp.stage("outer"):
-            assert tp.current_stage() == "outer"
+            assert current_stage() == "outer"
             with tp.stage("inner"):
-                assert tp.current_stage() == "outer/inner"
+                assert current_stage() == "outer/inner"
                 time.sleep(0.002)
             with tp.stage("inner"):
                 pass
-        assert tp.current_stage() is None
+        assert current_stage() is None
     paths = [(e.path, e.depth) for e in sorted(rec.events, key=lambda e: e.start_ms)]
     assert paths == [("outer", 0), ("outer/inner", 1), ("outer/inner", 1)]
     outer = next(e for e in rec.events if e.path == "outer")
@@ -35,7 +36,7 @@ def test_nesting_records_paths_and_depths():
 
 
 def test_known_sleep_shows_in_the_right_stage():
-    with tp.StageRecorder() as rec:
+    with StageRecorder() as rec:
         for _ in range(3):
             with tp.stage("fast"):
                 pass
@@ -51,15 +52,15 @@ def test_decorator_gets_a_fresh_instance_per_call():
     def recurse(n):
         return 0 if n == 0 else 1 + recurse(n - 1)
 
-    with tp.StageRecorder() as rec:
+    with StageRecorder() as rec:
         assert recurse(2) == 2
     assert sorted(e.path for e in rec.events) == ["rec", "rec/rec", "rec/rec/rec"]
 
 
 def test_stage_exits_on_exception():
-    with tp.StageRecorder() as rec, pytest.raises(RuntimeError), tp.stage("boom"):
+    with StageRecorder() as rec, pytest.raises(RuntimeError), tp.stage("boom"):
         raise RuntimeError("x")
-    assert tp.current_stage() is None
+    assert current_stage() is None
     assert [e.path for e in rec.events] == ["boom"]
 
 
@@ -68,7 +69,7 @@ def test_threads_have_their_own_stacks():
         with tp.stage("worker"):
             time.sleep(0.001)
 
-    with tp.StageRecorder() as rec, tp.stage("main"):
+    with StageRecorder() as rec, tp.stage("main"):
         t = threading.Thread(target=work)
         t.start()
         t.join()
@@ -101,18 +102,18 @@ def test_stage_modules_marks_children_and_removes_hooks():
     inner = torch.nn.Sequential(torch.nn.Linear(8, 2))
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), inner)
     x = torch.randn(3, 8)
-    with tp.stage_modules(model) as names, tp.StageRecorder() as rec:
+    with tp.stage_modules(model) as names, StageRecorder() as rec:
         model(x)
     assert names == ["0", "1", "2"]
     assert [e.path for e in sorted(rec.events, key=lambda e: e.start_ms)] == ["0", "1", "2"]
-    with tp.StageRecorder() as rec2:
+    with StageRecorder() as rec2:
         model(x)
     assert rec2.events == []  # hooks removed
 
 
 def test_stage_modules_named_nested():
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
-    with tp.stage_modules(model, ["0", "0.1"]), tp.StageRecorder() as rec:
+    with tp.stage_modules(model, ["0", "0.1"]), StageRecorder() as rec:
         model(torch.randn(2, 8))
     assert sorted(e.path for e in rec.events) == ["0", "0/0.1"]
 
@@ -135,4 +136,4 @@ def test_stage_modules_bad_input():
     with pytest.raises(TypeError, match="names must be a list"), tp.stage_modules(model, "0"):
         pass
     with pytest.raises(TypeError, match="sync must be a bool"):
-        tp.StageRecorder(sync=1)
+        StageRecorder(sync=1)

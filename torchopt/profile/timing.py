@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_positive, check_type
+from torchopt.config import ConfigBase, check_choice, check_positive, check_type, resolve_device
+from torchopt.profile.formatting import fmt_ms, markdown_table
 from torchopt.profile.stats import stability_spread_pct, summarize
 
-__all__ = ["LatencyConfig", "LatencyResult", "infer_device", "latency", "time_calls"]
+__all__ = ["LatencyConfig", "LatencyResult", "infer_device", "latency", "latency_markdown", "time_calls"]
 
 
 @dataclasses.dataclass
@@ -154,10 +155,9 @@ def infer_device(fn: Any, inputs: tuple[Any, ...]) -> torch.device:
     return devices[0] if devices else torch.device("cpu")
 
 
-def _resolve_device(fn: Any, inputs: tuple[Any, ...], cfg: LatencyConfig) -> torch.device:
-    device = torch.device(cfg.device) if cfg.device is not None else infer_device(fn, inputs)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} needs CUDA, but no CUDA device is available here")
+def _call_device(fn: Any, inputs: tuple[Any, ...], cfg: LatencyConfig) -> torch.device:
+    """`cfg.device` when set, else the device the inputs (or the module) are on; a CUDA graph needs CUDA."""
+    device = resolve_device("device", cfg.device) if cfg.device is not None else infer_device(fn, inputs)
     if cfg.cuda_graph and device.type != "cuda":
         raise ValueError(
             "cuda_graph=True needs the call to run on CUDA (a CUDA graph replays GPU kernels),"
@@ -273,10 +273,8 @@ def latency(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(fn).__name__} {fn!r}")
-    if config is not None:
-        check_type("config", config, LatencyConfig)
-    cfg = LatencyConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="latency options")
-    device = _resolve_device(fn, inputs, cfg)
+    cfg = LatencyConfig.merge(config, where="latency options", **overrides)
+    device = _call_device(fn, inputs, cfg)
     is_cuda = device.type == "cuda"
 
     flush = None
@@ -339,3 +337,37 @@ def latency(
         l2=cfg.l2,
         stability_spread_pct=spread,
     )
+
+
+def latency_markdown(results: dict[str, LatencyResult] | LatencyResult, speedups: dict[str, Any] | None = None) -> str:
+    """A table of latency results; with several, a speed-up column against the first: from `speedups`
+    (`torchopt.profile.Speedup` by name, from `compare_latency`: with its spread) when given, else the p50
+    ratio marked "unpaired" (measured one after the other: no spread, drift included)."""
+    if isinstance(results, LatencyResult):
+        results = {"run": results}
+    base = next(iter(results.values()), None)
+    rows = []
+    for name, r in results.items():
+        speedup = base.p50_ms / r.p50_ms if base is not None and r.p50_ms > 0 else math.nan
+        if r is base:
+            speedup_cell = "1.00× (baseline)"
+        elif speedups and name in speedups:
+            speedup_cell = str(speedups[name]).replace("x (", "× (")
+        else:
+            speedup_cell = f"{speedup:.2f}× (unpaired)"
+        rows.append(
+            [
+                name,
+                fmt_ms(r.p50_ms),
+                fmt_ms(r.p90_ms),
+                fmt_ms(r.p99_ms),
+                f"{r.mean_ms:.3f} ± {r.std_ms:.3f}",
+                f"{r.throughput:,.1f} {r.throughput_unit}",
+                speedup_cell,
+                "yes" if r.stable else "**no**",
+                str(r.iters),
+                r.device + (" (graph)" if r.cuda_graph else "") + (" cold-L2" if r.l2 == "cold" else ""),
+            ]
+        )
+    header = ["run", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "throughput", "speed-up", "stable"]
+    return markdown_table([*header, "iters", "device"], rows)

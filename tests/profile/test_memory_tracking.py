@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchopt.profile as tp
+from torchopt.profile.memory_tracking import fragmentation, record_history, rss_bytes
 
 MiB = 2**20
 # Touched (not just reserved) CPU memory shows in RSS; 64 MiB stands well above allocator and page noise.
@@ -21,9 +22,9 @@ def _touched_block(seed: int = 0) -> torch.Tensor:
 
 
 def test_rss_sees_a_known_allocation():
-    before = tp.rss_bytes()
+    before = rss_bytes()
     block = _touched_block()
-    after = tp.rss_bytes()
+    after = rss_bytes()
     assert after - before >= 0.9 * BLOCK, (before, after)
     del block
 
@@ -83,7 +84,7 @@ def test_block_mode_and_iters():
 
 def test_rss_watcher_fires_once_per_crossing():
     hits = []
-    base = tp.rss_bytes()
+    base = rss_bytes()
     with tp.VRAMMonitor(base + BLOCK // 2, hits.append, interval_s=0.005, metric="rss") as mon:
         time.sleep(0.03)
         assert not hits
@@ -123,7 +124,7 @@ def test_watcher_fraction_threshold():
     ("kwargs", "error", "match"),
     [
         ({"threshold": 1.5, "metric": "rss"}, ValueError, r"fraction must be in \(0, 1\]"),
-        ({"threshold": -5, "metric": "rss"}, ValueError, "threshold must be > 0 bytes"),
+        ({"threshold": -5, "metric": "rss"}, ValueError, "threshold must be > 0, got -5"),
         ({"threshold": "1GB", "metric": "rss"}, TypeError, "threshold must be bytes"),
         ({"metric": "vram"}, ValueError, "metric must be one of"),
         ({"interval_s": 0, "metric": "rss"}, ValueError, "interval_s must be > 0"),
@@ -140,8 +141,8 @@ def test_cuda_only_features_say_so_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="no CUDA device"):
         tp.VRAMMonitor(metric="reserved")
     with pytest.raises(ValueError, match="not CUDA"):
-        tp.fragmentation("cpu")
-    with pytest.raises(ValueError, match="not CUDA"), tp.record_history(tmp_path / "h.pickle", device="cpu"):
+        fragmentation("cpu")
+    with pytest.raises(ValueError, match="not CUDA"), record_history(tmp_path / "h.pickle", device="cpu"):
         pass
     with pytest.raises(ValueError, match="record_history=True records the CUDA caching allocator"):
         tp.memory(torch.relu, torch.randn(2), record_history=True, history_path=str(tmp_path / "h.pickle"))
@@ -156,8 +157,10 @@ def test_memory_bad_input(tmp_path):
         tp.memory(torch.relu, torch.randn(2), record_history=True)
     with pytest.raises(ValueError, match="iters must be > 0"):
         tp.memory(torch.relu, torch.randn(2), iters=0)
-    with pytest.raises(ValueError, match="device must be like"):
+    with pytest.raises(ValueError, match="device 'tpu:0:1' is not a valid device string"):
         tp.memory(torch.relu, torch.randn(2), device="tpu:0:1")
+    with pytest.raises(ValueError, match=r"device type must be one of \['cpu', 'cuda'\], got 'meta'"):
+        tp.snapshot(device="meta")
     with pytest.raises(TypeError, match="before must be MemorySnapshot"):
         tp.compare_snapshots({}, tp.snapshot())
 

@@ -35,10 +35,11 @@ from typing import Any, overload
 import torch
 
 from torchopt.config import ConfigBase, check_positive, check_type
-from torchopt.profile.report import check_output_file
-from torchopt.profile.stage import StageEvent, StageRecorder, StageStat, stage_stats
+from torchopt.profile.files import check_output_file
+from torchopt.profile.formatting import fmt_ms, markdown_table
+from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, stage_stats
 
-__all__ = ["NoGPUKernelsWarning", "OpStat", "TraceConfig", "TraceResult", "Tracer", "trace"]
+__all__ = ["NoGPUKernelsWarning", "OpStat", "TraceConfig", "TraceResult", "Tracer", "trace", "trace_markdown"]
 
 _ACTIVITIES = ("cpu", "cuda")
 # Rough size of one Chrome-trace event in JSON, used to pick how many events fit the bound.
@@ -144,8 +145,6 @@ class TraceResult:
         return d
 
     def __str__(self) -> str:
-        from torchopt.profile.report import trace_markdown
-
         return trace_markdown(self)
 
 
@@ -432,9 +431,7 @@ def trace(fn: Callable[..., Any] | None = None, *inputs: Any, config: TraceConfi
     """
     if fn is not None and not callable(fn):
         raise TypeError(f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}")
-    if config is not None:
-        check_type("config", config, TraceConfig)
-    cfg = TraceConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="trace options")
+    cfg = TraceConfig.merge(config, where="trace options", **overrides)
     tracer = Tracer(cfg)
     if fn is None:
         if inputs:
@@ -459,3 +456,53 @@ def _median_step_ms(call: Callable[[], Any], n: int, sync: Callable[[], None]) -
         sync()
         t.append(time.perf_counter())
     return statistics.median((b - a) * 1000.0 for a, b in itertools.pairwise(t))
+
+
+def trace_markdown(res: TraceResult) -> str:
+    """Warnings first, then the overview, the stage table, the slowest stages and the top ops."""
+    out = [f"> **WARNING: {w}**" for w in res.warnings]
+    overview = [
+        f"- active steps: {res.steps}, median step {res.step_ms:.3f} ms, activities {', '.join(res.activities)}",
+        f"- GPU kernels captured: {res.gpu_kernels}" if res.gpu_kernels is not None else "- GPU: not recorded",
+    ]
+    if res.gpu_idle_pct is not None:
+        overview.append(f"- GPU idle: {res.gpu_idle_pct:.1f} % of the active wall time")
+    if res.overhead_pct is not None:
+        overview.append(
+            f"- profiler overhead: {res.overhead_pct:+.1f} % per step (unprofiled median {res.baseline_step_ms:.3f} ms)"
+        )
+    overview.append(f"- post-processing: {res.postprocess_s:.2f} s")
+    if res.trace_path:
+        trunc = " (truncated)" if res.trace_truncated else ""
+        overview.append(f"- Chrome trace: `{res.trace_path}` ({res.trace_mb:.2f} MB JSON{trunc})")
+    out.append("\n".join(overview))
+    if res.stages:
+        rows = [
+            [
+                s.path,
+                str(s.count),
+                fmt_ms(s.mean_ms),
+                fmt_ms(s.p99_ms),
+                fmt_ms(s.total_ms),
+                f"{100 * s.share:.1f} %",
+                fmt_ms(s.device_ms),
+            ]
+            for s in res.stages
+        ]
+        out.append(
+            "### Stages\n\n"
+            + markdown_table(["stage", "count", "mean ms", "p99 ms", "total ms", "share", "GPU ms"], rows)
+        )
+        out.append("Slowest stages: " + ", ".join(f"`{s.path}` ({s.total_ms:.3f} ms)" for s in res.slowest_stages))
+    if res.top_ops:
+        gpu = res.gpu_kernels is not None
+        rows = [
+            [f"`{o.name}`", str(o.count), *([fmt_ms(o.self_device_ms)] if gpu else []), fmt_ms(o.self_cpu_ms)]
+            for o in res.top_ops
+        ]
+        title = "self device time" if res.top_ops_by == "self_device_ms" else "self CPU time (no GPU activity)"
+        out.append(
+            f"### Top ops by {title}\n\n"
+            + markdown_table(["op", "count", *(["self GPU ms"] if gpu else []), "self CPU ms"], rows)
+        )
+    return "\n\n".join(out)

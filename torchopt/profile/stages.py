@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from torchopt.config import closest
 from torchopt.profile.stats import percentile
 
 __all__ = [
@@ -172,7 +173,7 @@ class StageRecorder:
 
     Example::
 
-        with torchopt.profile.StageRecorder() as rec:
+        with torchopt.profile.stages.StageRecorder() as rec:
             run_pipeline()
         for s in rec.stats():
             print(s.path, s.count, s.mean_ms)
@@ -255,8 +256,6 @@ def stage_modules(model: torch.nn.Module, names: Sequence[str] | None = None) ->
             raise TypeError(f"names entries must be str, got {type(n).__name__} {n!r}")
         if n not in modules or n == "":
             valid = [k for k in modules if k]
-            from torchopt.config import closest
-
             raise ValueError(f"{type(model).__name__} has no submodule {n!r}{closest(n, valid)}")
     handles = []
     for n in names:

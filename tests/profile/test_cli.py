@@ -34,6 +34,11 @@ def _run(argv):
     return args.func(args)
 
 
+def _bench(model_spec, out, *options):
+    """`torchopt bench` of the tiny model on one 4x32 input."""
+    return _run(["bench", model_spec, "--input", "x=4x32", "--out", str(out), *options])
+
+
 def test_bench_writes_report_and_figure(model_spec, tmp_path, capsys):
     out = tmp_path / "bench"
     rc = _run(
@@ -126,26 +131,18 @@ def test_unwritable_out(model_spec, tmp_path):
         _run(["profile", model_spec, "--input", "x=4x32", "--out", str(blocker / "o")])
 
 
+def test_bad_device_names_the_option(model_spec, tmp_path):
+    # before torchopt.config.resolve_device, torch.device's own RuntimeError reached the user
+    with pytest.raises(ValueError, match="--device 'gpu0' is not a valid device string"):
+        _run(["bench", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--device", "gpu0"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
 def test_cuda_only_options_on_cpu(model_spec, tmp_path):
     with pytest.raises(ValueError, match="needs CUDA"):
         _run(["bench", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--device", "cuda"])
     with pytest.raises(ValueError, match="cuda_graph=True needs the call to run on CUDA"):
-        _run(
-            [
-                "bench",
-                model_spec,
-                "--input",
-                "x=4x32",
-                "--out",
-                str(tmp_path / "o"),
-                "--cuda-graph",
-                "--iters",
-                "2",
-                "--warmup",
-                "1",
-            ]
-        )
+        _bench(model_spec, tmp_path / "o", "--cuda-graph", "--iters", "2", "--warmup", "1")
     with pytest.raises(ValueError, match="--memory-history records the CUDA caching allocator"):
         _run(["profile", model_spec, "--input", "x=4x32", "--out", str(tmp_path / "o"), "--memory-history"])
 
@@ -159,27 +156,8 @@ def test_main_entry_point_reports_errors_as_exit_code_2(model_spec, tmp_path, ca
 @pytest.mark.gpu
 def test_bench_cuda_graph_on_gpu(model_spec, tmp_path):
     out = tmp_path / "g"
-    assert (
-        _run(
-            [
-                "bench",
-                model_spec,
-                "--input",
-                "x=4x32",
-                "--out",
-                str(out),
-                "--device",
-                "cuda",
-                "--cuda-graph",
-                "--iters",
-                "20",
-                "--warmup",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    options = ["--device", "cuda", "--cuda-graph", "--iters", "20", "--warmup", "3", "--no-progress"]
+    assert _bench(model_spec, out, *options) == 0
     assert json.loads((out / "bench.json").read_text())["latency"]["eager"]["cuda_graph"] is True
 
 

@@ -34,10 +34,11 @@ from typing import Any, overload
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_positive, check_type
-from torchopt.profile.latency import infer_device
-from torchopt.profile.report import check_output_file, fmt_bytes
-from torchopt.profile.stage import StageRecorder
+from torchopt.config import ConfigBase, check_choice, check_positive, check_range, check_type, resolve_device
+from torchopt.profile.files import check_output_file
+from torchopt.profile.formatting import fmt_bytes, markdown_table
+from torchopt.profile.stages import StageRecorder
+from torchopt.profile.timing import infer_device
 
 __all__ = [
     "Fragmentation",
@@ -52,6 +53,7 @@ __all__ = [
     "compare_snapshots",
     "fragmentation",
     "memory",
+    "memory_markdown",
     "record_history",
     "rss_bytes",
     "snapshot",
@@ -73,24 +75,6 @@ def rss_bytes() -> int:
 
 def _total_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    check_type("device", device, (str, torch.device, int), "a device like 'cpu', 'cuda:0' or a CUDA index")
-    try:
-        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} needs CUDA, but no CUDA device is available here")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"memory profiling supports 'cpu' (RSS) and 'cuda' devices, got {device!r}")
-    return dev
 
 
 def _read(dev: torch.device) -> tuple[int, int]:
@@ -142,7 +126,7 @@ _COMPARED = (
 def snapshot(name: str = "", device: str | torch.device | int | None = None) -> MemorySnapshot:
     """The memory state now, named (`device` None: the current CUDA device, else CPU)."""
     check_type("name", name, str)
-    dev = _resolve_device(device)
+    dev = resolve_device("device", device)
     rss = rss_bytes()
     if dev.type != "cuda":
         return MemorySnapshot(name, str(dev), time.time(), rss, rss, rss, rss, 0, 0, 0, 0, rss)
@@ -217,7 +201,7 @@ class Fragmentation:
 
 def fragmentation(device: str | torch.device | int | None = None) -> Fragmentation:
     """Fragmentation of the CUDA caching allocator on `device` (CUDA only)."""
-    dev = _resolve_device(device)
+    dev = resolve_device("device", device)
     if dev.type != "cuda":
         raise ValueError(f"fragmentation describes the CUDA caching allocator; device {dev} is not CUDA")
     s = snapshot("", dev)
@@ -241,13 +225,13 @@ def record_history(
 
     Example::
 
-        with torchopt.profile.record_history("out/alloc.pickle"):
+        with torchopt.profile.memory_tracking.record_history("out/alloc.pickle"):
             model(x)
     """
     p = check_output_file(path, "path")
     check_positive("max_entries", max_entries)
     check_choice("stacks", stacks, ["python", "all"])
-    dev = _resolve_device(device)
+    dev = resolve_device("device", device)
     if dev.type != "cuda":
         raise ValueError(f"allocation history records the CUDA caching allocator; device {dev} is not CUDA")
     torch.cuda.memory._record_memory_history(enabled="all", stacks=stacks, max_entries=max_entries, device=dev)
@@ -310,7 +294,7 @@ class VRAMMonitor:
             raise TypeError(f"callback must be callable(sample) or None, got {type(callback).__name__} {callback!r}")
         if metric in ("allocated", "reserved", "device_used") and device is None and not torch.cuda.is_available():
             raise ValueError(f"metric={metric!r} watches a CUDA device, but no CUDA device is available; use 'rss'")
-        self.device = _resolve_device(device) if metric != "rss" else torch.device("cpu")
+        self.device = resolve_device("device", device) if metric != "rss" else torch.device("cpu")
         if metric == "auto":
             metric = "reserved" if self.device.type == "cuda" else "rss"
         if metric != "rss" and self.device.type != "cuda":
@@ -337,11 +321,9 @@ class VRAMMonitor:
             return None
         check_type("threshold", threshold, (int, float), "bytes (int) or a fraction of the total (float)")
         if isinstance(threshold, float):
-            if not 0.0 < threshold <= 1.0:
-                raise ValueError(f"threshold as a fraction must be in (0, 1], got {threshold!r}; give bytes as an int")
+            check_range("threshold as a fraction", threshold, low=0.0, high=1.0, low_open=True, types_=float)
             return int(threshold * self.total_bytes)
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0 bytes, got {threshold!r}")
+        check_positive("threshold", threshold)
         return threshold
 
     def sample(self) -> MemorySample:
@@ -420,7 +402,7 @@ class MemoryConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         if self.device is not None:
-            _resolve_device(self.device)
+            resolve_device("device", self.device)
         check_positive("iters", self.iters)
         check_positive("sample_interval_ms", self.sample_interval_ms, allow_zero=True, types_=(int, float))
         check_type("record_history", self.record_history, bool)
@@ -473,8 +455,6 @@ class MemoryReport:
         return d
 
     def __str__(self) -> str:
-        from torchopt.profile.report import memory_markdown
-
         return memory_markdown(self)
 
 
@@ -492,7 +472,7 @@ class MemoryTracker(StageRecorder):
         super().__init__()
         check_type("config", config, MemoryConfig)
         self.config = config
-        self.dev = device if device is not None else _resolve_device(config.device)
+        self.dev = device if device is not None else resolve_device("device", config.device)
         if config.record_history:
             if self.dev.type != "cuda":
                 raise ValueError(
@@ -647,16 +627,53 @@ def memory(fn: Callable[..., Any] | None = None, *inputs: Any, config: MemoryCon
     """
     if fn is not None and not callable(fn):
         raise TypeError(f"fn must be callable (a function or an nn.Module) or None, got {type(fn).__name__} {fn!r}")
-    if config is not None:
-        check_type("config", config, MemoryConfig)
-    cfg = MemoryConfig.from_dict({**(config.to_dict() if config else {}), **overrides}, where="memory options")
+    cfg = MemoryConfig.merge(config, where="memory options", **overrides)
     if fn is None:
         if inputs:
             raise TypeError("memory() got inputs but no fn; pass fn first, or no inputs for block mode")
         return MemoryTracker(cfg)
-    dev = _resolve_device(cfg.device) if cfg.device is not None else infer_device(fn, inputs)
+    dev = resolve_device("device", cfg.device) if cfg.device is not None else infer_device(fn, inputs)
     tracker = MemoryTracker(cfg, dev)
     with tracker:
         for _ in range(cfg.iters):
             fn(*inputs)
     return tracker.result
+
+
+def memory_markdown(rep: MemoryReport) -> str:
+    """Peaks, per-stage peaks and fragmentation of a memory report."""
+    what = "CUDA caching allocator" if rep.device.startswith("cuda") else "process RSS (CPU)"
+    out = [
+        f"- device {rep.device}, measured: {what}",
+        f"- peak RSS {fmt_bytes(rep.peak_allocated_bytes)}"
+        if not rep.device.startswith("cuda")
+        else f"- peak allocated {fmt_bytes(rep.peak_allocated_bytes)},"
+        f" peak reserved {fmt_bytes(rep.peak_reserved_bytes)}",
+    ]
+    if rep.history_path:
+        out.append(f"- allocation history: `{rep.history_path}` (open in https://pytorch.org/memory_viz)")
+    text = "\n".join(out)
+    if rep.stages:
+        cpu = not rep.device.startswith("cuda")  # RSS only: allocated and reserved are the same number
+        rows = [
+            [
+                s.path,
+                str(s.count),
+                fmt_bytes(s.peak_allocated_bytes),
+                *([] if cpu else [fmt_bytes(s.peak_reserved_bytes)]),
+                fmt_bytes(s.peak_increase_bytes),
+                fmt_bytes(s.retained_bytes),
+            ]
+            for s in rep.stages
+        ]
+        peak = ["peak RSS"] if cpu else ["peak allocated", "peak reserved"]
+        header = ["stage", "count", *peak, "peak above entry", "retained"]
+        text += "\n\n### Memory per stage\n\n" + markdown_table(header, rows)
+    if rep.fragmentation is not None:
+        f = rep.fragmentation
+        text += (
+            f"\n\nFragmentation: reserved − allocated {fmt_bytes(f.reserved_minus_allocated_bytes)}"
+            f" ({f.fragmentation_pct:.1f} % of reserved), inactive split {fmt_bytes(f.inactive_split_bytes)},"
+            f" allocation retries {f.num_alloc_retries}, OOMs {f.num_ooms}"
+        )
+    return text
