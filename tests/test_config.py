@@ -6,9 +6,20 @@ import json
 import pkgutil
 
 import pytest
+import torch
 
 import torchopt
-from torchopt.config import ConfigBase, check_choice, check_positive, check_type
+from torchopt.config import (
+    FLOAT_DTYPES,
+    ConfigBase,
+    check_choice,
+    check_positive,
+    check_range,
+    check_type,
+    parse_dtype,
+    resolve_device,
+)
+from torchopt.profile import LatencyConfig
 
 
 def _all_configs() -> list[type[ConfigBase]]:
@@ -74,3 +85,56 @@ def test_check_helpers_messages():
 def test_from_dict_rejects_non_mapping():
     with pytest.raises(TypeError, match="must be a mapping"):
         torchopt.recipes.CastConfig.from_dict(["float16"])
+
+
+# ------------------------------------------------------------------ the one vocabulary and the shared checks
+
+
+def test_parse_dtype_takes_names_aliases_and_torch_dtypes():
+    assert [parse_dtype("d", v) for v in ("fp16", "half", "float16", torch.float16)] == ["float16"] * 4
+    assert parse_dtype("d", "bf16", FLOAT_DTYPES) == "bfloat16" and parse_dtype("d", "long") == "int64"
+    with pytest.raises(
+        ValueError, match=r"cast.dtype must be one of \['float32', 'float16', 'bfloat16'\], got 'int64'"
+    ):
+        parse_dtype("cast.dtype", "long", FLOAT_DTYPES)
+    with pytest.raises(ValueError, match=r"dtype torch.complex64 is not supported"):
+        parse_dtype("d", torch.complex64)
+    with pytest.raises(TypeError, match=r"d must be a torch.dtype or a dtype name, got int 3"):
+        parse_dtype("d", 3)
+
+
+def test_resolve_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("device", None).type == expected and resolve_device("device", "auto").type == expected
+    assert resolve_device("device", "cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a valid device string"):
+        resolve_device("device", "gpu")
+    with pytest.raises(ValueError, match=r"device type must be one of \['cpu', 'cuda'\], got 'meta'"):
+        resolve_device("device", "meta")
+    with pytest.raises(TypeError, match=r"device must be a device like 'cpu'"):
+        resolve_device("device", 1.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:1' needs CUDA, but CUDA is not available"):
+            resolve_device("device", "cuda:1")
+
+
+def test_check_range_names_the_interval():
+    check_range("x", 0.5, low=0, high=1)
+    check_range("x", 1, low=0, high=1)
+    with pytest.raises(ValueError, match=r"x must be in \(0, 1\), got 1"):
+        check_range("x", 1, low=0, high=1, low_open=True, high_open=True)
+    with pytest.raises(ValueError, match=r"x must be in \[2, inf\], got 1"):
+        check_range("x", 1, low=2)
+    with pytest.raises(TypeError, match=r"x must be int, got bool True"):
+        check_range("x", True, low=0, types_=int)
+
+
+def test_merge_is_the_one_way_to_apply_overrides():
+    base = LatencyConfig(iters=7)
+    assert LatencyConfig.merge(base) is base
+    assert LatencyConfig.merge(base, warmup=2) == LatencyConfig(iters=7, warmup=2)
+    assert LatencyConfig.merge(None, iters=3) == LatencyConfig(iters=3)
+    with pytest.raises(ValueError, match=r"unknown key 'iter' in latency options \(did you mean 'iters'\?\)"):
+        LatencyConfig.merge(None, where="latency options", iter=3)
+    with pytest.raises(TypeError, match=r"config must be LatencyConfig, got dict"):
+        LatencyConfig.merge({"iters": 3})

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_type
+from torchopt.config import DTYPES, ConfigBase, check_choice, check_type, parse_dtype
 
 __all__ = [
-    "DTYPES",
     "WHICH",
     "InputSpec",
     "StructuredInputs",
@@ -32,32 +31,8 @@ __all__ = [
     "select_profile",
 ]
 
-# Names accepted for `InputSpec.dtype`; serialized as these strings.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 # Profile points at which examples are drawn.
 WHICH = ["min", "min+1", "opt", "max-1", "max"]
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "long": "int64"}
-
-
-def _dtype_name(dtype: Any) -> str:
-    if isinstance(dtype, torch.dtype):
-        for name, dt in DTYPES.items():
-            if dt == dtype:
-                return name
-        raise ValueError(f"dtype {dtype} is not supported; expected one of {list(DTYPES)}")
-    check_type("dtype", dtype, (str, torch.dtype), "a torch.dtype or a dtype name")
-    dtype = _DTYPE_ALIASES.get(dtype, dtype)
-    check_choice("dtype", dtype, list(DTYPES))
-    return dtype
 
 
 def _shape(name: str, value: Any) -> tuple[int, ...] | None:
@@ -100,7 +75,7 @@ class InputSpec(ConfigBase):
     def __post_init__(self) -> None:
         check_type("InputSpec.name", self.name, str)
         input_path(self.name)  # raises unless a forward argument, or a path into one
-        self.dtype = _dtype_name(self.dtype)
+        self.dtype = parse_dtype("dtype", self.dtype)
         where = f"InputSpec {self.name!r}"
         self.shape = _shape(f"{where}.shape", self.shape)
         self.min = _shape(f"{where}.min", self.min)

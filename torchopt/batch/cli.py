@@ -22,8 +22,8 @@ import torch
 from torchopt.batch import MaxBatchConfig, OptimalBatchConfig, batch_profile, find_max_batch, find_optimal_batch
 from torchopt.batch._calls import as_make_inputs
 from torchopt.cli_args import add_config_arguments, add_model_arguments, check_out_dir, format_bytes, parse_bytes
-from torchopt.config import resolve_device
-from torchopt.inputs import DTYPES, parse_input_spec
+from torchopt.config import DTYPES, resolve_device
+from torchopt.inputs import parse_input_spec
 from torchopt.models import load_model
 
 __all__ = ["register", "run_find_batch"]
