@@ -55,16 +55,12 @@ def _keep_compiled_on_cpu(ctx: StepContext, backend_name: str, runner, why: str)
     return False
 
 
-def build_runners(config: CompileConfig, ctx: StepContext, backend_name: str) -> list:
-    """Build `backend_name`'s runners for the context's model and profiles; its notes, details and any
-    precision it changed go to the context's report."""
-    log = BuildLog(progress=ctx.progress)
-    runners = get_backend(backend_name).build(ctx.model, ctx.profiles, ctx.runtime, config.settings(backend_name), log)
+def _report_build(ctx: StepContext, log: BuildLog) -> None:
+    """A kept build's notes, details and any precision it changed go to the context's report."""
     ctx.report.notes.extend(log.notes)
     ctx.details.update(log.details)
     if log.precision is not None:
         ctx.report.precision, ctx.report.precision_reason = log.precision
-    return runners
 
 
 def _apply_compile(config: CompileConfig, ctx: StepContext) -> None:
@@ -76,11 +72,14 @@ def _apply_compile(config: CompileConfig, ctx: StepContext) -> None:
         why = f"auto: eager for the fake-quant model; only TensorRT runs Q/DQ as integer/FP8 kernels ({why})"
     ctx.set_backend(backend.name, why)
     ctx.check_profiles_run()
-    runners = build_runners(config, ctx, backend.name)
+    log = BuildLog(progress=ctx.progress)
+    runners = backend.build(ctx.model, ctx.profiles, ctx.runtime, config.settings(backend.name), log)
     timed_choice = config.backend == "auto" and ctx.device.type == "cpu" and backend.name != "eager"
     # On CPU, oneDNN's eager convolutions often match or beat compiled code: keep what measures faster.
     if timed_choice and not _keep_compiled_on_cpu(ctx, backend.name, runners[0], why):
-        runners = [ctx.model for _ in ctx.profiles]
+        runners = [ctx.model for _ in ctx.profiles]  # the discarded build's notes would describe what does not run
+    else:
+        _report_build(ctx, log)
     ctx.runners = runners
 
 

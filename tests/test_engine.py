@@ -257,6 +257,8 @@ def test_auto_on_cpu_decides_with_a_margin_and_load_restores_it(seed, monkeypatc
     if kept == "eager":  # 1.01x: inside the margin, the simpler backend stays and the report says why
         assert "eager kept on CPU, inductor not clearly faster" in fast.report.backend_reason
         assert "1.01x (1.01–1.01)" in fast.report.backend_reason
+    # The report describes what runs: the Inductor build's notes only when Inductor is kept.
+    assert any(n.startswith("torch.compile(") for n in fast.report.notes) == (kept == "inductor")
     fast.save(tmp_path / "m")
     calls.clear()
     loaded = torchopt.load(tmp_path / "m")
