@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_choice, check_type, closest
+from torchopt.config import DTYPES, FLOAT_DTYPES, ConfigBase, check_choice, check_type, closest
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -31,18 +31,17 @@ __all__ = [
     "yuv_coefficients",
 ]
 
-FORMATS = ("rgb", "bgr", "nv12", "i420")
+PIXEL_FORMATS = ("rgb", "bgr", "nv12", "i420")
 YUV_FORMATS = ("nv12", "i420")
 INTERPOLATIONS = ("bilinear", "nearest")
 FITS = ("stretch", "letterbox", "crop")
 ORDERS = ("rgb", "bgr")
 LAYOUTS = ("NCHW", "NHWC")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (Kr, Kb) luma weights of the two matrices video decoders emit; Kg = 1 - Kr - Kb.
 YUV_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 YUV_RANGES = ("limited", "full")
-BACKENDS = ("auto", "triton", "reference")
-MAX_BATCH = 65535  # the kernel puts the image index on grid axis 2 (CUDA limit 65535)
+KERNEL_BACKENDS = ("auto", "triton", "reference")
+MAX_GRID_BATCH = 65535  # the kernel puts the image index on grid axis 2 (CUDA limit 65535)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,7 +118,7 @@ class PreprocessConfig(ConfigBase):
     def __post_init__(self) -> None:
         # ConfigBase is a plain dataclass, so this one cannot be frozen=True; it normalizes its fields here and
         # then refuses assignment (see __setattr__), which keeps __hash__ stable.
-        self.format = _lower_choice("format", self.format, FORMATS)
+        self.format = _lower_choice("format", self.format, PIXEL_FORMATS)
         self.interpolation = _lower_choice("interpolation", self.interpolation, INTERPOLATIONS)
         check_type("antialias", self.antialias, bool)
         if self.antialias and self.interpolation == "nearest":
@@ -142,8 +141,8 @@ class PreprocessConfig(ConfigBase):
         self.layout = _lower_choice("layout", self.layout, LAYOUTS, upper=True)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = str(self.dtype).removeprefix("torch.")
-        self.dtype = _lower_choice("dtype", self.dtype, tuple(DTYPES))
-        self.backend = _lower_choice("backend", self.backend, BACKENDS)
+        self.dtype = _lower_choice("dtype", self.dtype, FLOAT_DTYPES)
+        self.backend = _lower_choice("backend", self.backend, KERNEL_BACKENDS)
         # Hashed on every launch (plan cache key): computed once.
         object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in self.field_names())))
         object.__setattr__(self, "_frozen", True)
@@ -172,37 +171,38 @@ _DEFAULT_CONFIG = PreprocessConfig()
 
 @functools.lru_cache(maxsize=256)
 def _config_from_items(items: tuple[tuple[str, Any], ...]) -> PreprocessConfig:
-    return _config_from_options(dict(items))
+    return _merged(None, dict(items))
 
 
-def _config_from_options(options: dict[str, Any]) -> PreprocessConfig:
+def _merged(config: PreprocessConfig | None, options: dict[str, Any]) -> PreprocessConfig:
+    """`config` with keyword `options` through `ConfigBase.merge`; an unknown option is a TypeError, as an
+    unknown keyword argument of a function is."""
     valid = PreprocessConfig.field_names()
     for key in options:
         if key not in valid:
             raise TypeError(f"unexpected option {key!r}{closest(key, valid)}; the options are: {', '.join(valid)}")
-    return PreprocessConfig(**options)
+    return PreprocessConfig.merge(config, **options)
 
 
 def resolve_config(config: PreprocessConfig | None, options: dict[str, Any]) -> PreprocessConfig:
     """The config of one call: `config` (default options when None) with keyword `options` applied.
 
-    Cached on the options so the per-call cost is a dict lookup (the b1 latency budget is a few µs).
+    `preprocess` resolves its config on every call, and at batch 1 the whole call has a budget of a few µs,
+    while building and validating a PreprocessConfig costs tens of µs: keyword-only calls are therefore cached
+    on their (hashable) options, so the per-call cost is a dict lookup. The rest goes through the merge.
     """
     if config is not None and not isinstance(config, PreprocessConfig):
         raise TypeError(f"config must be a PreprocessConfig or None, got {type(config).__name__} {config!r}")
     if not options:
         return _DEFAULT_CONFIG if config is None else config
     if config is not None:
-        bad = [k for k in options if k not in PreprocessConfig.field_names()]
-        if bad:
-            _config_from_options(options)  # raises the TypeError naming the option
-        return dataclasses.replace(config, **options)
+        return _merged(config, options)
     try:
         return _config_from_items(tuple(sorted(options.items())))
     except TypeError as exc:
         if "unhashable" not in str(exc):
             raise
-        return _config_from_options(options)  # e.g. mean given as a list
+        return _merged(None, options)  # e.g. mean given as a list
 
 
 def check_size(size: Any) -> tuple[int, int]:
@@ -420,14 +420,16 @@ def parse_images(images: Any, fmt: str) -> ParsedImages:
         hw = _check_image("images", images, fmt, (one, one + 1))
         single = images.dim() == one
         batch = images.unsqueeze(0) if single else images
-        if batch.shape[0] > MAX_BATCH:
-            raise ValueError(f"images holds {batch.shape[0]} images; at most {MAX_BATCH} per call, split the batch")
+        if batch.shape[0] > MAX_GRID_BATCH:
+            raise ValueError(
+                f"images holds {batch.shape[0]} images; at most {MAX_GRID_BATCH} per call, split the batch"
+            )
         return ParsedImages(batch, None, [hw] * batch.shape[0], single, images.device)
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty list; pass at least one image")
-        if len(images) > MAX_BATCH:
-            raise ValueError(f"images holds {len(images)} images; at most {MAX_BATCH} per call")
+        if len(images) > MAX_GRID_BATCH:
+            raise ValueError(f"images holds {len(images)} images; at most {MAX_GRID_BATCH} per call")
         sizes = [_check_image(f"images[{i}]", t, fmt, (one,)) for i, t in enumerate(images)]
         device = images[0].device
         for i, t in enumerate(images):

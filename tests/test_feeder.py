@@ -129,7 +129,7 @@ def test_config_errors_name_the_option(kw, exc, match):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_is_clear_error():
-    with pytest.raises(ValueError, match=r"FeederConfig.device is 'cuda' but CUDA is not available"):
+    with pytest.raises(ValueError, match=r"FeederConfig.device 'cuda' needs CUDA, but CUDA is not available"):
         FrameFeeder(_cfg(device="cuda"), transform=scale_nchw)
 
 

@@ -13,7 +13,6 @@ from torchopt import recipes  # noqa: E402, I001  (registers the built-in recipe
 from torchopt import batch, kernels, profile, quantize  # noqa: E402  (light: heavy deps load on first use)
 from torchopt.feeder import FeederConfig, FrameFeeder  # noqa: E402
 from torchopt.accuracy import AccuracyMetrics, compare_outputs
-from torchopt.config import ConfigBase
 from torchopt.engine import AccuracyError, OptimizedModule, load, optimize
 from torchopt.inputs import InputSpec
 from torchopt.recipe import Recipe
@@ -24,7 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyError",
     "AccuracyMetrics",
-    "ConfigBase",
     "FeederConfig",
     "FrameFeeder",
     "InputSpec",

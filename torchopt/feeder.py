@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from torchopt import kernels
-from torchopt.config import ConfigBase, check_positive, check_type
+from torchopt.config import ConfigBase, check_positive, check_type, resolve_device
 
 __all__ = ["FeederClosedError", "FeederConfig", "FeederStats", "FrameFeeder", "default_transform"]
 
@@ -347,7 +347,7 @@ class FrameFeeder:
     ) -> None:
         self.config = config if isinstance(config, FeederConfig) else FeederConfig.from_dict(config)
         cfg = self.config
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device("FeederConfig.device", cfg.device)
         self._cuda = self.device.type == "cuda"
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (batch -> tensor), got {type(transform).__name__}")
@@ -805,22 +805,3 @@ class FrameFeeder:
             f"FrameFeeder(device={self.device}, batch_size={cfg.batch_size}, frame_shape={self._frame_shape},"
             f" num_slots={cfg.num_slots}, num_outputs={cfg.num_outputs}, closed={self._closed})"
         )
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"FeederConfig.device is {name!r} but CUDA is not available here (CPU-only torch or no GPU);"
-                f" use device='auto' or 'cpu'"
-            )
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"FeederConfig.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    return device

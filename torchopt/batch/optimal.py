@@ -41,9 +41,9 @@ def _default_latency() -> LatencyConfig:
     return LatencyConfig(warmup=3, iters=50, max_time_s=2.0)
 
 
-def _with_sweep_defaults(options: dict[str, Any]) -> dict[str, Any]:
+def _sweep_latency(options: dict[str, Any], where: str) -> LatencyConfig:
     # Partial latency options fill in from the sweep's defaults, not from LatencyConfig's slower ones.
-    return {**_default_latency().to_dict(), **options}
+    return LatencyConfig.merge(_default_latency(), where=where, **options)
 
 
 @dataclasses.dataclass
@@ -95,7 +95,7 @@ class OptimalBatchConfig(ConfigBase):
         check_positive("tie_pct", self.tie_pct, allow_zero=True, types_=(int, float))
         check_type("recheck_misses", self.recheck_misses, bool)
         if isinstance(self.latency, dict):
-            self.latency = LatencyConfig.from_dict(_with_sweep_defaults(self.latency), where=f"{_WHERE}.latency")
+            self.latency = _sweep_latency(self.latency, f"{_WHERE}.latency")
         check_type("latency", self.latency, LatencyConfig)
         if self.latency.batch_size is not None:
             raise ValueError(f"latency.batch_size is set per swept size; leave it None, got {self.latency.batch_size}")
@@ -104,7 +104,7 @@ class OptimalBatchConfig(ConfigBase):
     @classmethod
     def from_dict(cls, data: Any, *, where: str | None = None) -> OptimalBatchConfig:
         if isinstance(data, dict) and isinstance(data.get("latency"), dict):
-            data = {**data, "latency": _with_sweep_defaults(data["latency"])}
+            data = {**data, "latency": _sweep_latency(data["latency"], f"{where or cls.__name__}.latency")}
         return super().from_dict(data, where=where)
 
     @property

@@ -24,7 +24,7 @@ from torchopt.quantize.keep import KeepRule
 from torchopt.quantize.layer_sensitivity import auto_keep, sensitivity
 from torchopt.quantize.quant_summary import detect_format, summary
 
-# What README's "Quantization" section documents (tests/quantize/test_exports.py holds them to each other); the
+# What README's "Quantization" section documents (tests/test_exports.py holds them to each other); the
 # result types (Comparison, Sensitivity, KeepSearch, QuantSummary), CalibData, the cache and the ModelOpt config
 # builder live in their modules (comparison, layer_sensitivity, quant_summary, calibrate, cache, formats).
 __all__ = [

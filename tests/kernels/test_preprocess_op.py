@@ -351,27 +351,3 @@ def test_gpu_no_allocation_after_warmup_with_out():
         preprocess(x, 224, out=out, dtype=torch.float16)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
-
-
-def test_captured_preprocess_needs_one_cuda_tensor():
-    from torchopt.kernels import CapturedPreprocess
-
-    with pytest.raises(TypeError, match="needs one tensor as its static source"):
-        CapturedPreprocess([pixels(1, 8, 8, 3)], 4)
-    with pytest.raises(ValueError, match="must be on a CUDA device, got cpu"):
-        CapturedPreprocess(pixels(1, 8, 8, 3), 4)
-
-
-@pytest.mark.gpu
-def test_gpu_captured_preprocess_replays_the_same_kernel():
-    from torchopt.kernels import CapturedPreprocess
-
-    x = pixels(1, 1080, 1920, 3, seed=22).cuda()
-    pre = CapturedPreprocess(x, 224, dtype=torch.float16, **NORM)
-    assert torch.equal(pre(), preprocess(x, 224, dtype=torch.float16, **NORM))
-    other = pixels(1, 1080, 1920, 3, seed=23).cuda()
-    got = pre(other).clone()  # copied into the static input, then replayed
-    assert torch.equal(got, preprocess(other, 224, dtype=torch.float16, **NORM))
-    assert_matches(got.cpu(), preprocess_ref(other, 224, dtype=torch.float16, **NORM).cpu(), "captured")
-    with pytest.raises(ValueError, match="must match the captured input"):
-        pre(other[:, :720])
