@@ -163,7 +163,10 @@ def _write_aoti(program: torch.export.ExportedProgram, path: Path, runtime: Runt
     """Compile and write the AOTInductor package; its meta.json entry."""
     package = path / AOTI_PACKAGE
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        with warnings.catch_warnings():
+            # torch 2.13's own AOTInductor code trips its pytree deprecation; nothing the caller can change.
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
     except Exception as exc:  # a C++ compiler missing or an op inductor cannot lower: say so, keep the cause
         head = " ".join(str(exc).strip().splitlines()[:3])[:300]
         raise RuntimeError(f"AOTInductor could not compile the exported module ({type(exc).__name__}: {head})") from exc
