@@ -147,3 +147,14 @@ def test_damaged_artifact_entry(saved, tmp_path, artifact, message):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DamagedSaveError, match=message):
         torchopt.load(path)
+
+
+def test_aoti_compile_failure_writes_nothing(saved, tmp_path, monkeypatch):
+    def no_compiler(program, package_path=None):
+        raise RuntimeError("simulated: no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    fast = torchopt.load(saved)
+    with pytest.raises(RuntimeError, match=r"AOTInductor could not compile .*no C\+\+ compiler found"):
+        fast.save(tmp_path / "new", format="aoti")
+    assert not (tmp_path / "new").exists()

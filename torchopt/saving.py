@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -102,12 +104,26 @@ def save(optimized: Any, path: str | os.PathLike, *, format: str = "directory") 
     check_choice("format", format, SAVE_FORMATS)
     path = _as_path(path)
     runtime: Runtime = optimized.runtime
-    # Deployment artifacts are built before anything is written, so a failure leaves no half-written save.
-    program, artifacts = None, {}
-    if format == "aoti":
-        program = _export_for_aoti(optimized.module, optimized.profiles, runtime)
-    elif format == "tensorrt":
-        artifacts = _serialized_engines(optimized, runtime)
+    # Deployment artifacts are built before anything is written into `path`, so a failure leaves no half save.
+    with tempfile.TemporaryDirectory(prefix="torchopt-save-") as scratch:
+        program, artifact, staged = None, None, []
+        if format == "aoti":
+            program = _export_for_aoti(optimized.module, optimized.profiles, runtime)
+            artifact, staged = _compile_aoti(program, Path(scratch), runtime)
+        elif format == "tensorrt":
+            artifact, staged = _write_engines(_serialized_engines(optimized, runtime), Path(scratch))
+        return _write_directory(optimized, path, program, artifact, staged)
+
+
+def _write_directory(
+    optimized: Any,
+    path: Path,
+    program: torch.export.ExportedProgram | None,
+    artifact: dict[str, Any] | None,
+    staged: list[Path],
+) -> Path:
+    """Write the directory: the module, the backend's files, the staged artifact files and meta.json (last)."""
+    runtime: Runtime = optimized.runtime
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -127,10 +143,10 @@ def save(optimized: Any, path: str | os.PathLike, *, format: str = "directory") 
     backend_meta = backend.save(optimized.runners, path)
     if backend_meta is not None:  # the backend's own files (e.g. TensorRT engines) replace a rebuild on load
         meta["backend_files"] = {"backend": backend.name, **backend_meta}
-    if program is not None:
-        meta["artifact"] = _write_aoti(program, path, runtime)
-    elif format == "tensorrt":
-        meta["artifact"] = _write_engines(artifacts, path)
+    if artifact is not None:
+        for file in staged:
+            shutil.move(file, path / file.name)
+        meta["artifact"] = artifact
     (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return path
 
@@ -159,9 +175,11 @@ def _export_for_aoti(
         ) from exc
 
 
-def _write_aoti(program: torch.export.ExportedProgram, path: Path, runtime: Runtime) -> dict[str, Any]:
-    """Compile and write the AOTInductor package; its meta.json entry."""
-    package = path / AOTI_PACKAGE
+def _compile_aoti(
+    program: torch.export.ExportedProgram, scratch: Path, runtime: Runtime
+) -> tuple[dict[str, Any], list[Path]]:
+    """Compile the AOTInductor package into `scratch`; its meta.json entry and the file."""
+    package = scratch / AOTI_PACKAGE
     try:
         with warnings.catch_warnings():
             # torch 2.13's own AOTInductor code trips its pytree deprecation; nothing the caller can change.
@@ -170,7 +188,7 @@ def _write_aoti(program: torch.export.ExportedProgram, path: Path, runtime: Runt
     except Exception as exc:  # a C++ compiler missing or an op inductor cannot lower: say so, keep the cause
         head = " ".join(str(exc).strip().splitlines()[:3])[:300]
         raise RuntimeError(f"AOTInductor could not compile the exported module ({type(exc).__name__}: {head})") from exc
-    return {"format": "aoti", "files": [AOTI_PACKAGE], "device": runtime.device.type}
+    return {"format": "aoti", "files": [AOTI_PACKAGE], "device": runtime.device.type}, [package]
 
 
 def _serialized_engines(optimized: Any, runtime: Runtime) -> list[tuple[bytes, list[dict[str, Any]]]]:
@@ -180,14 +198,17 @@ def _serialized_engines(optimized: Any, runtime: Runtime) -> list[tuple[bytes, l
     return build_serialized_engines(optimized.module, optimized.profiles, runtime, config, BuildLog())
 
 
-def _write_engines(engines: list[tuple[bytes, list[dict[str, Any]]]], path: Path) -> dict[str, Any]:
+def _write_engines(
+    engines: list[tuple[bytes, list[dict[str, Any]]]], scratch: Path
+) -> tuple[dict[str, Any], list[Path]]:
+    """Write the engines into `scratch`; their meta.json entry (files and each profile's inputs) and the files."""
     files, inputs = [], []
     for i, (engine, specs_kw) in enumerate(engines):
-        name = f"tensorrt_profile{i}.engine"
-        (path / name).write_bytes(engine)
-        files.append(name)
+        file = scratch / f"tensorrt_profile{i}.engine"
+        file.write_bytes(engine)
+        files.append(file)
         inputs.append([{k: str(v) if isinstance(v, torch.dtype) else v for k, v in kw.items()} for kw in specs_kw])
-    return {"format": "tensorrt", "files": files, "inputs": inputs}
+    return {"format": "tensorrt", "files": [f.name for f in files], "inputs": inputs}, files
 
 
 def _write_module(
