@@ -1,4 +1,5 @@
-"""torchopt.load on damaged saves: each damage ends in one DamagedSaveError (a ValueError) naming the file."""
+"""torchopt.load on damaged saves (each damage ends in one DamagedSaveError, a ValueError, naming the file) and
+save's refusals of a format it cannot write (nothing is written then)."""
 
 import json
 
@@ -7,6 +8,7 @@ import torch
 
 import torchopt
 from torchopt import InputSpec, Recipe
+from torchopt.backends import BackendUnavailableError
 from torchopt.recipes import CompileConfig, ValidateConfig
 from torchopt.saving import DamagedSaveError
 
@@ -90,3 +92,69 @@ def test_path_must_be_a_path(saved):
         fast.save(None)
     with pytest.raises(TypeError, match="save needs the OptimizedModule .* got NoneType"):
         torchopt.saving.save(None, saved)
+
+
+class DataDependent(torch.nn.Module):
+    """Branches on a tensor's value: torch.export cannot trace it (the directory format pickles it instead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_unknown_format_is_refused_before_writing(saved, tmp_path):
+    fast = torchopt.load(saved)
+    with pytest.raises(ValueError, match=r"format must be one of \['directory', 'aoti', 'tensorrt'\], got 'onnx'"):
+        fast.save(tmp_path / "new", format="onnx")
+    with pytest.raises(TypeError, match=r"format must be .*str.*got int"):
+        fast.save(tmp_path / "new", format=1)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA (and so TensorRT) is missing")
+def test_tensorrt_format_without_tensorrt_is_the_backend_error(saved, tmp_path):
+    fast = torchopt.load(saved)
+    with pytest.raises(
+        BackendUnavailableError, match=r"serialized TensorRT engines need Torch-TensorRT: .*CUDA device"
+    ):
+        fast.save(tmp_path / "new", format="tensorrt")
+    assert not (tmp_path / "new").exists()
+
+
+def test_aoti_format_of_a_model_that_cannot_export_names_the_reason(tmp_path):
+    spec = InputSpec("x", min=(1, 6), opt=(4, 6), max=(8, 6))
+    recipe = Recipe([CompileConfig(backend="eager"), ValidateConfig(measure_latency=False)])
+    fast = torchopt.optimize(DataDependent(), recipe, inputs=[spec], progress=False)
+    with pytest.raises(
+        ValueError, match=r"format 'aoti' needs a module torch.export can export .* torch.export failed"
+    ):
+        fast.save(tmp_path / "new", format="aoti")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("artifact", "message"),
+    [("aoti", r"artifact is 'aoti', expected an object"), ({"format": "onnx"}, r"artifact is \{'format': 'onnx'\}")],
+)
+def test_damaged_artifact_entry(saved, tmp_path, artifact, message):
+    path = _copy(saved, tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["artifact"] = artifact
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DamagedSaveError, match=message):
+        torchopt.load(path)
+
+
+def test_aoti_compile_failure_writes_nothing(saved, tmp_path, monkeypatch):
+    def no_compiler(program, package_path=None):
+        raise RuntimeError("simulated: no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    fast = torchopt.load(saved)
+    with pytest.raises(RuntimeError, match=r"AOTInductor could not compile .*no C\+\+ compiler found"):
+        fast.save(tmp_path / "new", format="aoti")
+    assert not (tmp_path / "new").exists()

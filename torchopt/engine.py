@@ -165,9 +165,16 @@ class OptimizedModule(torch.nn.Module):
         """Run the profile's input tensors given flat, in the profile's order (dict/list arguments flattened)."""
         return self._dispatch(*inputs)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save the prepared module, the recipe and the profiles; `torchopt.load(path)` rebuilds it."""
-        return saving.save(self, path)
+    def save(self, path: str | os.PathLike, format: str = "directory") -> Path:
+        """Save the prepared module, the recipe and the profiles as a directory; `torchopt.load(path)` rebuilds it.
+
+        format: what to add for deployment (`torchopt.saving.SAVE_FORMATS`): "directory" nothing; "aoti" an
+            AOTInductor package (`aoti.pt2`, loadable from C++ without Python); "tensorrt" one serialized TensorRT
+            engine per profile (needs Torch-TensorRT and CUDA). `torchopt.load` checks inputs against the
+            profiles; a bare `torch._inductor.aoti_load_package` or C++ `AOTIModelPackageLoader` does not check the
+            export's dim bounds (batch 65 runs on a package exported for at most 64).
+        """
+        return saving.save(self, path, format=format)
 
 
 def optimize(

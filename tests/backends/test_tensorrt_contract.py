@@ -32,6 +32,7 @@ from torchopt.backends.tensorrt import (
     input_kwargs,
     keep_pattern_regex,
     save_kwargs,
+    serialized_engine_kwargs,
 )
 
 
@@ -385,3 +386,77 @@ def test_autocast_keep_patterns_with_the_real_node_rule(exported_nodes, patterns
     paths = {n: n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0] for n in exported_nodes}
     assert set(paths.values()) == {"body.0", "body.1", "head", "headroom"}
     assert {paths[n] for n in exported_nodes if rule.check(n)} == kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save(format="tensorrt"): convert_exported_program_to_serialized_trt_engine
+
+SERIALIZE = "convert_exported_program_to_serialized_trt_engine"
+
+
+@pytest.fixture(scope="module")
+def serialize_fn() -> ast.FunctionDef:
+    return _function(_tree("dynamo/_compiler.py"), SERIALIZE)
+
+
+@pytest.fixture(scope="module")
+def serialize_params(serialize_fn) -> dict[str, str]:
+    assert serialize_fn.args.kwarg is not None  # unknown keywords pass silently here too
+    kwonly = {a.arg for a in serialize_fn.args.kwonlyargs}
+    return {k: v for k, v in _keyword_params(serialize_fn).items() if k in kwonly}
+
+
+def _refused(cfg: TensorRTConfig) -> bool:
+    return bool(cfg.autocast or cfg.torch_executed_ops or cfg.dryrun)
+
+
+def test_serialized_engine_keywords_exist_for_every_accepted_combination(serialize_params):
+    accepted = refused = 0
+    for cfg in _configs():
+        for quantized, fingerprint in CALL_VARIANTS:
+            if _refused(cfg):
+                with pytest.raises(ValueError, match=r"cannot be used for a serialized TensorRT engine"):
+                    serialized_engine_kwargs(cfg, device=DEVICE, quantized=quantized, calib_fingerprint=fingerprint)
+                refused += 1
+                continue
+            kw = serialized_engine_kwargs(cfg, device=DEVICE, quantized=quantized, calib_fingerprint=fingerprint)
+            unknown = set(kw) - set(serialize_params)
+            assert not unknown, f"{cfg} passes {sorted(unknown)}, not parameters of {SERIALIZE}"
+            assert not set(kw) & REMOVED and not set(kw) & {"inputs", "arg_inputs", "kwarg_inputs"}
+            for key, value in kw.items():
+                ok = _accepts(serialize_params[key], value)
+                assert ok is not None, f"annotation {serialize_params[key]!r} of {key!r} not understood by _accepts"
+                assert ok, f"{key}={value!r} does not fit torch_tensorrt's annotation {serialize_params[key]!r}"
+            accepted += 1
+    assert accepted >= 100 and refused >= 100
+
+
+def test_serialized_engine_refusals_are_what_the_function_cannot_do(serialize_fn, serialize_params, compile_params):
+    """autocast: its keywords are compile's only (here they would vanish into **kwargs); torch_executed_ops: the
+    function converts the whole lowered graph into one engine, with no partitioner to leave ops in PyTorch."""
+    autocast_keys = {"enable_autocast", "autocast_low_precision_type", "autocast_excluded_nodes"}
+    assert autocast_keys <= set(compile_params) and not autocast_keys & set(serialize_params)
+    called = {ast.unparse(n.func) for n in ast.walk(serialize_fn) if isinstance(n, ast.Call)}
+    assert "interpret_module_to_result" in called  # the whole graph, one engine
+    assert not [c for c in called if "partition" in c]  # compile_module() partitions; this function does not
+    for option, value in {
+        "autocast": "float16",
+        "torch_executed_ops": ["aten._softmax.default"],
+        "dryrun": True,
+    }.items():
+        with pytest.raises(
+            ValueError, match=rf"tensorrt\.{option}=.* serialized TensorRT engine \(save format 'tensorrt'\)"
+        ):
+            serialized_engine_kwargs(TensorRTConfig(**{option: value}), device=DEVICE)
+
+
+def test_serialized_engine_call_site(serialize_fn, serialize_params):
+    assert SERIALIZE in _imported_names("dynamo/__init__.py")
+    assert serialize_fn.args.args[0].arg == "exported_program"  # called with the program positionally
+    tree = ast.parse(Path(trt_backend.__file__).read_text())
+    calls = [
+        {k.arg for k in node.keywords if k.arg}
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == f"trt.dynamo.{SERIALIZE}"
+    ]
+    assert calls and all("arg_inputs" in kws and kws <= set(serialize_params) for kws in calls)

@@ -112,6 +112,38 @@ def test_conv_net_dynamic_batch_fp16_save_load(tmp_path):
 
 
 @pytest.mark.tensorrt
+def test_save_format_tensorrt_writes_one_serialized_engine_per_profile(tmp_path):
+    """The engines alone (TensorRT's runtime, as Triton's tensorrt_plan loads them): each holds its profile's
+    min/opt/max and computes what the optimized module does."""
+    import tensorrt
+    from torch_tensorrt.runtime import TorchTensorRTModule
+
+    torch.manual_seed(0)
+    model = ConvNet().eval().cuda()
+    small = InputSpec("x", min=(1, 3, 32, 32), opt=(4, 3, 32, 32), max=(8, 3, 32, 32))
+    large = InputSpec("x", min=(9, 3, 32, 32), opt=(16, 3, 32, 32), max=(32, 3, 32, 32))
+    fast = torchopt.optimize(model, _recipe(), inputs=[[small], [large]], device="cuda", progress=False)
+    path = fast.save(tmp_path / "conv", format="tensorrt")
+    artifact = json.loads((path / "meta.json").read_text())["artifact"]
+    assert artifact["format"] == "tensorrt"
+    assert artifact["files"] == ["tensorrt_profile0.engine", "tensorrt_profile1.engine"]
+    runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+    for file, spec, batch in zip(artifact["files"], (small, large), (5, 20), strict=True):
+        data = (path / file).read_bytes()
+        engine = runtime.deserialize_cuda_engine(data)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == tensorrt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        assert len(inputs) == 1 and len(outputs) == 1
+        lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(inputs[0], 0))
+        assert (lo, opt, hi) == (spec.min, spec.opt, spec.max)
+        runner = TorchTensorRTModule(data, input_binding_names=inputs, output_binding_names=outputs)
+        x = torch.randn(batch, 3, 32, 32, device="cuda")
+        torch.testing.assert_close(runner(x.half()).float(), fast(x), rtol=1e-3, atol=1e-3)
+    assert torchopt.load(path).report.backend == "tensorrt"  # the directory still loads as before
+
+
+@pytest.mark.tensorrt
 def test_transformer_block_dynamic_batch_and_sequence(tmp_path):
     torch.manual_seed(0)
     model = Block().eval().cuda()

@@ -1,6 +1,7 @@
 """The recipe step `quantize`: YAML, the handler's context outputs, optimize() end to end, cache and errors."""
 
 import copy
+import json
 import textwrap
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torchopt
 import torchopt.quantize as tq
 from torchopt import InputSpec, Recipe
+from torchopt.quantize import checkpoint
 from torchopt.recipe import StepContext, get_handler
 from torchopt.recipes import CastConfig, CompileConfig, QuantizeConfig, ValidateConfig
 from torchopt.report import OptimizeReport
@@ -174,8 +176,29 @@ def test_step_keep_pattern_error(cnn, digits):
         torchopt.optimize(cnn, _recipe(keep=["conv9"]), inputs=SPEC, calib_data=digits.calib(1), progress=False)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; CUDA exports Q/DQ models")
-def test_saving_a_quantized_module_on_cpu_is_a_clear_error(cnn, digits, tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CUDA exports Q/DQ models as module.pt2")
+def test_a_quantized_module_saves_on_cpu_and_loads_identically(cnn, digits, tmp_path):
     fast = torchopt.optimize(cnn, _recipe(format="int8"), inputs=SPEC, calib_data=digits.calib(2), progress=False)
-    with pytest.raises(ValueError, match=r"cannot save this optimized module: .*Quantized models export on CUDA only"):
-        fast.save(tmp_path / "q")
+    path = fast.save(tmp_path / "q")
+    assert json.loads((path / "meta.json").read_text())["module_format"] == "modelopt"
+    assert (path / "module.modelopt.pt").is_file() and not (path / "module.pt").exists()
+    assert any("saved as a ModelOpt checkpoint: torch.export failed" in n for n in fast.report.notes)
+    loaded = torchopt.load(path)
+    assert tq.detect_format(loaded.module) == "int8"
+    x = digits.x_test[:100]
+    assert torch.equal(loaded(x), fast(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CUDA exports Q/DQ models as module.pt2")
+def test_loading_a_quantized_save_without_modelopt_names_it(cnn, digits, tmp_path, monkeypatch):
+    fast = torchopt.optimize(cnn, _recipe(format="int8"), inputs=SPEC, calib_data=digits.calib(1), progress=False)
+    path = fast.save(tmp_path / "q")
+
+    def no_modelopt():
+        raise ImportError("quantization needs NVIDIA ModelOpt: `pip install nvidia-modelopt` (simulated)")
+
+    monkeypatch.setattr(checkpoint, "import_modelopt_quantization", no_modelopt)
+    with pytest.raises(
+        ImportError, match=r"module\.modelopt\.pt' holds a ModelOpt-quantized module: .*NVIDIA ModelOpt"
+    ):
+        torchopt.load(path)

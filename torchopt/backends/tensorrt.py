@@ -51,6 +51,7 @@ __all__ = [
     "TensorRTBackend",
     "TensorRTConfig",
     "build_compile_kwargs",
+    "build_serialized_engines",
     "engine_cache_subdir",
     "explain_export_error",
     "export_profile",
@@ -59,6 +60,7 @@ __all__ = [
     "partition_report",
     "resolve_torch_ops",
     "save_kwargs",
+    "serialized_engine_kwargs",
 ]
 
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -298,6 +300,37 @@ def build_compile_kwargs(
     if config.lazy_engine_init:
         kw["lazy_engine_init"] = True
     return kw
+
+
+# What `convert_exported_program_to_serialized_trt_engine` cannot honour: it converts the whole graph into one
+# engine (no partitioning, so no ops left to PyTorch and no dry run) and takes no autocast keywords (2.13 would
+# swallow them in **kwargs and build a float32 engine).
+_SERIALIZED_ENGINE_REFUSED = {
+    "autocast": "it takes no autocast keywords; cast the model with the cast step (dtype float16/bfloat16) instead",
+    "torch_executed_ops": "it converts the whole graph into one engine, so no op can stay in PyTorch",
+    "dryrun": "a dry run builds no engine",
+}
+
+
+def serialized_engine_kwargs(
+    config: TensorRTConfig,
+    *,
+    device: torch.device,
+    quantized: bool = False,
+    calib_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """Exactly the keyword arguments (besides `arg_inputs`) passed to
+    `torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine`: `build_compile_kwargs`'s, after
+    refusing (ValueError) the settings that function cannot honour. Pure, like `build_compile_kwargs`."""
+    check_type("config", config, TensorRTConfig)
+    for name, why in _SERIALIZED_ENGINE_REFUSED.items():
+        value = getattr(config, name)
+        if value:
+            raise ValueError(
+                f"tensorrt.{name}={value!r} cannot be used for a serialized TensorRT engine (save format"
+                f" 'tensorrt'): {why}"
+            )
+    return build_compile_kwargs(config, device=device, quantized=quantized, calib_fingerprint=calib_fingerprint)
 
 
 def input_kwargs(spec: InputSpec, dtype: torch.dtype) -> tuple[dict[str, Any], list[str]]:
@@ -566,6 +599,45 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     return str(value)
+
+
+def build_serialized_engines(
+    model: torch.nn.Module,
+    profiles: list[list[InputSpec]],
+    runtime: Runtime,
+    config: TensorRTConfig,
+    log: BuildLog,
+) -> list[tuple[bytes, list[dict[str, Any]]]]:
+    """One serialized TensorRT engine per profile (what Triton's `tensorrt_plan` platform and TensorRT's C++
+    runtime load), each with its inputs' `torch_tensorrt.Input` keyword arguments (name, min/opt/max shapes,
+    dtype): `torch.export` of the profile, then `convert_exported_program_to_serialized_trt_engine`.
+
+    Raises BackendUnavailableError without Torch-TensorRT, TensorRT or a CUDA device.
+    """
+    reason = TensorRTBackend().unavailable_reason(runtime.device)
+    if reason is not None:
+        raise BackendUnavailableError(f"serialized TensorRT engines need Torch-TensorRT: {reason}")
+    trt = _import_torch_tensorrt()
+    device = runtime.device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    kwargs = serialized_engine_kwargs(
+        config, device=device, quantized=runtime.quantized, calib_fingerprint=runtime.calib_fingerprint
+    )
+    if runtime.quantized:
+        _check_quantized(model, torch.cuda.get_device_capability(device))
+    engines = []
+    for p, profile in enumerate(profiles):
+        specs_kw = _profile_inputs(profile, runtime, p, log)
+        log.log(f"building the serialized TensorRT engine of profile {p}")
+        program = export_profile(
+            model, profile, device=device, dtype=runtime.dtype, quantized=runtime.quantized, index=p
+        )
+        engine = trt.dynamo.convert_exported_program_to_serialized_trt_engine(
+            program, arg_inputs=[trt.Input(**kw) for kw in specs_kw], **kwargs
+        )
+        engines.append((bytes(engine), specs_kw))
+    return engines
 
 
 class TensorRTBackend(Backend):
