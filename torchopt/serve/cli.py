@@ -20,7 +20,7 @@ import torch
 
 from torchopt.cli_args import add_config_arguments
 from torchopt.engine import load as load_optimized
-from torchopt.kernels import PreprocessConfig, preprocess
+from torchopt.kernels import PreprocessConfig, preprocess_ref
 from torchopt.serve.triton_config import TritonConfig, parse_model_config
 from torchopt.serve.triton_repo import ARTIFACT_DIR, export_triton
 from torchopt.serve.triton_server import TritonServer, smoke_test
@@ -124,7 +124,7 @@ def _smoke(server: TritonServer, models: dict[str, Any], target: str, artifact: 
 
     def reference(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            xs = [preprocess(inputs["frames"], size, config=pre)] if ensemble else list(inputs.values())
+            xs = [preprocess_ref(inputs["frames"], size, config=pre)] if ensemble else list(inputs.values())
             out = module.call_flat(*xs)
         flat = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else list(out)
         return dict(zip(outputs, flat, strict=True))

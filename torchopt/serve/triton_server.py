@@ -145,6 +145,7 @@ class TritonServer:
         paths = [libdir, str(bundled), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
         env["TORCHOPT_TRITON_SITE_DIRS"] = os.pathsep.join(_site_dirs())
+        env.pop("TRITON_INTERPRET", None)  # a test/debug knob: a server runs the preprocess kernel or its reference
         return backends, env
 
     def start(self) -> TritonServer:
