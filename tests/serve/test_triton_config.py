@@ -14,7 +14,9 @@ from torchopt.serve.triton_config import (
     profile_dims,
 )
 
-pytest.importorskip("tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it")
+pytest.importorskip(
+    "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
+)
 
 SPECS = [InputSpec("x", min=(1, 3, 8, 8), opt=(4, 3, 16, 16), max=(8, 3, 32, 32))]
 OUT = [TensorSpec("output", "float32", (10,))]
@@ -77,7 +79,9 @@ def test_platform_lines():
     ],
 )
 def test_schema_rejects_wrong_enum_field_and_type(bad, needle):
-    with pytest.raises(TritonConfigError, match="m/config.pbtxt does not match Triton's model configuration schema") as e:
+    with pytest.raises(
+        TritonConfigError, match="m/config.pbtxt does not match Triton's model configuration schema"
+    ) as e:
         parse_model_config(_text().replace(*bad), "m/config.pbtxt")
     assert needle in str(e.value)
 

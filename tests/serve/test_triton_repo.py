@@ -10,7 +10,9 @@ from torchopt.saving import DamagedSaveError
 from torchopt.serve.triton_config import TritonConfigError, parse_model_config
 from torchopt.serve.triton_repo import export_triton
 
-pytest.importorskip("tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it")
+pytest.importorskip(
+    "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
+)
 
 
 def test_python_backend_repository(saved_tiny, tmp_path):

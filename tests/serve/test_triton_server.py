@@ -14,9 +14,13 @@ from torchopt.kernels import PreprocessConfig, preprocess_ref
 from torchopt.serve.triton_repo import export_triton
 from torchopt.serve.triton_server import TritonServer, TritonServerError, smoke_test
 
-pytest.importorskip("tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it")
+pytest.importorskip(
+    "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
+)
 if importlib.util.find_spec("pytriton") is None:  # its package __init__ needs PyTriton's own deps: only look it up
-    pytest.skip("the serve extra (nvidia-pytriton --no-deps) is not installed; .ci/setup installs it", allow_module_level=True)
+    pytest.skip(
+        "the serve extra (nvidia-pytriton --no-deps) is not installed; .ci/setup installs it", allow_module_level=True
+    )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOL = dict(atol=1e-5, rtol=1e-5)  # eager-fp32: the server runs the same float32 module
@@ -63,7 +67,9 @@ def test_ensemble_takes_uint8_frames(served):
         with torch.inference_mode():
             return {"output": model(preprocess_ref(inputs["frames"], (8, 8)))}
 
-    result = smoke_test(server, "tiny_ensemble", make_inputs=frames, reference=reference, requests=64, concurrency=8, **TOL)
+    result = smoke_test(
+        server, "tiny_ensemble", make_inputs=frames, reference=reference, requests=64, concurrency=8, **TOL
+    )
     assert result.mismatches == [] and result.answered == 64
 
 
@@ -84,7 +90,9 @@ def test_batch_above_max_and_wrong_shape_or_dtype_are_refused(served):
         _infer(server, "x", np.zeros((17, 3, 8, 8), np.float32))
     with pytest.raises(InferenceServerException, match=r"unexpected shape for input 'x'"):
         _infer(server, "x", np.zeros((1, 3, 9, 8), np.float32))
-    with pytest.raises(InferenceServerException, match="inference input 'x' data-type is 'FP64', but model 'tiny' expects 'FP32'"):
+    with pytest.raises(
+        InferenceServerException, match="input 'x' data-type is 'FP64', but model 'tiny' expects 'FP32'"
+    ):
         _infer(server, "x", np.zeros((1, 3, 8, 8), np.float64))
 
 
@@ -96,8 +104,9 @@ def test_server_killed_mid_run_is_reported(saved_tiny, tmp_path):
         killer = threading.Timer(0.5, lambda: os.killpg(server.process.pid, signal.SIGKILL))
         killer.start()
         with pytest.raises(TritonServerError, match="tritonserver"):
-            smoke_test(server, "tiny", make_inputs=_x, reference=_eager(model), requests=100_000, concurrency=8,
-                       timeout_s=10)
+            smoke_test(
+                server, "tiny", make_inputs=_x, reference=_eager(model), requests=100_000, concurrency=8, timeout_s=10
+            )
     finally:
         server.stop()
         server.cleanup()

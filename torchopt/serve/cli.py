@@ -27,7 +27,9 @@ from torchopt.serve.triton_server import TritonServer, smoke_test
 
 __all__ = ["register", "run_export_triton", "run_serve"]
 
-_OPTIONS = [f.name for f in TritonConfig.__dataclass_fields__.values() if f.name not in ("preferred_batch_sizes", "gpus")]
+_OPTIONS = [
+    f.name for f in TritonConfig.__dataclass_fields__.values() if f.name not in ("preferred_batch_sizes", "gpus")
+]
 
 
 def register(subparsers: Any) -> None:
@@ -43,12 +45,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", default="model", help="model name in the repository (default: model)")
     p.add_argument("--platform", choices=["python", "tensorrt_plan", "torch_aoti"], default="python")
     p.add_argument("--artifact", default=None, help="engine (.plan) or AOTInductor package for those platforms")
-    p.add_argument("--preprocess", default=None, metavar="JSON", help="PreprocessConfig options as JSON: adds an ensemble")
+    p.add_argument(
+        "--preprocess", default=None, metavar="JSON", help="PreprocessConfig options as JSON: adds an ensemble"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace model folders that exist")
     add_config_arguments(p, TritonConfig, _OPTIONS)
     p.set_defaults(func=run_export_triton)
 
-    s = subparsers.add_parser("serve", help="run Triton Inference Server (bundled with nvidia-pytriton) on a repository")
+    s = subparsers.add_parser(
+        "serve", help="run Triton Inference Server (bundled with nvidia-pytriton) on a repository"
+    )
     s.add_argument("repo", help="model repository written by export-triton")
     s.add_argument("--smoke", type=int, default=None, metavar="N", help="send N checked requests, print, stop")
     s.add_argument("--concurrency", type=int, default=32, help="concurrent clients of --smoke (default: 32)")
@@ -75,8 +81,12 @@ def run_export_triton(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         **options,
     )
-    print(f"wrote {export.repo}: model {export.model!r}" + (f", ensemble {export.ensemble!r}" if export.ensemble else ""))
-    print(f"max_batch_size {export.max_batch_size}, queue delay {export.queue_delay_us} µs ({export.queue_delay_reason})")
+    print(
+        f"wrote {export.repo}: model {export.model!r}" + (f", ensemble {export.ensemble!r}" if export.ensemble else "")
+    )
+    print(
+        f"max_batch_size {export.max_batch_size}, queue delay {export.queue_delay_us} µs ({export.queue_delay_reason})"
+    )
     print(f"serve it: {export.server_command()}")
     return 0
 

@@ -244,7 +244,8 @@ def _preprocess_models(
 
 def _analyzer_yaml(repo: Path, export: TritonExport, config: TritonConfig, kind: str, batch_cap: int) -> str:
     """A Triton Model Analyzer config: sweeps around the chosen batch and instance count, the latency budget
-    as a p99 constraint (batches never above the profile's `batch_cap`). Model Analyzer's perf_analyzer is not on PyPI: run it in NVIDIA's SDK container."""
+    as a p99 constraint (batches never above the profile's `batch_cap`). Model Analyzer's perf_analyzer is not
+    on PyPI: run it in NVIDIA's SDK container."""
     b = export.max_batch_size
     batches = sorted({max(1, b // 2), b, min(b * 2, batch_cap)})
     counts = sorted({1, config.instance_count, config.instance_count * 2})

@@ -67,7 +67,9 @@ def find_tritonserver() -> Path:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or spec.origin is None:
-        raise ServeExtraMissing(f"the bundled Triton Inference Server (nvidia-pytriton) is not installed: {INSTALL_HINT}")
+        raise ServeExtraMissing(
+            f"the bundled Triton Inference Server (nvidia-pytriton) is not installed: {INSTALL_HINT}"
+        )
     binary = Path(spec.origin).parent / "tritonserver" / "bin" / "tritonserver"
     if not binary.is_file():
         raise ServeExtraMissing(f"{binary} is missing (a damaged nvidia-pytriton install?): {INSTALL_HINT}")
@@ -170,7 +172,9 @@ class TritonServer:
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         t0 = time.perf_counter()
         # A new session: stopping signals the whole group, so the Python-backend stubs never outlive the server.
-        self.process = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -187,10 +191,13 @@ class TritonServer:
                     f"tritonserver exited with code {self.process.returncode} while loading {self.repo}:"
                     f" {self.failure_summary()}"
                 )
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
+            url = f"http://{self.http_url}/v2/health/ready"
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=1) as r,
+            ):
+                if r.status == 200:
+                    return
             time.sleep(0.1)
         raise TritonServerError(
             f"tritonserver did not become ready within {self.ready_timeout_s:g} s: {self.failure_summary()}"
@@ -228,10 +235,8 @@ class TritonServer:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=self.exit_timeout_s + 5)
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stubs left in the group, or a server that did not exit
             with contextlib.suppress(subprocess.TimeoutExpired):
