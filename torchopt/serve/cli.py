@@ -125,11 +125,13 @@ def _smoke(server: TritonServer, models: dict[str, Any], target: str, artifact: 
         params = models[proto.ensemble_scheduling.step[0].model_name].parameters
         pre = PreprocessConfig.from_dict(json.loads(params["preprocess"].string_value))
         size = tuple(json.loads(params["size"].string_value))
+        # The ensemble's frame dims where fixed, else frames twice the model's input size.
+        frame_dims = [d if d > 0 else 2 * size[min(i, 1)] for i, d in enumerate(proto.input[0].dims)]
 
     def make_inputs(i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(i)
         if ensemble:
-            return {"frames": torch.randint(0, 256, (1, 2 * size[0], 2 * size[1], 3), generator=g, dtype=torch.uint8)}
+            return {"frames": torch.randint(0, 256, (1, *frame_dims), generator=g, dtype=torch.uint8)}
         return {s.name: s.example("opt", seed=i)[:1] for s in spec}
 
     def reference(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
