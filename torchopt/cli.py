@@ -3,7 +3,7 @@
 torchopt demo                      optimize ResNet-50 (random weights) with the best recipe for this machine
 torchopt optimize MODEL ...        optimize a model given as module:callable or a torchvision name
 torchopt recipes [NAME]            list the built-in recipes, or print one as YAML
-torchopt bench / profile / find-batch   (see `torchopt COMMAND --help`)
+torchopt bench / profile / find-batch / export-triton / serve   (see `torchopt COMMAND --help`)
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from torchopt.calib_source import load_calib_data
 from torchopt.cli_args import MODEL_HELP, add_model_arguments, check_out_dir
 from torchopt.inputs import parse_input_spec
 from torchopt.models import DEMO_MODEL, ModelLoadError, demo_inputs, load_model
+from torchopt.serve.triton_server import TritonServerError
 
 __all__ = ["MODEL_HELP", "add_model_arguments", "check_out_dir", "main"]
 
 # Feature packages that add their own subcommands through `register(subparsers)`.
-_PLUGINS = ["torchopt.profile.cli", "torchopt.batch.cli"]
+_PLUGINS = ["torchopt.profile.cli", "torchopt.batch.cli", "torchopt.serve.cli"]
 
 
 CALIB_HELP = (
@@ -46,6 +47,7 @@ _EXPECTED = (
     ImportError,
     OSError,
     torchopt.AccuracyError,
+    TritonServerError,
 )
 
 

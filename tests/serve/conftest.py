@@ -69,3 +69,30 @@ def gated():
     model = GatedModel()
     yield model
     model.release()  # never leave a worker blocked
+
+
+# ---------------------------------------------------------------------------------------------- Triton tests
+
+SERVE_EXTRA_REASON = "the serve extra (tritonclient; nvidia-pytriton --no-deps) is not installed; .ci/setup installs it"
+TINY_PROFILE = dict(min=(1, 3, 8, 8), opt=(4, 3, 8, 8), max=(16, 3, 8, 8))
+
+
+def _tiny_model():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny(tmp_path_factory):
+    """(eager model, directory of its saved eager-fp32 OptimizedModule), batch 1..16 of (3, 8, 8) images."""
+    import torchopt
+
+    model = _tiny_model()
+    fast = torchopt.optimize(model, "eager-fp32", inputs=[torchopt.InputSpec("x", **TINY_PROFILE)], device="cpu")
+    path = tmp_path_factory.mktemp("tiny") / "saved"
+    fast.save(path)
+    return model, path

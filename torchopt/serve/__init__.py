@@ -3,6 +3,9 @@
 - `DynamicBatcher`: threads submit single items, one worker gathers them into batched model calls (up to the
   profile's batch max or a delay), splits the outputs back; bucketing with padding, back-pressure, per-request
   error isolation, drain-or-cancel shutdown.
+- `export_triton` / `TritonServer`: a Triton Inference Server model repository (checked against Triton's schema)
+  and the real server on it (`torchopt export-triton`, `torchopt serve`; tritonclient and tritonserver stay
+  unimported until used).
 - `AsyncPipeline`: decode → preprocess → infer → postprocess stages on their own threads (and CUDA streams),
   bounded queues between them, per-stage statistics and the bottleneck stage.
 
@@ -16,6 +19,9 @@ Example::
 
 from torchopt.serve.batcher import BatcherClosed, BatcherConfig, BatcherFull, BatcherStats, DynamicBatcher
 from torchopt.serve.pipeline import AsyncPipeline, PipelineClosed, PipelineConfig, PipelineStats, Stage, StageStats
+from torchopt.serve.triton_config import TritonConfig, TritonConfigError
+from torchopt.serve.triton_repo import TritonExport, export_triton
+from torchopt.serve.triton_server import ServeExtraMissing, SmokeResult, TritonServer, TritonServerError, smoke_test
 
 __all__ = [
     "AsyncPipeline",
@@ -27,6 +33,15 @@ __all__ = [
     "PipelineClosed",
     "PipelineConfig",
     "PipelineStats",
+    "ServeExtraMissing",
+    "SmokeResult",
     "Stage",
     "StageStats",
+    "TritonConfig",
+    "TritonConfigError",
+    "TritonExport",
+    "TritonServer",
+    "TritonServerError",
+    "export_triton",
+    "smoke_test",
 ]

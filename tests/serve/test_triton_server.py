@@ -1,0 +1,139 @@
+"""The real tritonserver (bundled with nvidia-pytriton) on repositories written by export_triton. No mock."""
+
+import importlib.util
+import os
+import shutil
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from torchopt.kernels import PreprocessConfig, preprocess_ref
+from torchopt.serve.triton_repo import export_triton
+from torchopt.serve.triton_server import TritonServer, TritonServerError, smoke_test
+
+pytest.importorskip(
+    "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
+)
+if importlib.util.find_spec("pytriton") is None:  # its package __init__ needs PyTriton's own deps: only look it up
+    pytest.skip(
+        "the serve extra (nvidia-pytriton --no-deps) is not installed; .ci/setup installs it", allow_module_level=True
+    )
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+TOL = dict(atol=1e-5, rtol=1e-5)  # eager-fp32: the server runs the same float32 module
+
+
+@pytest.fixture(scope="module")
+def served(saved_tiny, tmp_path_factory):
+    model, saved = saved_tiny
+    repo = tmp_path_factory.mktemp("repo")
+    export_triton(saved, repo, name="tiny", preprocess=PreprocessConfig(), max_queue_delay_us=2000)
+    with TritonServer(repo, exit_timeout_s=1) as server:
+        yield model, server
+
+
+def _x(i):
+    return {"x": torch.randn(1 + i % 3, 3, 8, 8, generator=torch.Generator().manual_seed(i))}
+
+
+def _eager(model):
+    def reference(inputs):
+        with torch.inference_mode():
+            return {"output": model(inputs["x"])}
+
+    return reference
+
+
+def test_thousand_requests_from_32_clients_match_eager_and_batch(served):
+    model, server = served
+    result = smoke_test(server, "tiny", make_inputs=_x, reference=_eager(model), requests=1000, concurrency=32, **TOL)
+    assert result.mismatches == [] and result.answered == 1000
+    assert max(result.batch_sizes) > 1, result.batch_sizes
+    assert sum(b * n for b, n in result.batch_sizes.items()) == sum(1 + i % 3 for i in range(1000))  # rows: none lost
+    print(result.summary())
+
+
+def test_ensemble_takes_uint8_frames(served):
+    model, server = served
+
+    def frames(i):
+        g = torch.Generator().manual_seed(i)
+        return {"frames": torch.randint(0, 256, (1, 20, 30, 3), generator=g, dtype=torch.uint8)}
+
+    def reference(inputs):
+        with torch.inference_mode():
+            return {"output": model(preprocess_ref(inputs["frames"], (8, 8)))}
+
+    result = smoke_test(
+        server, "tiny_ensemble", make_inputs=frames, reference=reference, requests=64, concurrency=8, **TOL
+    )
+    assert result.mismatches == [] and result.answered == 64
+
+
+def _infer(server, name, array):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inp = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    inp.set_data_from_numpy(array)
+    return server.client().infer("tiny", [inp], client_timeout=30)
+
+
+def test_batch_above_max_and_wrong_shape_or_dtype_are_refused(served):
+    from tritonclient.utils import InferenceServerException
+
+    _, server = served
+    with pytest.raises(InferenceServerException, match="batch-size must be <= 16 for .tiny."):
+        _infer(server, "x", np.zeros((17, 3, 8, 8), np.float32))
+    with pytest.raises(InferenceServerException, match=r"unexpected shape for input 'x'"):
+        _infer(server, "x", np.zeros((1, 3, 9, 8), np.float32))
+    with pytest.raises(
+        InferenceServerException, match="input 'x' data-type is 'FP64', but model 'tiny' expects 'FP32'"
+    ):
+        _infer(server, "x", np.zeros((1, 3, 8, 8), np.float64))
+
+
+def test_server_killed_mid_run_is_reported(saved_tiny, tmp_path):
+    model, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny")
+    server = TritonServer(tmp_path / "repo", exit_timeout_s=1).start()
+    try:
+        killer = threading.Timer(0.5, lambda: os.killpg(server.process.pid, signal.SIGKILL))
+        killer.start()
+        with pytest.raises(TritonServerError, match="tritonserver"):
+            smoke_test(
+                server, "tiny", make_inputs=_x, reference=_eager(model), requests=100_000, concurrency=8, timeout_s=10
+            )
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+def test_damaged_artifact_fails_naming_the_file(saved_tiny, tmp_path):
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny")
+    (tmp_path / "repo" / "tiny" / "1" / "artifact" / "module.pt2").write_bytes(b"garbage")
+    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*module\.pt2"):
+        TritonServer(tmp_path / "repo", exit_timeout_s=1).start()
+
+
+def test_missing_artifact_fails_naming_the_file(saved_tiny, tmp_path):
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny")
+    shutil.rmtree(tmp_path / "repo" / "tiny" / "1" / "artifact")
+    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*artifact"):
+        TritonServer(tmp_path / "repo", exit_timeout_s=1).start()
+
+
+def test_cli_serve_smoke(saved_tiny, tmp_path, capsys):
+    from torchopt.cli import main
+
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny", preprocess=PreprocessConfig(), frame_size=(20, 30))
+    assert main(["serve", str(tmp_path / "repo"), "--smoke", "200", "--concurrency", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "ready in" in out and "HTTP http://127.0.0.1:" in out
+    assert "smoke tiny_ensemble: 200/200 answers from 16 concurrent clients, all match" in out
