@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # Each package, the README section that documents its exports, and the short names the README's code gives it.
-PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+PACKAGES: dict[str, tuple[str | tuple[str, ...], tuple[str, ...]]] = {
     "torchopt": ("The Python API", ()),
     "torchopt.quantize": ("Quantization", ("tq",)),
     "torchopt.profile": ("Profiling", ("tp",)),
@@ -24,7 +24,7 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "torchopt.kernels": ("Preprocessing kernels", ()),
     "torchopt.recipes": ("Recipes", ()),
     "torchopt.backends": ("TensorRT and dynamic shapes", ()),
-    "torchopt.serve": ("Serving in-process", ()),
+    "torchopt.serve": (("Serving in-process", "Serving with Triton Inference Server"), ()),
 }
 ALIASES = {alias: package for package, (_, aliases) in PACKAGES.items() for alias in aliases}
 
@@ -35,7 +35,10 @@ SAME_NAME_EXPORTS = {
 }
 
 
-def _section(heading: str) -> str:
+def _section(heading: str | tuple[str, ...]) -> str:
+    """The README section under `heading` (several headings: their sections together)."""
+    if isinstance(heading, tuple):
+        return "".join(_section(h) for h in heading)
     text = README.read_text()
     start = text.index(f"\n## {heading}")
     end = text.find("\n## ", start + 1)
