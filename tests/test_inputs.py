@@ -1,5 +1,7 @@
 """InputSpec validation, profile normalization and dispatch, CLI spec parsing, forward-signature checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,6 +44,18 @@ def test_opt_defaults_inside_range():
 def test_bad_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InputSpec("x", **kwargs)
+
+
+def test_spec_is_frozen_and_replace_revalidates():
+    s = InputSpec("x", min=(2, 4), opt=(4, 4), max=(8, 4))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.opt = (12, 4)  # a spec stays as validated: backends never see an opt outside [min, max]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.min = (0, 4)
+    with pytest.raises(ValueError, match=r"dim 0 needs min <= opt <= max, got min=2, opt=12, max=8"):
+        dataclasses.replace(s, opt=(12, 4))
+    wider = dataclasses.replace(s, max=(16, 4))
+    assert (wider.min, wider.opt, wider.max) == ((2, 4), (4, 4), (16, 4)) and s.max == (8, 4)
 
 
 def test_bad_spec_types():

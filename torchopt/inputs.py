@@ -48,12 +48,14 @@ def _shape(name: str, value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InputSpec(ConfigBase):
     """One model input: a name, a dtype and a static `shape` or a dynamic `min`/`opt`/`max` profile.
 
-    Dims where `min != max` are dynamic; `opt` is the size the backends tune for. `dim_names` ties dynamic
-    dims across inputs (e.g. ``{0: "batch"}`` on every input makes their batch dims one symbol).
+    Dims where `min != max` are dynamic; `opt` is the size the backends tune for (default: the middle of the
+    range). `dim_names` ties dynamic dims across inputs (e.g. ``{0: "batch"}`` on every input makes their batch
+    dims one symbol). A spec is immutable and valid once built (1 <= min <= opt <= max on every dim): derive
+    another with ``dataclasses.replace(spec, ...)``.
 
     Example::
 
@@ -75,35 +77,33 @@ class InputSpec(ConfigBase):
     def __post_init__(self) -> None:
         check_type("InputSpec.name", self.name, str)
         input_path(self.name)  # raises unless a forward argument, or a path into one
-        self.dtype = parse_dtype("dtype", self.dtype)
         where = f"InputSpec {self.name!r}"
-        self.shape = _shape(f"{where}.shape", self.shape)
-        self.min = _shape(f"{where}.min", self.min)
-        self.opt = _shape(f"{where}.opt", self.opt)
-        self.max = _shape(f"{where}.max", self.max)
-        if self.shape is not None:
-            if any(v is not None for v in (self.min, self.opt, self.max)):
+        dtype = parse_dtype("dtype", self.dtype)
+        shape = _shape(f"{where}.shape", self.shape)
+        mins, opts, maxs = (_shape(f"{where}.{k}", getattr(self, k)) for k in ("min", "opt", "max"))
+        if shape is not None:
+            if any(v is not None for v in (mins, opts, maxs)):
                 raise ValueError(f"{where}: give either shape=... or min/opt/max, not both")
-            self.min = self.opt = self.max = self.shape
+            mins = opts = maxs = shape
         else:
-            if self.min is None or self.max is None:
+            if mins is None or maxs is None:
                 raise ValueError(f"{where}: needs shape=... or both min=... and max=... (opt optional)")
-            if self.opt is None:
+            if opts is None:
                 # Torch-TensorRT's default (min + max) / 2 can exceed max on odd ranges; clamp explicitly.
-                self.opt = tuple(min(mx, (mn + mx + 1) // 2) for mn, mx in zip(self.min, self.max, strict=False))
-        ranks = {"min": len(self.min), "opt": len(self.opt), "max": len(self.max)}
+                opts = tuple(min(mx, (mn + mx + 1) // 2) for mn, mx in zip(mins, maxs, strict=False))
+        ranks = {"min": len(mins), "opt": len(opts), "max": len(maxs)}
         if len(set(ranks.values())) != 1:
             raise ValueError(f"{where}: min/opt/max must have the same rank, got ranks {ranks}")
-        for i, (mn, op, mx) in enumerate(zip(self.min, self.opt, self.max, strict=True)):
+        for i, (mn, op, mx) in enumerate(zip(mins, opts, maxs, strict=True)):
             if not mn <= op <= mx:
                 raise ValueError(
                     f"{where}: dim {i} needs min <= opt <= max, got min={mn}, opt={op}, max={mx}"
-                    f" (min={self.min}, opt={self.opt}, max={self.max})"
+                    f" (min={mins}, opt={opts}, max={maxs})"
                 )
-        self.shape = self.min if self.min == self.max else None
+        self._set(dtype=dtype, min=mins, opt=opts, max=maxs, shape=mins if mins == maxs else None)
         if self.dim_names is not None:
             check_type(f"{where}.dim_names", self.dim_names, dict)
-            self.dim_names = {int(k): v for k, v in self.dim_names.items()}
+            self._set(dim_names={int(k): v for k, v in self.dim_names.items()})
             for d, n in self.dim_names.items():
                 if not 0 <= d < len(self.min):
                     raise ValueError(f"{where}.dim_names: dim {d} is outside rank {len(self.min)}")
@@ -115,7 +115,12 @@ class InputSpec(ConfigBase):
             lo, hi = self.value_range
             if not lo < hi:
                 raise ValueError(f"{where}.value_range needs low < high, got {tuple(self.value_range)}")
-            self.value_range = (lo, hi)
+            self._set(value_range=(lo, hi))
+
+    def _set(self, **fields: Any) -> None:
+        """Store normalized fields during `__post_init__` (the dataclass is frozen)."""
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
