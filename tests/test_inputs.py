@@ -139,6 +139,8 @@ def test_parse_input_spec():
     s = parse_input_spec("ids:int64=1-4-8x16-128-512")
     assert (s.min, s.opt, s.max, s.dtype) == ((1, 16), (4, 128), (8, 512), "int64")
     assert parse_input_spec("x=2x3").shape == (2, 3)
+    mixed = parse_input_spec("x=1-8x2-6-9x3-6x3")  # MIN-MAX dims take InputSpec's default opt
+    assert mixed.opt == (5, 6, 5, 3) and InputSpec("x", min=(1, 3), max=(8, 6)).opt == (5, 5)
     with pytest.raises(ValueError, match="MIN-OPT-MAX"):
         parse_input_spec("x=1-2-3-4x3")
     with pytest.raises(ValueError, match="not of the form"):

@@ -89,8 +89,7 @@ class InputSpec(ConfigBase):
             if mins is None or maxs is None:
                 raise ValueError(f"{where}: needs shape=... or both min=... and max=... (opt optional)")
             if opts is None:
-                # Torch-TensorRT's default (min + max) / 2 can exceed max on odd ranges; clamp explicitly.
-                opts = tuple(min(mx, (mn + mx + 1) // 2) for mn, mx in zip(mins, maxs, strict=False))
+                opts = tuple(_default_opt(mn, mx) for mn, mx in zip(mins, maxs, strict=False))
         ranks = {"min": len(mins), "opt": len(opts), "max": len(maxs)}
         if len(set(ranks.values())) != 1:
             raise ValueError(f"{where}: min/opt/max must have the same rank, got ranks {ranks}")
@@ -199,6 +198,13 @@ class InputSpec(ConfigBase):
             lo, hi = self.value_range or (0, 256 if dt == torch.uint8 else 100)
             t = torch.randint(int(lo), int(hi), shape, generator=gen)
         return t.to(device=device, dtype=dt)
+
+
+def _default_opt(low: int, high: int) -> int:
+    """The opt of a dim given only its range (by `InputSpec` and by a ``MIN-MAX`` dim of a CLI spec): the
+    middle, rounded up. Torch-TensorRT's own default (min + max) / 2 can exceed max on odd ranges; this one
+    stays <= `high` (on an invalid range min > max it is `high`, so the error shows min > max)."""
+    return min(high, (low + high + 1) // 2)
 
 
 def normalize_profiles(inputs: Any) -> list[list[InputSpec]]:
@@ -498,7 +504,7 @@ def parse_input_spec(text: str) -> InputSpec:
             raise ValueError(f"input spec {text!r}: dim {part!r} must be N, MIN-MAX or MIN-OPT-MAX")
         vals = [int(n) for n in nums]
         lo, hi = vals[0], vals[-1]
-        mid = vals[1] if len(vals) == 3 else (lo if len(vals) == 1 else min(hi, (lo + hi + 1) // 2))
+        mid = vals[1] if len(vals) == 3 else (lo if len(vals) == 1 else _default_opt(lo, hi))
         mins.append(lo)
         opts.append(mid)
         maxs.append(hi)
