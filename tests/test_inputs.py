@@ -35,6 +35,7 @@ def test_opt_defaults_inside_range():
         ({"min": (1, 3), "max": (4, 3, 5)}, r"same rank"),
         ({"shape": (0, 3)}, r"shape\[0\] must be > 0, got 0"),
         ({"shape": (-1, 3)}, r"must be > 0"),
+        ({"min": (0, 3), "max": (4, 3)}, r"min\[0\] must be > 0, got 0"),  # no empty dims (TensorRT has none)
         ({"min": (1, 3)}, r"needs shape=... or both min=... and max="),
         ({"shape": (1, 3), "min": (1, 3)}, r"either shape=... or min/opt/max"),
         ({"shape": (1, 3), "dtype": "float8"}, r"dtype must be one of"),
