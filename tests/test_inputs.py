@@ -82,6 +82,15 @@ def test_examples_seeded_and_typed():
     assert s.shape_at("min+1") == (2, 5) and s.shape_at("max-1") == (3, 15)
 
 
+def test_export_point_raises_dynamic_dims_of_1_to_2():
+    # Tracing specializes a size of 1: the export point lifts dynamic dims to 2, never a static dim of 1.
+    s = InputSpec("x", min=(1, 1, 4), opt=(1, 1, 6), max=(8, 1, 8))
+    assert s.export_shape == (2, 1, 6) and s.opt == (1, 1, 6)
+    assert InputSpec("x", min=(3, 2), opt=(5, 2), max=(9, 2)).export_shape == (5, 2)
+    assert s.symbolic_dims("opt") == [2] and s.symbolic_dims("min") == [2] and s.symbolic_dims("max") == [0, 2]
+    assert InputSpec("x", min=(1, 1), max=(2, 1)).export_shape == (2, 1)  # 2 is the top of the range
+
+
 def test_profiles_and_dispatch():
     small = [InputSpec("x", min=(1, 3), max=(8, 3))]
     large = [InputSpec("x", min=(9, 3), max=(64, 3))]

@@ -34,6 +34,10 @@ __all__ = [
 # Profile points at which examples are drawn.
 WHICH = ["min", "min+1", "opt", "max-1", "max"]
 
+# torch.export and dynamo specialize a dim of size 0 or 1 to a constant: a dynamic dim stays symbolic only
+# when traced at a size of at least this.
+_MIN_SYMBOLIC_SIZE = 2
+
 
 def _shape(name: str, value: Any) -> tuple[int, ...] | None:
     if value is None:
@@ -183,6 +187,19 @@ class InputSpec(ConfigBase):
         return tuple(
             min(mx, max(mn, b + step)) if mn != mx else b for b, mn, mx in zip(base, self.min, self.max, strict=True)
         )
+
+    @property
+    def export_shape(self) -> tuple[int, ...]:
+        """The shape export and compilers trace at: opt with every dynamic dim raised to at least 2, where
+        tracing keeps it symbolic (a dynamic dim has max > min >= 1, so 2 is inside its range)."""
+        dynamic = self.dynamic_dims
+        return tuple(max(_MIN_SYMBOLIC_SIZE, o) if d in dynamic else o for d, o in enumerate(self.opt))
+
+    def symbolic_dims(self, which: str) -> list[int]:
+        """The dynamic dims that tracing at a profile point (see `shape_at`) can keep symbolic: those of size
+        >= 2 there (a size of 1 specializes)."""
+        shape = self.shape_at(which)
+        return [d for d in self.dynamic_dims if shape[d] >= _MIN_SYMBOLIC_SIZE]
 
     def example(self, which: str = "opt", device: torch.device | str | None = None, *, seed: int | None = None):
         """A random tensor at a profile point (see `shape_at`); seeded when `seed` is given."""
