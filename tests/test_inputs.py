@@ -8,6 +8,7 @@ import torch
 from torchopt.inputs import (
     InputSpec,
     bind_call,
+    check_call,
     check_signature,
     normalize_profiles,
     parse_input_spec,
@@ -191,3 +192,35 @@ def test_tied_sizes_checked_when_selecting_a_profile():
     assert select_profile(profiles, [torch.zeros(3, 4), torch.zeros(3, 2)]) == 0
     with pytest.raises(ValueError, match=r"input 'a' dim 0 is 3 but input 'b' dim 0 is 5; both are the dim 'batch'"):
         select_profile(profiles, [torch.zeros(3, 4), torch.zeros(5, 2)])
+
+
+def test_check_call_checks_type_device_shape_tied_dims_and_dtype_kind():
+    profiles = normalize_profiles(
+        [
+            [
+                InputSpec("x", min=(1, 4), max=(8, 4), dim_names={0: "b"}),
+                InputSpec("ids", dtype="int64", min=(1,), max=(8,), dim_names={0: "b"}),
+            ],
+            [
+                InputSpec("x", min=(9, 4), max=(16, 4), dim_names={0: "b"}),
+                InputSpec("ids", dtype="int64", min=(9,), max=(16,), dim_names={0: "b"}),
+            ],
+        ]
+    )
+    ids = torch.zeros(12, dtype=torch.int64)
+    assert check_call(profiles, [torch.randn(12, 4), ids], torch.device("cpu")) == 1
+    assert check_call(profiles, [torch.randn(2, 4), ids[:2]]) == 0
+    with pytest.raises(TypeError, match=r"input 'ids' must be a torch.Tensor, got list"):
+        check_call(profiles, [torch.randn(2, 4), [0, 1]])
+    meta = torch.empty(2, 4, device="meta")
+    with pytest.raises(
+        ValueError, match=r"input 'x' is on meta, the optimized module runs on cpu; move it with .to\('cpu'\)"
+    ):
+        check_call(profiles, [meta, ids[:2]], torch.device("cpu"))
+    assert check_call(profiles, [meta, ids[:2]]) == 0  # no device given: any device
+    with pytest.raises(ValueError, match=r"fit none of the 2 profiles"):
+        check_call(profiles, [torch.randn(20, 4), ids])
+    with pytest.raises(ValueError, match=r"input 'x' dim 0 is 2 but input 'ids' dim 0 is 3; both are the dim 'b'"):
+        check_call(profiles, [torch.randn(2, 4), ids[:3]])
+    with pytest.raises(TypeError, match=r"input 'ids' has dtype torch.float32, the spec expects int64"):
+        check_call(profiles, [torch.randn(2, 4), torch.zeros(2)])

@@ -21,6 +21,7 @@ __all__ = [
     "InputSpec",
     "StructuredInputs",
     "bind_call",
+    "check_call",
     "check_signature",
     "check_tied_sizes",
     "input_path",
@@ -160,8 +161,7 @@ class InputSpec(ConfigBase):
 
     def check(self, value: Any) -> None:
         """Raise ValueError/TypeError if `value` does not fit this spec (naming input, dim, value, range)."""
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"input {self.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        _check_tensor(self, value)
         shape = tuple(value.shape)
         if len(shape) != self.rank:
             raise ValueError(
@@ -174,8 +174,7 @@ class InputSpec(ConfigBase):
                     f"input {self.name!r} dim {i} is {s}, outside the profile range [{mn}, {mx}]"
                     f" (shape {shape}; profile min {self.min}, max {self.max})"
                 )
-        if value.dtype.is_floating_point != self.torch_dtype.is_floating_point:
-            raise TypeError(f"input {self.name!r} has dtype {value.dtype}, the spec expects {self.dtype}")
+        _check_dtype_kind(self, value)
 
     def shape_at(self, which: str) -> tuple[int, ...]:
         """The shape at a profile point: 'min', 'opt', 'max', or 'min+1' / 'max-1' (dynamic dims moved one
@@ -292,6 +291,37 @@ def _check_no_overlap(profiles: list[list[InputSpec]]) -> None:
             if overlap:
                 ranges = [(s.name, s.min, s.max) for s in profiles[i] + profiles[j]]
                 raise ValueError(f"profiles {i} and {j} overlap (a shape would fit both): {ranges}")
+
+
+def check_call(profiles: list[list[InputSpec]], inputs: Sequence[Any], device: torch.device | None = None) -> int:
+    """The index of the profile a call's inputs (flat, in the profile's order) fit; the one check of a call.
+
+    Each input must be a tensor, on `device`'s type when one is given; its shape picks the profile (a clear
+    error naming the input, dim, value and range when none fits, or when dims tied by `dim_names` differ);
+    floating inputs go to floating specs and integer or bool inputs to the others.
+    """
+    for spec, value in zip(profiles[0], inputs, strict=True):
+        _check_tensor(spec, value)
+        if device is not None and value.device.type != device.type:
+            raise ValueError(
+                f"input {spec.name!r} is on {value.device}, the optimized module runs on {device};"
+                f" move it with .to({str(device)!r})"
+            )
+    index = select_profile(profiles, inputs)
+    for spec, value in zip(profiles[index], inputs, strict=True):
+        _check_dtype_kind(spec, value)
+    return index
+
+
+def _check_tensor(spec: InputSpec, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_dtype_kind(spec: InputSpec, value: torch.Tensor) -> None:
+    """Floating and non-floating dtypes do not mix (the compute dtype casts floats only)."""
+    if value.is_floating_point() != spec.torch_dtype.is_floating_point:
+        raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
 
 
 def select_profile(profiles: list[list[InputSpec]], args: Sequence[torch.Tensor]) -> int:
