@@ -1,11 +1,14 @@
 """InputSpec validation, profile normalization and dispatch, CLI spec parsing, forward-signature checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from torchopt.inputs import (
     InputSpec,
     bind_call,
+    check_call,
     check_signature,
     normalize_profiles,
     parse_input_spec,
@@ -33,6 +36,7 @@ def test_opt_defaults_inside_range():
         ({"min": (1, 3), "max": (4, 3, 5)}, r"same rank"),
         ({"shape": (0, 3)}, r"shape\[0\] must be > 0, got 0"),
         ({"shape": (-1, 3)}, r"must be > 0"),
+        ({"min": (0, 3), "max": (4, 3)}, r"min\[0\] must be > 0, got 0"),  # no empty dims (TensorRT has none)
         ({"min": (1, 3)}, r"needs shape=... or both min=... and max="),
         ({"shape": (1, 3), "min": (1, 3)}, r"either shape=... or min/opt/max"),
         ({"shape": (1, 3), "dtype": "float8"}, r"dtype must be one of"),
@@ -42,6 +46,18 @@ def test_opt_defaults_inside_range():
 def test_bad_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InputSpec("x", **kwargs)
+
+
+def test_spec_is_frozen_and_replace_revalidates():
+    s = InputSpec("x", min=(2, 4), opt=(4, 4), max=(8, 4))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.opt = (12, 4)  # a spec stays as validated: backends never see an opt outside [min, max]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.min = (0, 4)
+    with pytest.raises(ValueError, match=r"dim 0 needs min <= opt <= max, got min=2, opt=12, max=8"):
+        dataclasses.replace(s, opt=(12, 4))
+    wider = dataclasses.replace(s, max=(16, 4))
+    assert (wider.min, wider.opt, wider.max) == ((2, 4), (4, 4), (16, 4)) and s.max == (8, 4)
 
 
 def test_bad_spec_types():
@@ -65,6 +81,15 @@ def test_examples_seeded_and_typed():
     assert a.shape == (4, 16) and a.dtype == torch.int64 and torch.equal(a, b)
     assert int(a.max()) < 50
     assert s.shape_at("min+1") == (2, 5) and s.shape_at("max-1") == (3, 15)
+
+
+def test_export_point_raises_dynamic_dims_of_1_to_2():
+    # Tracing specializes a size of 1: the export point lifts dynamic dims to 2, never a static dim of 1.
+    s = InputSpec("x", min=(1, 1, 4), opt=(1, 1, 6), max=(8, 1, 8))
+    assert s.export_shape == (2, 1, 6) and s.opt == (1, 1, 6)
+    assert InputSpec("x", min=(3, 2), opt=(5, 2), max=(9, 2)).export_shape == (5, 2)
+    assert s.symbolic_dims("opt") == [2] and s.symbolic_dims("min") == [2] and s.symbolic_dims("max") == [0, 2]
+    assert InputSpec("x", min=(1, 1), max=(2, 1)).export_shape == (2, 1)  # 2 is the top of the range
 
 
 def test_profiles_and_dispatch():
@@ -125,6 +150,8 @@ def test_parse_input_spec():
     s = parse_input_spec("ids:int64=1-4-8x16-128-512")
     assert (s.min, s.opt, s.max, s.dtype) == ((1, 16), (4, 128), (8, 512), "int64")
     assert parse_input_spec("x=2x3").shape == (2, 3)
+    mixed = parse_input_spec("x=1-8x2-6-9x3-6x3")  # MIN-MAX dims take InputSpec's default opt
+    assert mixed.opt == (5, 6, 5, 3) and InputSpec("x", min=(1, 3), max=(8, 6)).opt == (5, 5)
     with pytest.raises(ValueError, match="MIN-OPT-MAX"):
         parse_input_spec("x=1-2-3-4x3")
     with pytest.raises(ValueError, match="not of the form"):
@@ -165,3 +192,35 @@ def test_tied_sizes_checked_when_selecting_a_profile():
     assert select_profile(profiles, [torch.zeros(3, 4), torch.zeros(3, 2)]) == 0
     with pytest.raises(ValueError, match=r"input 'a' dim 0 is 3 but input 'b' dim 0 is 5; both are the dim 'batch'"):
         select_profile(profiles, [torch.zeros(3, 4), torch.zeros(5, 2)])
+
+
+def test_check_call_checks_type_device_shape_tied_dims_and_dtype_kind():
+    profiles = normalize_profiles(
+        [
+            [
+                InputSpec("x", min=(1, 4), max=(8, 4), dim_names={0: "b"}),
+                InputSpec("ids", dtype="int64", min=(1,), max=(8,), dim_names={0: "b"}),
+            ],
+            [
+                InputSpec("x", min=(9, 4), max=(16, 4), dim_names={0: "b"}),
+                InputSpec("ids", dtype="int64", min=(9,), max=(16,), dim_names={0: "b"}),
+            ],
+        ]
+    )
+    ids = torch.zeros(12, dtype=torch.int64)
+    assert check_call(profiles, [torch.randn(12, 4), ids], torch.device("cpu")) == 1
+    assert check_call(profiles, [torch.randn(2, 4), ids[:2]]) == 0
+    with pytest.raises(TypeError, match=r"input 'ids' must be a torch.Tensor, got list"):
+        check_call(profiles, [torch.randn(2, 4), [0, 1]])
+    meta = torch.empty(2, 4, device="meta")
+    with pytest.raises(
+        ValueError, match=r"input 'x' is on meta, the optimized module runs on cpu; move it with .to\('cpu'\)"
+    ):
+        check_call(profiles, [meta, ids[:2]], torch.device("cpu"))
+    assert check_call(profiles, [meta, ids[:2]]) == 0  # no device given: any device
+    with pytest.raises(ValueError, match=r"fit none of the 2 profiles"):
+        check_call(profiles, [torch.randn(20, 4), ids])
+    with pytest.raises(ValueError, match=r"input 'x' dim 0 is 2 but input 'ids' dim 0 is 3; both are the dim 'b'"):
+        check_call(profiles, [torch.randn(2, 4), ids[:3]])
+    with pytest.raises(TypeError, match=r"input 'ids' has dtype torch.float32, the spec expects int64"):
+        check_call(profiles, [torch.randn(2, 4), torch.zeros(2)])

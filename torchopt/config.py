@@ -211,12 +211,12 @@ def _nested_config_fields(cls: type) -> dict[str, type]:
     return out
 
 
-@dataclasses.dataclass
 class ConfigBase:
     """Base of all torchopt configs: dict round trip with unknown-key checking.
 
     Subclasses are ``@dataclass``es that validate in ``__post_init__`` and keep every field JSON-friendly
-    (numbers, strings, bools, lists, dicts, nested configs).
+    (numbers, strings, bools, lists, dicts, nested configs). The base is not a dataclass itself (it has no
+    fields), so a subclass may be ``frozen=True`` (dataclasses refuse a frozen class over a non-frozen one).
     """
 
     def __post_init__(self) -> None:
@@ -275,6 +275,7 @@ class ConfigBase:
         return cls(**kwargs)
 
 
+@dataclasses.dataclass
 class StepConfig(ConfigBase):
     """Base of the configs that can be a recipe step (the recipe layer registers each under its YAML key
     `step`). It lives here so that a middle-layer config such as `QuantizeConfig` can be one.

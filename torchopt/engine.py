@@ -24,11 +24,11 @@ from torchopt.inputs import (
     InputSpec,
     StructuredInputs,
     bind_call,
+    check_call,
     check_signature,
     input_tree,
     is_structured,
     normalize_profiles,
-    select_profile,
 )
 from torchopt.quantize.calibrate import CalibData
 from torchopt.recipe import Recipe, StepConfig, StepContext, get_handler
@@ -97,13 +97,7 @@ def _calib_inputs(
     kwargs = {k: v for k, v in kwargs.items() if k in roots}  # labels and other keys the inputs do not name
     try:
         inputs = bind_call(profiles[0], tuple(args), kwargs)
-        for spec, value in zip(profiles[0], inputs, strict=True):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
-        chosen = select_profile(profiles, inputs)
-        for spec, value in zip(profiles[chosen], inputs, strict=True):
-            if value.is_floating_point() != spec.torch_dtype.is_floating_point:
-                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
+        check_call(profiles, inputs)  # any device: the data is moved to the model's
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"calib_data batch {index}: {exc}") from None
     return inputs

@@ -32,11 +32,10 @@ def export_dynamic_shapes(profiles: list[list[InputSpec]]) -> dict[str, dict[int
 
 
 def export_args(profiles: list[list[InputSpec]], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Examples at the opt point with every dynamic dim >= 2 (export specializes sizes 0 and 1)."""
+    """Examples at each input's export point (`InputSpec.export_shape`: opt, dynamic dims >= 2)."""
     args = []
     for s in profiles[0]:
-        shape = tuple(max(2, o) if d in s.dynamic_dims else o for d, o in enumerate(s.opt))
-        shape = tuple(min(v, mx) for v, mx in zip(shape, s.max, strict=True))
+        shape = s.export_shape
         t = torch.rand(shape) if s.torch_dtype.is_floating_point else torch.randint(0, 2, shape)
         t = t.to(device=device, dtype=dtype if s.torch_dtype.is_floating_point else s.torch_dtype)
         args.append(t)

@@ -21,6 +21,7 @@ __all__ = [
     "InputSpec",
     "StructuredInputs",
     "bind_call",
+    "check_call",
     "check_signature",
     "check_tied_sizes",
     "input_path",
@@ -33,6 +34,10 @@ __all__ = [
 
 # Profile points at which examples are drawn.
 WHICH = ["min", "min+1", "opt", "max-1", "max"]
+
+# torch.export and dynamo specialize a dim of size 0 or 1 to a constant: a dynamic dim stays symbolic only
+# when traced at a size of at least this.
+_MIN_SYMBOLIC_SIZE = 2
 
 
 def _shape(name: str, value: Any) -> tuple[int, ...] | None:
@@ -48,12 +53,14 @@ def _shape(name: str, value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InputSpec(ConfigBase):
     """One model input: a name, a dtype and a static `shape` or a dynamic `min`/`opt`/`max` profile.
 
-    Dims where `min != max` are dynamic; `opt` is the size the backends tune for. `dim_names` ties dynamic
-    dims across inputs (e.g. ``{0: "batch"}`` on every input makes their batch dims one symbol).
+    Dims where `min != max` are dynamic; `opt` is the size the backends tune for (default: the middle of the
+    range). `dim_names` ties dynamic dims across inputs (e.g. ``{0: "batch"}`` on every input makes their batch
+    dims one symbol). A spec is immutable and valid once built (1 <= min <= opt <= max on every dim): derive
+    another with ``dataclasses.replace(spec, ...)``.
 
     Example::
 
@@ -75,35 +82,32 @@ class InputSpec(ConfigBase):
     def __post_init__(self) -> None:
         check_type("InputSpec.name", self.name, str)
         input_path(self.name)  # raises unless a forward argument, or a path into one
-        self.dtype = parse_dtype("dtype", self.dtype)
         where = f"InputSpec {self.name!r}"
-        self.shape = _shape(f"{where}.shape", self.shape)
-        self.min = _shape(f"{where}.min", self.min)
-        self.opt = _shape(f"{where}.opt", self.opt)
-        self.max = _shape(f"{where}.max", self.max)
-        if self.shape is not None:
-            if any(v is not None for v in (self.min, self.opt, self.max)):
+        dtype = parse_dtype("dtype", self.dtype)
+        shape = _shape(f"{where}.shape", self.shape)
+        mins, opts, maxs = (_shape(f"{where}.{k}", getattr(self, k)) for k in ("min", "opt", "max"))
+        if shape is not None:
+            if any(v is not None for v in (mins, opts, maxs)):
                 raise ValueError(f"{where}: give either shape=... or min/opt/max, not both")
-            self.min = self.opt = self.max = self.shape
+            mins = opts = maxs = shape
         else:
-            if self.min is None or self.max is None:
+            if mins is None or maxs is None:
                 raise ValueError(f"{where}: needs shape=... or both min=... and max=... (opt optional)")
-            if self.opt is None:
-                # Torch-TensorRT's default (min + max) / 2 can exceed max on odd ranges; clamp explicitly.
-                self.opt = tuple(min(mx, (mn + mx + 1) // 2) for mn, mx in zip(self.min, self.max, strict=False))
-        ranks = {"min": len(self.min), "opt": len(self.opt), "max": len(self.max)}
+            if opts is None:
+                opts = tuple(_default_opt(mn, mx) for mn, mx in zip(mins, maxs, strict=False))
+        ranks = {"min": len(mins), "opt": len(opts), "max": len(maxs)}
         if len(set(ranks.values())) != 1:
             raise ValueError(f"{where}: min/opt/max must have the same rank, got ranks {ranks}")
-        for i, (mn, op, mx) in enumerate(zip(self.min, self.opt, self.max, strict=True)):
+        for i, (mn, op, mx) in enumerate(zip(mins, opts, maxs, strict=True)):
             if not mn <= op <= mx:
                 raise ValueError(
                     f"{where}: dim {i} needs min <= opt <= max, got min={mn}, opt={op}, max={mx}"
-                    f" (min={self.min}, opt={self.opt}, max={self.max})"
+                    f" (min={mins}, opt={opts}, max={maxs})"
                 )
-        self.shape = self.min if self.min == self.max else None
+        self._set(dtype=dtype, min=mins, opt=opts, max=maxs, shape=mins if mins == maxs else None)
         if self.dim_names is not None:
             check_type(f"{where}.dim_names", self.dim_names, dict)
-            self.dim_names = {int(k): v for k, v in self.dim_names.items()}
+            self._set(dim_names={int(k): v for k, v in self.dim_names.items()})
             for d, n in self.dim_names.items():
                 if not 0 <= d < len(self.min):
                     raise ValueError(f"{where}.dim_names: dim {d} is outside rank {len(self.min)}")
@@ -115,7 +119,12 @@ class InputSpec(ConfigBase):
             lo, hi = self.value_range
             if not lo < hi:
                 raise ValueError(f"{where}.value_range needs low < high, got {tuple(self.value_range)}")
-            self.value_range = (lo, hi)
+            self._set(value_range=(lo, hi))
+
+    def _set(self, **fields: Any) -> None:
+        """Store normalized fields during `__post_init__` (the dataclass is frozen)."""
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -152,8 +161,7 @@ class InputSpec(ConfigBase):
 
     def check(self, value: Any) -> None:
         """Raise ValueError/TypeError if `value` does not fit this spec (naming input, dim, value, range)."""
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"input {self.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        _check_tensor(self, value)
         shape = tuple(value.shape)
         if len(shape) != self.rank:
             raise ValueError(
@@ -166,8 +174,7 @@ class InputSpec(ConfigBase):
                     f"input {self.name!r} dim {i} is {s}, outside the profile range [{mn}, {mx}]"
                     f" (shape {shape}; profile min {self.min}, max {self.max})"
                 )
-        if value.dtype.is_floating_point != self.torch_dtype.is_floating_point:
-            raise TypeError(f"input {self.name!r} has dtype {value.dtype}, the spec expects {self.dtype}")
+        _check_dtype_kind(self, value)
 
     def shape_at(self, which: str) -> tuple[int, ...]:
         """The shape at a profile point: 'min', 'opt', 'max', or 'min+1' / 'max-1' (dynamic dims moved one
@@ -179,6 +186,19 @@ class InputSpec(ConfigBase):
         return tuple(
             min(mx, max(mn, b + step)) if mn != mx else b for b, mn, mx in zip(base, self.min, self.max, strict=True)
         )
+
+    @property
+    def export_shape(self) -> tuple[int, ...]:
+        """The shape export and compilers trace at: opt with every dynamic dim raised to at least 2, where
+        tracing keeps it symbolic (a dynamic dim has max > min >= 1, so 2 is inside its range)."""
+        dynamic = self.dynamic_dims
+        return tuple(max(_MIN_SYMBOLIC_SIZE, o) if d in dynamic else o for d, o in enumerate(self.opt))
+
+    def symbolic_dims(self, which: str) -> list[int]:
+        """The dynamic dims that tracing at a profile point (see `shape_at`) can keep symbolic: those of size
+        >= 2 there (a size of 1 specializes)."""
+        shape = self.shape_at(which)
+        return [d for d in self.dynamic_dims if shape[d] >= _MIN_SYMBOLIC_SIZE]
 
     def example(self, which: str = "opt", device: torch.device | str | None = None, *, seed: int | None = None):
         """A random tensor at a profile point (see `shape_at`); seeded when `seed` is given."""
@@ -194,6 +214,13 @@ class InputSpec(ConfigBase):
             lo, hi = self.value_range or (0, 256 if dt == torch.uint8 else 100)
             t = torch.randint(int(lo), int(hi), shape, generator=gen)
         return t.to(device=device, dtype=dt)
+
+
+def _default_opt(low: int, high: int) -> int:
+    """The opt of a dim given only its range (by `InputSpec` and by a ``MIN-MAX`` dim of a CLI spec): the
+    middle, rounded up. Torch-TensorRT's own default (min + max) / 2 can exceed max on odd ranges; this one
+    stays <= `high` (on an invalid range min > max it is `high`, so the error shows min > max)."""
+    return min(high, (low + high + 1) // 2)
 
 
 def normalize_profiles(inputs: Any) -> list[list[InputSpec]]:
@@ -264,6 +291,37 @@ def _check_no_overlap(profiles: list[list[InputSpec]]) -> None:
             if overlap:
                 ranges = [(s.name, s.min, s.max) for s in profiles[i] + profiles[j]]
                 raise ValueError(f"profiles {i} and {j} overlap (a shape would fit both): {ranges}")
+
+
+def check_call(profiles: list[list[InputSpec]], inputs: Sequence[Any], device: torch.device | None = None) -> int:
+    """The index of the profile a call's inputs (flat, in the profile's order) fit; the one check of a call.
+
+    Each input must be a tensor, on `device`'s type when one is given; its shape picks the profile (a clear
+    error naming the input, dim, value and range when none fits, or when dims tied by `dim_names` differ);
+    floating inputs go to floating specs and integer or bool inputs to the others.
+    """
+    for spec, value in zip(profiles[0], inputs, strict=True):
+        _check_tensor(spec, value)
+        if device is not None and value.device.type != device.type:
+            raise ValueError(
+                f"input {spec.name!r} is on {value.device}, the optimized module runs on {device};"
+                f" move it with .to({str(device)!r})"
+            )
+    index = select_profile(profiles, inputs)
+    for spec, value in zip(profiles[index], inputs, strict=True):
+        _check_dtype_kind(spec, value)
+    return index
+
+
+def _check_tensor(spec: InputSpec, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_dtype_kind(spec: InputSpec, value: torch.Tensor) -> None:
+    """Floating and non-floating dtypes do not mix (the compute dtype casts floats only)."""
+    if value.is_floating_point() != spec.torch_dtype.is_floating_point:
+        raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
 
 
 def select_profile(profiles: list[list[InputSpec]], args: Sequence[torch.Tensor]) -> int:
@@ -493,7 +551,7 @@ def parse_input_spec(text: str) -> InputSpec:
             raise ValueError(f"input spec {text!r}: dim {part!r} must be N, MIN-MAX or MIN-OPT-MAX")
         vals = [int(n) for n in nums]
         lo, hi = vals[0], vals[-1]
-        mid = vals[1] if len(vals) == 3 else (lo if len(vals) == 1 else min(hi, (lo + hi + 1) // 2))
+        mid = vals[1] if len(vals) == 3 else (lo if len(vals) == 1 else _default_opt(lo, hi))
         mins.append(lo)
         opts.append(mid)
         maxs.append(hi)

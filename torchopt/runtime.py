@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from torchopt.config import DTYPES, check_type, dtype_name
-from torchopt.inputs import InputSpec, select_profile
+from torchopt.inputs import InputSpec, check_call
 
 __all__ = ["Dispatch", "Runtime", "cast_floats"]
 
@@ -98,19 +98,7 @@ class Dispatch:
         self.runtime = runtime
 
     def __call__(self, *inputs: Any) -> Any:
-        device = self.runtime.device
-        for spec, value in zip(self.profiles[0], inputs, strict=True):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
-            if value.device.type != device.type:
-                raise ValueError(
-                    f"input {spec.name!r} is on {value.device}, the optimized module runs on {device};"
-                    f" move it with .to({str(device)!r})"
-                )
-        index = select_profile(self.profiles, inputs)
-        for spec, value in zip(self.profiles[index], inputs, strict=True):
-            if value.is_floating_point() != spec.torch_dtype.is_floating_point:
-                raise TypeError(f"input {spec.name!r} has dtype {value.dtype}, the spec expects {spec.dtype}")
+        index = check_call(self.profiles, inputs, self.runtime.device)
         inputs = [a.to(self.runtime.dtype) if a.is_floating_point() else a for a in inputs]
         # Runners were compiled under no_grad; calling them with grad enabled would change dynamo's global
         # state guard and recompile. The optimized module is for inference.

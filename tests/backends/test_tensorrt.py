@@ -172,20 +172,6 @@ def test_opt_of_1_on_a_dynamic_axis_becomes_2_with_a_note():
     assert len(notes) == 1 and "input 'x' dim 0: opt 1" in notes[0] and "TensorRT tunes for 2" in notes[0]
 
 
-def test_opt_outside_the_range_is_clamped_with_a_note():
-    spec = InputSpec("x", min=(2, 4), opt=(4, 4), max=(8, 4))
-    spec.opt = (12, 4)  # InputSpec validates at construction; a later edit must not reach TensorRT
-    kw, notes = input_kwargs(spec, torch.float32)
-    assert kw["opt_shape"] == (8, 4) and "opt 12 is outside [2, 8]; using 8" in notes[0]
-
-
-def test_empty_dims_are_rejected():
-    spec = InputSpec("x", min=(1, 4), opt=(2, 4), max=(8, 4))
-    spec.min = (0, 4)  # InputSpec rejects 0 itself; TensorRT would clamp it to 1 silently
-    with pytest.raises(ValueError, match="input 'x' dim 0: min 0 allows empty tensors"):
-        input_kwargs(spec, torch.float32)
-
-
 def test_tied_dims_share_a_name_and_int_inputs_keep_their_dtype():
     ids = InputSpec("ids", dtype="int64", min=(1, 16), opt=(4, 64), max=(8, 128), dim_names={0: "batch", 1: "seq"})
     mask = InputSpec("mask", dtype="int64", min=(1, 16), opt=(4, 64), max=(8, 128), dim_names={0: "batch", 1: "seq"})

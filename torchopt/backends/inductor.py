@@ -119,12 +119,11 @@ class InductorBackend(Backend):
         before = _graph_count()
         for p, profile in enumerate(profiles):
             log.log(f"compiling profile {p} with Inductor")
-            # First call: the opt shape with its dynamic dims marked (a dim of size 1 cannot be marked).
+            # First call: the opt shape with its dynamic dims marked (those the spec says can stay symbolic).
             first = runtime.examples(profile, "opt")
             for spec, t in zip(profile, first, strict=True):
-                for d in spec.dynamic_dims:
-                    if t.shape[d] >= 2:
-                        torch._dynamo.mark_dynamic(t, d)
+                for d in spec.symbolic_dims("opt"):
+                    torch._dynamo.mark_dynamic(t, d)
             with torch.no_grad():
                 compiled(*first)
                 for which in WHICH:

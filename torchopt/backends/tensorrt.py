@@ -338,34 +338,24 @@ def input_kwargs(spec: InputSpec, dtype: torch.dtype) -> tuple[dict[str, Any], l
 
     Every input is named (unnamed dynamic Inputs share one export Dim), every dynamic dim is listed in
     `shared_dims` under its `InputSpec.dim_name` (the same name on several inputs ties those dims, as in
-    `torchopt.export.export_dynamic_shapes`), an opt of 1 on a dynamic axis becomes 2 (export and TensorRT's
-    save re-trace at opt, and size 1 specializes), and an opt outside [min, max] is clamped.
+    `torchopt.export.export_dynamic_shapes`), and the opt shape is the spec's export point
+    (`InputSpec.export_shape`): export and TensorRT's save re-trace at opt, and a dynamic axis of size 1
+    specializes, so an opt of 1 there becomes 2. The spec's own validation (1 <= min <= opt <= max, frozen
+    after) covers what TensorRT needs besides: no empty dims, opt inside the range.
     """
     check_type("spec", spec, InputSpec)
     if not spec.is_dynamic:
         return {"shape": tuple(spec.min), "dtype": dtype, "name": spec.name}, []
-    notes: list[str] = []
-    opt = list(spec.opt)
-    for d in spec.dynamic_dims:
-        lo, hi = spec.min[d], spec.max[d]
-        if lo < 1:
-            raise ValueError(
-                f"input {spec.name!r} dim {d}: min {lo} allows empty tensors, which TensorRT does not support"
-                " (it clamps min to 1); set min >= 1"
-            )
-        if not lo <= opt[d] <= hi:
-            new = min(max(opt[d], lo), hi)
-            notes.append(f"input {spec.name!r} dim {d}: opt {opt[d]} is outside [{lo}, {hi}]; using {new}")
-            opt[d] = new
-        if opt[d] < 2:
-            notes.append(
-                f"input {spec.name!r} dim {d}: opt 1 on a dynamic axis makes torch.export specialize it to 1;"
-                " TensorRT tunes for 2 instead"
-            )
-            opt[d] = 2
+    opt = spec.export_shape
+    notes = [
+        f"input {spec.name!r} dim {d}: opt 1 on a dynamic axis makes torch.export specialize it to 1;"
+        " TensorRT tunes for 2 instead"
+        for d in spec.dynamic_dims
+        if opt[d] != spec.opt[d]
+    ]
     kw = {
         "min_shape": tuple(spec.min),
-        "opt_shape": tuple(opt),
+        "opt_shape": opt,
         "max_shape": tuple(spec.max),
         "dtype": dtype,
         "name": spec.name,
