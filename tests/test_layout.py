@@ -16,7 +16,6 @@ COVERED_ELSEWHERE = {
     "torchopt/quantize/_core.py": "tests/quantize/test_api.py (quantize() is the core with its checks)",
     "torchopt/quantize/_tables.py": "tests/quantize/test_comparison.py, test_layer_sensitivity.py (their tables)",
     "torchopt/serve/_common.py": "tests/serve/test_batcher.py, tests/serve/test_pipeline.py",
-    "torchopt/serve/triton_model.py": "tests/serve/test_triton_server.py (it runs inside tritonserver's Python backend)",
     "kernels/_preprocess_common.py": "tests/kernels/test_preprocess_errors.py (options, argument checks, geometry)",
     "kernels/_preprocess_layout.py": "tests/kernels/test_preprocess_lowering.py (the descriptor layout)",
     "kernels/_preprocess_triton.py": "tests/kernels/test_preprocess_op.py, test_preprocess_lowering.py",
@@ -30,8 +29,9 @@ NOT_YET_MIRRORED = {
     "torchopt/quantize/evaluate.py": "tests/quantize/test_comparison.py, test_layer_sensitivity.py",
     "torchopt/quantize/quant_summary.py": "tests/quantize/test_formats.py, test_keep.py (summary, detect_format)",
     "recipes/quantize.py": "tests/quantize/test_quantize_step.py (needs tests/quantize/conftest.py's trained CNN)",
-    "torchopt/quantize/checkpoint.py": "tests/quantize/test_quantize_step.py (the CPU save/load round trip), test_saving",
-    "torchopt/serve/cli.py": "tests/serve/test_triton_repo.py (export-triton), tests/serve/test_triton_server.py (serve)",
+    "torchopt/quantize/checkpoint.py": "tests/quantize/test_quantize_step.py (CPU save/load round trip)",
+    "torchopt/serve/triton_model.py": "tests/serve/test_triton_server.py (runs in the Python backend)",
+    "torchopt/serve/cli.py": "tests/serve/test_triton_repo.py, test_triton_server.py (the CLI tests)",
 }
 
 
