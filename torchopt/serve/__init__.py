@@ -3,6 +3,8 @@
 - `DynamicBatcher`: threads submit single items, one worker gathers them into batched model calls (up to the
   profile's batch max or a delay), splits the outputs back; bucketing with padding, back-pressure, per-request
   error isolation, drain-or-cancel shutdown.
+- `ray_deployment` / `RayPredictor`: a saved artifact on Ray Serve replicas and in Ray Data `map_batches`
+  (the optional extra `torchopt-infer[ray]`; `ray` is imported only when a deployment is built).
 - `AsyncPipeline`: decode → preprocess → infer → postprocess stages on their own threads (and CUDA streams),
   bounded queues between them, per-stage statistics and the bottleneck stage.
 
@@ -16,6 +18,15 @@ Example::
 
 from torchopt.serve.batcher import BatcherClosed, BatcherConfig, BatcherFull, BatcherStats, DynamicBatcher
 from torchopt.serve.pipeline import AsyncPipeline, PipelineClosed, PipelineConfig, PipelineStats, Stage, StageStats
+from torchopt.serve.ray_serving import (
+    RayPredictor,
+    RayServeConfig,
+    RayServePlan,
+    plan_ray_serving,
+    predictor_options,
+    ray_batch_size,
+    ray_deployment,
+)
 
 __all__ = [
     "AsyncPipeline",
@@ -27,6 +38,13 @@ __all__ = [
     "PipelineClosed",
     "PipelineConfig",
     "PipelineStats",
+    "RayPredictor",
+    "RayServeConfig",
+    "RayServePlan",
     "Stage",
     "StageStats",
+    "plan_ray_serving",
+    "predictor_options",
+    "ray_batch_size",
+    "ray_deployment",
 ]

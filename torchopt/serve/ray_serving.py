@@ -403,6 +403,20 @@ def ray_deployment(saved_path: str | os.PathLike, config: RayServeConfig | None 
     return _BoundDeployment(deployment, plan, (os.fspath(saved_path), device, threads))
 
 
+def replica_failure(app_name: str) -> str | None:
+    """Why application `app_name`'s deployment failed: the replica's own exception line (e.g. the artifact file
+    that is missing), from Serve's status; None when none failed. `serve.run` only says that it failed."""
+    serve = _import_serve()
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return None
+    for deployment in app.deployments.values():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if deployment.status == "DEPLOY_FAILED" and lines:
+            return lines[-1]  # Ray's message is the replica's traceback: its last line is the exception
+    return None
+
+
 class _BoundDeployment:
     """The Ray deployment with its plan; `.bind()` gives the application `serve.run` takes, and every other
     attribute (options, name, ...) is the deployment's."""
@@ -536,7 +550,9 @@ class RayPredictor:
         )
 
     def _input(self, column: Any, spec: InputSpec) -> torch.Tensor:
-        array = np.stack(list(column)) if getattr(column, "dtype", None) is np.dtype(object) else np.asarray(column)
+        array = np.asarray(column)
+        if array.dtype.kind == "O":  # a column of per-row arrays (pandas, ragged storage)
+            array = np.stack(list(array))
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.preprocess is None:
             return tensor.to(spec.torch_dtype)
