@@ -292,7 +292,8 @@ class ServedModel:
 
     def _check_shapes(self, tensors: tuple[torch.Tensor, ...]) -> None:
         for profile in self.model.profiles:
-            if all(s.contains((1, *t.shape)) for s, t in zip(profile, tensors, strict=True)):
+            # The batch dim is the batcher's business (padded up to the profile's min): only the item dims count.
+            if all(s.contains((s.min[0], *t.shape)) for s, t in zip(profile, tensors, strict=True)):
                 return
         spec, tensor = self.specs[0], tensors[0]
         wanted = " or ".join(f"{[f'{s.name}: {s.min[1:]}..{s.max[1:]}' for s in p]}" for p in self.model.profiles)
@@ -649,8 +650,8 @@ def ray_batch_size(
     device: str | None = None,
     **sweep: Any,
 ) -> int:
-    """The batch size for `map_batches`: `find_optimal_batch` on the loaded artifact here (capped at the
-    profile's max batch, other dims at their opt), or the profile's opt batch with ``measure=False``.
+    """The batch size for `map_batches`: `find_optimal_batch` on the loaded artifact here (from the profile's
+    min batch up to its max, other dims at their opt), or the profile's opt batch with ``measure=False``.
     `sweep` takes other `OptimalBatchConfig` options (percentile, latency, progress, ...)."""
     check_type("measure", measure, bool)
     served = ServedModel(path, device=device)
@@ -662,7 +663,7 @@ def ray_batch_size(
         _example_batch(served.specs, served.device),
         latency_budget_ms=latency_budget_ms,
         max_batch=served.max_batch,
-        **{"progress": False, **sweep},
+        **{"progress": False, "start": served.min_batch, **sweep},
     )
     return result.size
 
