@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from torchopt.serve.ray_serving import RayServeConfig, plan_ray_serving, ray_deployment
+from torchopt.serve.ray_serving import RayServeConfig, plan_ray_serving, ray_deployment, replica_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,18 +48,21 @@ def _config(args: argparse.Namespace) -> RayServeConfig:
 
 def serve_until_stopped(args: argparse.Namespace, stop: threading.Event) -> None:
     """Start a local Ray, deploy, print the plan and the endpoint, wait for `stop`, shut everything down."""
-    import ray
-    from ray import serve
-
     config = _config(args)
     plan = plan_ray_serving(args.path, config)  # a bad artifact fails here, before Ray starts
+    import ray  # the optional extra: imported once there is something to serve
+    from ray import serve
+
     route = args.route or "/" + Path(args.path).name
     t0 = time.perf_counter()
     # address="local": always a new cluster of our own, never one another process started.
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(ray_deployment(args.path, config).bind(), route_prefix=route)
+        try:
+            serve.run(ray_deployment(args.path, config).bind(), name=config.name, route_prefix=route)
+        except RuntimeError as exc:  # Serve only says the deployment failed; the replica's error says why
+            raise RuntimeError(replica_failure(config.name) or str(exc)) from None
         print(plan, flush=True)
         print(f"ready in {time.perf_counter() - t0:.1f} s: http://{args.host}:{args.port}{route}", flush=True)
         stop.wait()
@@ -71,8 +74,7 @@ def serve_until_stopped(args: argparse.Namespace, stop: threading.Event) -> None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve_until_stopped(args, stop)
     except ImportError as exc:
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print("stopped: Serve and Ray shut down", flush=True)
     return 0
 

@@ -50,6 +50,12 @@ def wait_gone(processes, timeout_s: float = 30.0) -> list[psutil.Process]:
     return ray_daemons(processes)
 
 
+@pytest.fixture(scope="session")
+def ray_processes():
+    """`ray_daemons` and `wait_gone` for tests that start a Ray of their own (test modules cannot import conftest)."""
+    return ray_daemons, wait_gone
+
+
 class MLP(torch.nn.Module):
     def __init__(self):
         super().__init__()
