@@ -4,6 +4,7 @@ on batches the way `map_batches` calls it, and the batch size sweep on a determi
 The same code on a real Ray is tested in tests/serve/ray_cluster/."""
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -257,3 +258,10 @@ def test_ray_batch_size_sweeps_the_loaded_artifact_within_the_budget(artifact):
     assert ray_batch_size(artifact, device="cpu", timer=timer) == 32
     assert max(timer.sizes) == 32
     assert ray_batch_size(artifact, measure=False) == 8  # the profile's opt
+
+
+def test_importing_torchopt_serve_does_not_import_ray():
+    code = "import sys, torchopt.serve; print('ray' in sys.modules, 'starlette' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
