@@ -398,10 +398,11 @@ def ray_deployment(saved_path: str | os.PathLike, config: RayServeConfig | None 
     else:
         options["num_replicas"] = cfg.num_replicas
     deployment = serve.deployment(replica_cls, **options)
-    # Bound arguments travel to each replica: the path (read there), its device and thread count.
+    # Bound arguments travel to each replica: the path (absolute: a replica's working directory is its own), its
+    # device and thread count.
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     threads = max(1, int(cfg.num_cpus))
-    return _BoundDeployment(deployment, plan, (os.fspath(saved_path), device, threads))
+    return _BoundDeployment(deployment, plan, (os.path.abspath(saved_path), device, threads))
 
 
 def replica_failure(app_name: str) -> str | None:
@@ -687,7 +688,7 @@ def predictor_options(
     options: dict[str, Any] = {
         "batch_size": size,
         "concurrency": concurrency,
-        "fn_constructor_kwargs": {"path": os.fspath(path), **predictor_kwargs},
+        "fn_constructor_kwargs": {"path": os.path.abspath(path), **predictor_kwargs},  # workers have their own cwd
     }
     if num_gpus:
         options["num_gpus"] = num_gpus
