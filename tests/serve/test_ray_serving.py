@@ -111,6 +111,7 @@ def test_an_explicit_wait_is_kept(artifact):
         ({"num_replicas": 0}, ValueError, r"num_replicas must be > 0, got 0"),
         ({"max_batch_size": 2.5}, TypeError, r"max_batch_size"),
         ({"autoscaling": 3}, TypeError, r"autoscaling"),
+        ({"constructor_retries": 0}, ValueError, r"constructor_retries must be > 0, got 0"),
         ({"replicas": 2}, ValueError, r"unknown key 'replicas' in ray_deployment options.*num_replicas"),
     ],
 )

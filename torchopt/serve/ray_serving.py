@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import socket
@@ -82,8 +83,8 @@ class RayServeConfig(ConfigBase):
         `target_ongoing_requests` defaults to the batch size, so replicas are added when batches are full,
         not at Ray's default of 2 requests.
     name: the deployment's name.
-    constructor_retries: how often Ray restarts a replica whose start failed (a missing artifact fails the
-        same way every time; Ray's default is 20).
+    constructor_retries: how many failed replica starts Ray allows before it marks the deployment failed
+        (at least 1; a missing artifact fails the same way every time, so Ray's default of 20 only delays it).
     """
 
     max_batch_size: int | None = None
@@ -94,7 +95,7 @@ class RayServeConfig(ConfigBase):
     num_gpus: float = 0.0
     autoscaling: dict[str, Any] | None = None
     name: str = "torchopt"
-    constructor_retries: int = 2
+    constructor_retries: int = 3
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None:
@@ -109,7 +110,7 @@ class RayServeConfig(ConfigBase):
         if self.autoscaling is not None:
             check_type("autoscaling", self.autoscaling, dict, "Ray Serve's autoscaling_config as a dict")
         check_type("name", self.name, str)
-        check_positive("constructor_retries", self.constructor_retries, allow_zero=True)
+        check_positive("constructor_retries", self.constructor_retries)
 
 
 @dataclasses.dataclass
@@ -375,8 +376,8 @@ def ray_deployment(saved_path: str | os.PathLike, config: RayServeConfig | None 
     HTTP: POST a JSON item (nested lists; for several inputs an object {input name: item}); the answer is
     ``{"outputs": ..., "batch_size": n, "replica": id}``, a bad item a 400 with ``{"error": ...}``. Handle:
     ``handle.remote(item)`` returns the same dict with tensors; ``handle.stats.remote()`` one replica's batch
-    sizes. Options: `RayServeConfig` fields (max_batch_size, batch_wait_timeout_s, latency_budget_ms,
-    num_replicas, num_cpus, num_gpus, autoscaling, name, constructor_retries).
+    size histogram ({size: batches}). Options: `RayServeConfig` fields (max_batch_size, batch_wait_timeout_s,
+    latency_budget_ms, num_replicas, num_cpus, num_gpus, autoscaling, name, constructor_retries).
 
     Example::
 
@@ -391,7 +392,7 @@ def ray_deployment(saved_path: str | os.PathLike, config: RayServeConfig | None 
         "name": cfg.name,
         "max_ongoing_requests": plan.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        "max_constructor_retry_count": max(cfg.constructor_retries, 1),
+        "max_constructor_retry_count": cfg.constructor_retries,
     }
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = {"target_ongoing_requests": plan.max_batch_size, **cfg.autoscaling}
@@ -443,7 +444,7 @@ def _replica_class(serve: Any, plan: RayServePlan) -> type:
             self.served = ServedModel(path, device=device, num_threads=num_threads)
             self.warmup_calls = self.served.warm_up()
             self.start_seconds = time.perf_counter() - t0
-            self.batch_sizes: list[int] = []
+            self.batch_sizes: collections.Counter[int] = collections.Counter()  # size → batches (bounded by the cap)
             context = serve.get_replica_context()
             self.replica = context.replica_id.unique_id if context is not None else "local"
 
@@ -463,13 +464,13 @@ def _replica_class(serve: Any, plan: RayServePlan) -> type:
 
         @serve.batch(max_batch_size=plan.max_batch_size, batch_wait_timeout_s=plan.batch_wait_timeout_s)
         async def predict(self, items: list[tuple[torch.Tensor, ...]]) -> list[tuple[Any, int]]:
-            self.batch_sizes.append(len(items))
+            self.batch_sizes[len(items)] += 1
             return [(out, len(items)) for out in self.served.run(items)]
 
         def stats(self) -> dict[str, Any]:
             return {
                 "replica": self.replica,
-                "batch_sizes": list(self.batch_sizes),
+                "batch_sizes": dict(self.batch_sizes),
                 "warmup_calls": self.warmup_calls,
                 "start_seconds": self.start_seconds,
             }
