@@ -266,3 +266,10 @@ def test_importing_torchopt_serve_does_not_import_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.gpu
+def test_predictor_on_cuda_matches_the_cpu_module(artifact, mlp):
+    xs = np.random.default_rng(6).standard_normal((40, 16)).astype(np.float32)
+    out = RayPredictor(artifact, device="cuda")({"x": xs})
+    np.testing.assert_allclose(out["output"], mlp(torch.from_numpy(xs)).detach().numpy(), rtol=1e-4, atol=1e-4)
