@@ -103,6 +103,7 @@ def test_every_python_block_is_covered():
         "preprocess(",
         "tp.latency",
         "DynamicBatcher(",
+        "ray_deployment(",  # run on the test session's Ray: tests/serve/ray_cluster/test_ray_readme.py
     ]
     assert len(_blocks("python")) == len(markers), "a README python block is not run by tests/test_readme.py"
     for marker in markers:
