@@ -24,7 +24,7 @@ PACKAGES: dict[str, tuple[str | tuple[str, ...], tuple[str, ...]]] = {
     "torchopt.kernels": ("Preprocessing kernels", ()),
     "torchopt.recipes": ("Recipes", ()),
     "torchopt.backends": ("TensorRT and dynamic shapes", ()),
-    "torchopt.serve": (("Serving in-process", "Serving with Triton Inference Server"), ()),
+    "torchopt.serve": (("Serving in-process", "Serving with Triton Inference Server", "Scaling out on Ray"), ()),
 }
 ALIASES = {alias: package for package, (_, aliases) in PACKAGES.items() for alias in aliases}
 
