@@ -23,6 +23,14 @@ from torchopt.recipe import register_step
 __all__ = ["QuantizeConfig"]
 
 
+def _kept_by_reason(kept: dict[str, dict]) -> str:
+    """'name, name (why); name (why)': the kept modules grouped by the reason their keep rule gives."""
+    groups: dict[str, list[str]] = {}
+    for name, item in kept.items():
+        groups.setdefault(item["why"], []).append(name)
+    return "; ".join(f"{', '.join(names)} ({why})" for why, names in groups.items())
+
+
 def _apply_quantize(config: QuantizeConfig, ctx) -> None:
     if ctx.calib_data is None:
         raise ValueError(
@@ -56,7 +64,7 @@ def _apply_quantize(config: QuantizeConfig, ctx) -> None:
         modules=info.rows,
     )
     if record.kept:
-        ctx.note(f"quantize: kept {len(record.kept)} modules unquantized: {', '.join(record.kept)}")
+        ctx.note(f"quantize: kept {len(record.kept)} modules unquantized: {_kept_by_reason(record.kept)}")
     for note in record.notes:
         ctx.note(f"quantize: {note}")
     if info.bypassed:

@@ -151,6 +151,17 @@ def test_rule_selecting_nothing_is_refused(cnn):
         resolve_keep(cnn, [KeepRule()])
 
 
+def test_optional_rule_may_select_nothing(cnn):
+    """The built-in transformer recipes' rules are optional: a pooler pattern on a CNN is no error, while the same
+    rule without `optional` still names the nearest modules; an optional rule that matches still keeps."""
+    rules = [KeepRule(pattern="*pooler*", optional=True), KeepRule(module_type="LayerNorm", optional=True)]
+    assert resolve_keep(cnn, [*rules, KeepRule(pattern="head", optional=True)]).keys() == {"head"}
+    with pytest.raises(ValueError, match=r"keep\[0\]: pattern '\*pooler\*' matches no module"):
+        resolve_keep(cnn, [KeepRule(pattern="*pooler*")])
+    with pytest.raises(TypeError, match=r"keep.optional must be bool, got str 'yes'"):
+        KeepRule(pattern="head", optional="yes")
+
+
 def test_resolve_keep_aliases_and_descendants(cnn):
     kept = resolve_keep(cnn, [KeepRule(pattern="fc*", precision="float16")])
     assert {n: k.precision for n, k in kept.items()} == {"fc1": "fp16"}

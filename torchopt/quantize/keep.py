@@ -12,7 +12,9 @@ get no Q/DQ. ``precision`` says what the kept module runs in:
   network) runs the layer in that precision.
 
 A rule that selects nothing is an error naming the rule and the nearest module names (or the module types the
-model has). When rules overlap, the later rule's precision wins, like ModelOpt's ordered ``quant_cfg``.
+model has), unless it says ``optional: true``: the rule sets of the built-in transformer recipes
+(``int8-ptq-transformer``, ``fp8-ptq-transformer``) name layers not every model has (a pooler, a classifier head).
+When rules overlap, the later rule's precision wins, like ModelOpt's ordered ``quant_cfg``.
 """
 
 from __future__ import annotations
@@ -59,12 +61,16 @@ class KeepRule(ConfigBase):
         KeepRule(pattern="conv1", precision="fp16")
         KeepRule(module_type="LayerNorm")            # every LayerNorm, at the model's dtype
         KeepRule(pattern="*head*", precision="fp32", reason="classifier is sensitive")
+        KeepRule(pattern="*pooler*", optional=True)  # selecting nothing is no error
+
+    `reason` is what the summary and the optimize report say about the kept modules (default: the rule itself).
     """
 
     pattern: str | None = None
     module_type: str | None = None
     precision: str = "auto"
     reason: str = ""
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.module_type, type):
@@ -83,6 +89,7 @@ class KeepRule(ConfigBase):
             check_type("keep.module_type", self.module_type, str, "a module class name (e.g. 'LayerNorm')")
         self.precision = check_precision(self.precision, "keep.precision")
         check_type("keep.reason", self.reason, str)
+        check_type("keep.optional", self.optional, bool)
 
     @classmethod
     def coerce(cls, value: Any, where: str = "keep") -> KeepRule:
@@ -156,7 +163,8 @@ def _not_found(rule: KeepRule, index: int, names: list[str], model: torch.nn.Mod
 def resolve_keep(model: torch.nn.Module, rules: list[KeepRule]) -> dict[str, KeptModule]:
     """Module name → `KeptModule` for every module the rules select (descendants included).
 
-    Raises ValueError for a rule that selects nothing, naming the rule and the nearest module names.
+    Raises ValueError for a rule that selects nothing (unless it is ``optional``), naming the rule and the nearest
+    module names.
     """
     names = [n for n, _ in model.named_modules() if n]  # the root is never "kept": that is no quantization
     modules = dict(model.named_modules())
@@ -168,6 +176,8 @@ def resolve_keep(model: torch.nn.Module, rules: list[KeepRule]) -> dict[str, Kep
         else:
             hits = [n for n in names if _type_matches(modules[n], rule.module_type)]
         if not hits:
+            if rule.optional:
+                continue
             raise _not_found(rule, i, names, model)
         why = rule.reason or f"{rule.describe()} (keep[{i}])"
         for hit in hits:
