@@ -249,7 +249,13 @@ class TritonServer:
     def cleanup(self) -> None:
         """Remove the private backend folder and the log (stop first)."""
         if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            # Backend stubs killed with the server's process group can still be writing __pycache__ for a moment,
+            # which makes one rmtree leave the folder behind: retry for up to two seconds.
+            for _ in range(20):
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                if not self._workdir.exists():
+                    break
+                time.sleep(0.1)
             self._workdir = None
 
     def __enter__(self) -> TritonServer:
