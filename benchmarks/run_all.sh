@@ -15,7 +15,7 @@ print("torch", torch.__version__, "triton", triton.__version__, "python", platfo
 PY
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # GPU tests only (-P: import the installed torchopt, not ./torchopt); DeprecationWarnings from other torch versions must not fail them here.
-  timeout "${TEST_TIMEOUT:-240}" "$PY" -P -m pytest -m "gpu or tensorrt" -q ${PYTEST_ARGS:-} -o "filterwarnings=ignore::DeprecationWarning" \
+  timeout "${TEST_TIMEOUT:-240}" "$PY" -P -m pytest -m "gpu or multi_gpu or tensorrt" -q ${PYTEST_ARGS:-} -o "filterwarnings=ignore::DeprecationWarning" \
     -p no:cacheprovider tests 2>&1 | tee "$LOGS/gpu_tests.log" | tail -40
 fi
 BENCHES=("$@")

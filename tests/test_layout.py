@@ -30,7 +30,6 @@ NOT_YET_MIRRORED = {
     "torchopt/quantize/quant_summary.py": "tests/quantize/test_formats.py, test_keep.py (summary, detect_format)",
     "recipes/quantize.py": "tests/quantize/test_quantize_step.py (needs tests/quantize/conftest.py's trained CNN)",
     "torchopt/quantize/checkpoint.py": "tests/quantize/test_quantize_step.py (CPU save/load round trip)",
-    "torchopt/serve/triton_model.py": "tests/serve/test_triton_server.py (runs in the Python backend)",
     "torchopt/serve/ray_cli.py": "tests/serve/ray_cluster/test_ray_cli.py (with the tests that start Ray)",
     "torchopt/serve/cli.py": "tests/serve/test_triton_repo.py, test_triton_server.py (the CLI tests)",
 }

@@ -206,7 +206,7 @@ def optimize(
     dev = resolve_device("device", device)
     check_type("progress", progress, bool)
 
-    report = OptimizeReport(recipe=recipe.name, device=str(dev), environment=environment())
+    report = OptimizeReport(recipe=recipe.name, device=str(dev), environment=environment(dev))
     report.profiles = [[s.to_dict() for s in p] for p in profiles]
     if model.training:
         report.notes.append("the model was in training mode; the optimized copy runs in eval mode")

@@ -532,3 +532,22 @@ def test_training_step_on_gpu_close_to_the_oom_boundary(memory_limit):
     assert res.enforced and res.fitted_to == "live"
     _assert_within_5_percent_of_the_boundary(train_step, make, res)
     print(res, file=sys.stderr)
+
+
+@pytest.mark.multi_gpu
+def test_search_on_cuda_1_measures_and_limits_device_1_only():
+    dev = torch.device("cuda", 1)
+    torch.cuda.reset_peak_memory_stats(0)
+    before_0 = torch.cuda.memory_allocated(0)
+    fraction_0 = torch.cuda.get_per_process_memory_fraction(0)
+    seen = set()
+
+    def step(x):
+        seen.add(x.device)
+        return torch.empty(x.shape[0], 2**18, device=x.device).sum()  # 1 MiB per item
+
+    res = find_max_batch(step, lambda n: torch.ones(n, 4, device=dev), memory_budget=512 * 2**20, max_batch=4096)
+    assert seen == {dev} and res.backend == "CudaMemory(cuda:1)"
+    assert res.size > 100 and torch.cuda.max_memory_allocated(1) > 100 * 2**20
+    assert torch.cuda.max_memory_allocated(0) == before_0 == torch.cuda.memory_allocated(0)
+    assert torch.cuda.get_per_process_memory_fraction(0) == fraction_0

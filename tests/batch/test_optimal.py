@@ -204,3 +204,16 @@ def test_sweep_on_gpu():
     res = find_optimal_batch(model, make, latency_budget_ms=5.0, max_batch=512, progress=False)
     assert res.device.startswith("cuda") and res.best_point.meets_budget
     assert res.latency_ms <= 5.0 and res.size >= 1
+
+
+@pytest.mark.multi_gpu
+def test_search_on_cuda_1_runs_and_times_on_device_1():
+    dev = torch.device("cuda", 1)
+    torch.cuda.reset_peak_memory_stats(0)
+    torch.cuda.reset_peak_memory_stats(1)
+    before_0 = torch.cuda.memory_allocated(0)
+    model = torch.nn.Linear(1024, 1024).to(dev)
+    res = find_optimal_batch(model, lambda n: torch.randn(n, 1024, device=dev), max_batch=64, latency_budget_ms=1e3)
+    assert res.device == "cuda:1" and res.best_point.latency_ms > 0
+    assert torch.cuda.max_memory_allocated(1) > 0
+    assert torch.cuda.max_memory_allocated(0) == before_0 == torch.cuda.memory_allocated(0)

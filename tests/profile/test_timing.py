@@ -213,3 +213,43 @@ def test_cold_l2_flushes_between_reps():
     cold_peak = torch.cuda.max_memory_allocated() - base
     assert cold_peak >= 256 * 2**20 > hot_peak
     assert cold.l2 == "cold" and hot.l2 == "hot" and cold.p50_ms > 0 and hot.p50_ms > 0
+
+
+def _device_ms(fn, device, n=5):
+    """Median milliseconds of `fn()` between events on `device`'s stream (the reference for the tests below)."""
+    with torch.cuda.device(device):
+        ms = []
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+    return sorted(ms)[n // 2]
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_latency_on_cuda_1_times_device_1_work_and_allocates_there_only(cuda_graph):
+    dev = torch.device("cuda", 1)
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    work = lambda x: [x @ x for _ in range(8)][-1]
+    torch.cuda.reset_peak_memory_stats(0)
+    before_0 = torch.cuda.memory_allocated(0)
+    res = tp.latency(work, a, device="cuda:1", warmup=3, iters=20, cuda_graph=cuda_graph, l2="cold")
+    assert res.device == "cuda:1"
+    # events on cuda:0 around work queued on cuda:1 would measure the launches (a few microseconds)
+    assert res.p50_ms > 0.5 * _device_ms(lambda: work(a), dev)
+    assert torch.cuda.max_memory_allocated(0) == before_0 == torch.cuda.memory_allocated(0)
+
+
+@pytest.mark.multi_gpu
+def test_compare_latency_on_cuda_1_times_device_1_work():
+    dev = torch.device("cuda", 1)
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    slow = lambda x: [x @ x for _ in range(8)][-1]
+    fast = lambda x: x @ x
+    cmp = tp.compare_latency({"slow": slow, "fast": fast}, a, rounds=3, iters=10, warmup=3)
+    assert cmp.results["slow"].p50_ms > 0.5 * _device_ms(lambda: slow(a), dev)
+    assert cmp.speedups["fast"].median > 3

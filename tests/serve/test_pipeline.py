@@ -259,6 +259,44 @@ def test_cuda_stages_hand_tensors_over_streams_in_order():
         torch.testing.assert_close(y, (x @ x.T).sum(), rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_device_without_cuda_names_the_option():
+    with pytest.raises(ValueError, match=r"PipelineConfig.device 'cuda:1' needs CUDA, but CUDA is not available"):
+        AsyncPipeline([("a", abs)], device="cuda:1")
+
+
+def test_a_device_of_the_wrong_type_names_the_option():
+    with pytest.raises(TypeError, match=r"PipelineConfig.device .*'cuda:1' or an index.*1.5"):
+        AsyncPipeline([("a", abs)], device=1.5)
+
+
+def test_device_round_trips_through_the_config():
+    cfg = PipelineConfig(device="cuda:1")
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.multi_gpu
+def test_cuda_stages_on_device_1_run_on_device_1_streams():
+    seen = []
+
+    def square(x):
+        seen.append((torch.cuda.current_device(), torch.cuda.current_stream().device))
+        return (x.float() @ x.float().T).sum()
+
+    stages = [
+        Stage("upload", lambda x: x.to("cuda:1", non_blocking=True)),
+        Stage("square", square),
+        ("down", torch.Tensor.cpu),
+    ]
+    inputs = [torch.randn(128, 128).pin_memory() for _ in range(16)]
+    with AsyncPipeline(stages, device="cuda:1") as pipe:
+        assert pipe.device == torch.device("cuda", 1)
+        out = list(pipe.map(inputs))
+    assert set(seen) == {(1, torch.device("cuda", 1))}
+    for x, y in zip(inputs, out, strict=True):
+        torch.testing.assert_close(y, (x @ x.T).sum(), rtol=1e-3, atol=1e-2)
+
+
 def _wait_for(predicate, timeout=WAIT):
     tick = threading.Event()
     for _ in range(int(timeout / 0.01)):

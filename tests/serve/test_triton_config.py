@@ -128,6 +128,7 @@ def test_queue_delay_from_budget_and_measured_latency():
         ("max_batch_size", 0, "TritonConfig.max_batch_size"),
         ("queue_timeout_action", "drop", "TritonConfig.queue_timeout_action"),
         ("gpus", [0, -1], r"TritonConfig.gpus\[1\]"),
+        ("gpus", [1, 1], r"TritonConfig.gpus lists a GPU twice: \[1, 1\]"),
     ],
 )
 def test_config_errors_name_the_field(field, value, needle):
@@ -138,3 +139,18 @@ def test_config_errors_name_the_field(field, value, needle):
 def test_config_round_trips_through_dict():
     cfg = TritonConfig(latency_budget_ms=5.0, gpus=[0, 1], instance_kind="gpu")
     assert TritonConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_gpus_with_cpu_instances_is_an_error_naming_both():
+    with pytest.raises(
+        ValueError, match=r"TritonConfig.gpus=\[0, 1\] places gpu instances, but instance_kind is 'cpu'"
+    ):
+        TritonConfig(gpus=[0, 1], instance_kind="cpu")
+
+
+def test_one_gpu_instance_on_each_of_two_gpus_parses_against_triton_schema():
+    cfg = TritonConfig(gpus=[0, 1], instance_kind="gpu", instance_count=1)
+    proto = parse_model_config(_text("python", cfg, instance_kind="gpu"), "m/config.pbtxt")
+    (group,) = proto.instance_group
+    assert group.kind == group.KIND_GPU and group.count == 1 and list(group.gpus) == [0, 1]
+    check_semantics(proto, "m", inputs=profile_dims(SPECS), profile_batch=(1, 8), platform="python")

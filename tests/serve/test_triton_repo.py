@@ -124,3 +124,18 @@ def test_missing_server_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServeExtraMissing, match=r"pip install 'torchopt-infer\[serve\]'.*nvidia-pytriton==0.7.0"):
         find_tritonserver()
+
+
+def test_one_python_backend_instance_on_each_of_two_gpus(saved_tiny, tmp_path):
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny", instance_kind="gpu", gpus=[0, 1], instance_count=1)
+    proto = parse_model_config((tmp_path / "repo" / "tiny" / "config.pbtxt").read_text(), "tiny")
+    (group,) = proto.instance_group
+    assert group.kind == group.KIND_GPU and group.count == 1 and list(group.gpus) == [0, 1]
+
+
+def test_gpus_for_a_cpu_module_with_auto_instances_is_refused(saved_tiny, tmp_path):
+    _, saved = saved_tiny
+    with pytest.raises(ValueError, match=r"TritonConfig.gpus=\[0, 1\] places gpu instances, but the module was"):
+        export_triton(saved, tmp_path / "repo", gpus=[0, 1])
+    assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []

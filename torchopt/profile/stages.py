@@ -39,6 +39,7 @@ __all__ = [
     "stage",
     "stage_modules",
     "stage_stats",
+    "synchronize_all_devices",
 ]
 
 _LOCAL = threading.local()
@@ -58,6 +59,19 @@ def current_stage() -> str | None:
     """Path of the innermost open stage on this thread (``"outer/inner"``), or None."""
     stack = _stack()
     return "/".join(stack) if stack else None
+
+
+def synchronize_all_devices() -> None:
+    """Wait for the queued work of every visible CUDA device (nothing without CUDA).
+
+    ``torch.cuda.synchronize()`` waits for the thread's current device only (cuda:0 unless set), so a stage
+    whose work runs on cuda:1 would be timed by its launches; recorders do not know the device, so they wait
+    for all of them (one call per device, a few microseconds each).
+    """
+    if not torch.cuda.is_available():
+        return
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
 
 
 @functools.cache
@@ -191,7 +205,7 @@ class StageRecorder:
 
     def _now(self) -> int:
         if self.sync:
-            torch.cuda.synchronize()
+            synchronize_all_devices()
         return time.perf_counter_ns()
 
     def _enter(self, path: str) -> None:

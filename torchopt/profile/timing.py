@@ -229,12 +229,16 @@ def _time_cpu(
 def _time_cuda(call: Callable[[], Any], n: int, flush: Callable[[], None] | None, device: torch.device) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for start, end in zip(starts, ends, strict=True):
-        if flush is not None:
-            flush()
-        start.record()
-        call()
-        end.record()
+    # The events go on `device`'s current stream: the bare record() would use the thread's current device
+    # (cuda:0 unless set), so a call on cuda:1 would be bracketed by events on another GPU.
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        for start, end in zip(starts, ends, strict=True):
+            if flush is not None:
+                flush()
+            start.record(stream)
+            call()
+            end.record(stream)
     torch.cuda.synchronize(device)  # once per window: the host never waits between calls
     return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 

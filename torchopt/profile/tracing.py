@@ -37,7 +37,7 @@ import torch
 from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.profile.files import check_output_file
 from torchopt.profile.formatting import fmt_ms, markdown_table
-from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, stage_stats
+from torchopt.profile.stages import StageEvent, StageRecorder, StageStat, stage_stats, synchronize_all_devices
 
 __all__ = ["NoGPUKernelsWarning", "OpStat", "TraceConfig", "TraceResult", "Tracer", "trace", "trace_markdown"]
 
@@ -208,7 +208,7 @@ class Tracer:
 
     def _sync(self) -> None:
         if "cuda" in self.activities:
-            torch.cuda.synchronize()
+            synchronize_all_devices()  # the traced work may run on any device, not only the current one
 
     def __enter__(self) -> Tracer:
         from torch.profiler import profile, schedule

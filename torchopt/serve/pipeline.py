@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from torchopt.config import ConfigBase, check_positive, check_range, check_type
+from torchopt.config import ConfigBase, check_positive, check_range, check_type, resolve_device
 from torchopt.serve._common import LatencySamples, add_note, check_clock
 
 __all__ = ["AsyncPipeline", "PipelineClosed", "PipelineConfig", "PipelineStats", "Stage", "StageStats"]
@@ -52,17 +52,29 @@ class PipelineConfig(ConfigBase):
         waits as long as it takes.
     cuda_streams: on CUDA, one stream per worker thread with event hand-offs between stages (see the module
         docs); False runs every stage on the default stream. Ignored without CUDA.
+    device: the CUDA device the stages run on ("cuda:1", "cuda" or an index); the workers' streams and
+        current device are set to it. None: the current device of the thread that builds the pipeline.
     """
 
     queue_size: int = 8
     submit_timeout: float | None = None
     cuda_streams: bool = True
+    device: str | int | None = None
 
     def __post_init__(self) -> None:
         check_positive("PipelineConfig.queue_size", self.queue_size)
         if self.submit_timeout is not None:
             check_range("PipelineConfig.submit_timeout", self.submit_timeout, low=0)
         check_type("PipelineConfig.cuda_streams", self.cuda_streams, bool)
+        if self.device is not None:
+            check_type("PipelineConfig.device", self.device, (str, int), "a CUDA device like 'cuda:1' or an index")
+
+
+def _stage_device(device: str | int | None) -> torch.device | None:
+    """The CUDA device of the stages: the configured one, else the current one on CUDA; None without CUDA."""
+    if device is not None:
+        return resolve_device("PipelineConfig.device", device, kinds=("cuda",))
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 @dataclasses.dataclass
@@ -200,6 +212,7 @@ class AsyncPipeline:
         self.stages = _as_stages(stages)
         self._clock = check_clock(clock)
         self._streams = cfg.cuda_streams and torch.cuda.is_available()
+        self.device = _stage_device(cfg.device)
         self._runtimes = [_StageRuntime(s, s.queue_size or cfg.queue_size) for s in self.stages]
 
         self._lock = threading.Lock()  # counters and state
@@ -295,14 +308,16 @@ class AsyncPipeline:
         if not self._streams:
             return None
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     # ------------------------------------------------------------------------------------------ workers
 
     def _work(self, index: int) -> None:
         rt = self._runtimes[index]
-        stream = torch.cuda.Stream() if self._streams else None
+        if self.device is not None:
+            torch.cuda.set_device(self.device)  # the current device is per thread: cuda:0 in a new one
+        stream = torch.cuda.Stream(self.device) if self._streams else None
         while True:
             job = rt.queue.get()
             if job is _STOP:

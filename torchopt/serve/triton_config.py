@@ -75,7 +75,8 @@ class TritonConfig(ConfigBase):
     max_queue_size: requests allowed to wait; more are rejected at once (None: unbounded).
     instance_kind: "cpu", "gpu" or "auto" (gpu for TensorRT plans, else where the artifact was optimized).
     instance_count: model instances per device.
-    gpus: GPU indices for gpu instances (None: all).
+    gpus: GPU indices for gpu instances, `instance_count` on each (None: all the server's GPUs); e.g. [0, 1]
+        with count 1 serves one instance per GPU of a two-GPU host.
     warmup: run the model at the optimal batch while loading, so the first request is not the slow one.
     cuda_graphs: TensorRT plans only: capture the engine in CUDA graphs (one per profile's opt batch).
     threads: intra-op threads per Python-backend instance (a server on a loaded CPU is slower with more).
@@ -114,6 +115,11 @@ class TritonConfig(ConfigBase):
                 setattr(self, name, list(value))
         check_choice("TritonConfig.queue_timeout_action", self.queue_timeout_action, QUEUE_ACTIONS)
         check_choice("TritonConfig.instance_kind", self.instance_kind, INSTANCE_KINDS)
+        if self.gpus is not None:
+            if len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"TritonConfig.gpus lists a GPU twice: {self.gpus}; use instance_count for more")
+            if self.instance_kind == "cpu":
+                raise ValueError(f"TritonConfig.gpus={self.gpus} places gpu instances, but instance_kind is 'cpu'")
         check_type("TritonConfig.warmup", self.warmup, bool)
         check_type("TritonConfig.cuda_graphs", self.cuda_graphs, bool)
 

@@ -33,17 +33,34 @@ import torch.utils.dlpack  # noqa: E402
 import torchopt  # noqa: E402
 from torchopt.kernels import PreprocessConfig, preprocess  # noqa: E402
 
-__all__ = ["TritonPythonModel"]
+__all__ = ["TritonPythonModel", "instance_device"]
 
 
 def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
 
 
-def _device(args: dict[str, str]) -> torch.device:
-    if args.get("model_instance_kind") == "GPU":
-        return torch.device(f"cuda:{args['model_instance_device_id']}")
-    return torch.device("cpu")
+def instance_device(args: dict[str, str]) -> torch.device:
+    """The device of this model instance: for ``KIND_GPU``, the GPU Triton gave it.
+
+    Triton starts one stub process per instance; ``instance_group { kind: KIND_GPU count: 1 gpus: [0, 1] }``
+    makes two, whose ``model_instance_device_id`` is "0" and "1". Every stub sees all the server's GPUs, so the
+    index must be honoured (else both instances would load onto cuda:0).
+    """
+    kind = args.get("model_instance_kind", "CPU")
+    if kind != "GPU":
+        return torch.device("cpu")
+    given = args.get("model_instance_device_id")
+    if given is None or not str(given).isdigit():
+        raise ValueError(f"model_instance_device_id must be a GPU index for a KIND_GPU instance, got {given!r}")
+    index = int(given)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= visible:
+        raise ValueError(
+            f"model_instance_device_id {index} (instance_group gpus) names a GPU this stub cannot see:"
+            f" {visible} CUDA device(s) visible; check CUDA_VISIBLE_DEVICES and the config's gpus"
+        )
+    return torch.device("cuda", index)
 
 
 def _flat_outputs(out: Any, names: list[str]) -> list[torch.Tensor]:
@@ -65,7 +82,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         torch.set_num_threads(int(params.get("threads", "1")))
-        self.device = _device(args)
+        self.device = instance_device(args)
+        if self.device.type == "cuda":
+            # The current device is cuda:0 in every stub: what allocates or launches on the current device
+            # (Triton kernels, CUDA graphs, cuBLAS workspaces) must go to this instance's GPU.
+            torch.cuda.set_device(self.device)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         self.role = params.get("torchopt_role", "model")

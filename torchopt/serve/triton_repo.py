@@ -157,7 +157,13 @@ def _instance_kind(config: TritonConfig, platform: str, optimized: OptimizedModu
         return config.instance_kind
     if platform == "tensorrt_plan":
         return "gpu"
-    return "gpu" if optimized.runtime.device.type == "cuda" else "cpu"
+    kind = "gpu" if optimized.runtime.device.type == "cuda" else "cpu"
+    if kind == "cpu" and config.gpus is not None:
+        raise ValueError(
+            f"TritonConfig.gpus={config.gpus} places gpu instances, but the module was optimized on"
+            f" {optimized.runtime.device} (instance_kind 'auto' -> cpu); optimize on CUDA or set instance_kind='gpu'"
+        )
+    return kind
 
 
 def _checked(text: str, where: str, inputs, batch: tuple[int, int] | None, platform: str) -> str:
