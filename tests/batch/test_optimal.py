@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 from torchopt.batch import OptimalBatchConfig, find_optimal_batch
 from torchopt.inputs import InputSpec
 from torchopt.profile import LatencyResult
-from torchopt.profile.stats import summarize
 
 # Short timing windows for the few tests that measure a real module.
 FAST = {"warmup": 2, "iters": 10, "max_time_s": 0.2}
@@ -30,16 +29,7 @@ def modelled(latency_ms):
         n = seen.get(batch_size, 0)
         seen[batch_size] = n + 1
         samples = [float(latency_ms(batch_size, n))] * 10
-        stats = summarize(samples)
-        return LatencyResult(
-            **{f"{k}_ms": v for k, v in stats.items()},
-            throughput=batch_size * 1000.0 / stats["mean"],
-            stable=True,
-            samples_ms=samples,
-            device=device,
-            iters=len(samples),
-            batch_size=batch_size,
-        )
+        return LatencyResult.from_samples(samples, device=device, batch_size=batch_size, stable=True)
 
     return timer
 

@@ -15,7 +15,6 @@ import torchopt
 from torchopt import Recipe
 from torchopt.kernels import preprocess_ref
 from torchopt.profile import LatencyResult
-from torchopt.profile.stats import summarize
 from torchopt.recipes import CompileConfig, ValidateConfig
 from torchopt.serve import RayPredictor, RayServeConfig, plan_ray_serving, ray_batch_size, ray_deployment
 from torchopt.serve.ray_serving import ServedModel, derive_batch_wait_s
@@ -237,16 +236,7 @@ def _latency_model(latency_ms):
         call(*args)
         sizes.append(batch_size)
         samples = [float(latency_ms(batch_size))] * 10
-        stats = summarize(samples)
-        return LatencyResult(
-            **{f"{k}_ms": v for k, v in stats.items()},
-            throughput=batch_size * 1000.0 / stats["mean"],
-            stable=True,
-            samples_ms=samples,
-            device=device,
-            iters=len(samples),
-            batch_size=batch_size,
-        )
+        return LatencyResult.from_samples(samples, device=device, batch_size=batch_size, stable=True)
 
     timer.sizes = sizes
     return timer

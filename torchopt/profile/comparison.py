@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from torchopt.config import check_positive, check_type
-from torchopt.profile.stats import percentile, stability_spread_pct, summarize
+from torchopt.profile.stats import percentile, stability_spread_pct
 from torchopt.profile.timing import LatencyResult, infer_device, time_calls
 
 __all__ = ["LatencyComparison", "Speedup", "compare_latency"]
@@ -93,18 +93,13 @@ def _speedup(base_rounds: list[list[float]], cand_rounds: list[list[float]], sta
 
 def _result(rounds: list[list[float]], device: torch.device, batch_size: int | None, warmup: int, pct: float):
     samples = [s for r in rounds for s in r]
-    stats = summarize(samples)
     # latency's rule: the medians of three windows over the samples must agree within pct
     spread = stability_spread_pct(samples, 3, max(1, len(samples) // 3))
-    per_call = batch_size or 1
-    return LatencyResult(
-        **{f"{k}_ms": v for k, v in stats.items()},
-        throughput=per_call * 1000.0 / stats["mean"] if stats["mean"] > 0 else math.inf,
-        stable=spread is not None and spread <= pct,
-        samples_ms=samples,
-        device=str(device),
-        iters=len(samples),
+    return LatencyResult.from_samples(
+        samples,
+        device=device,
         batch_size=batch_size,
+        stable=spread is not None and spread <= pct,
         warmup=warmup,
         stability_spread_pct=spread,
     )

@@ -116,6 +116,25 @@ class LatencyResult:
         return d
 
     @classmethod
+    def from_samples(
+        cls, samples: list[float], *, device: Any, batch_size: int | None, stable: bool, **fields: Any
+    ) -> LatencyResult:
+        """The result for per-call times `samples` (ms): percentiles, mean, and throughput in items per second
+        (`batch_size` items a call, else calls); `fields` sets the remaining ones (warmup, stability_spread_pct...)."""
+        stats = summarize(samples)
+        per_call = batch_size or 1
+        return cls(
+            **{f"{k}_ms": v for k, v in stats.items()},
+            throughput=per_call * 1000.0 / stats["mean"] if stats["mean"] > 0 else math.inf,
+            stable=stable,
+            samples_ms=list(samples),
+            device=str(device),
+            iters=len(samples),
+            batch_size=batch_size,
+            **fields,
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
         check_type("data", data, dict, "a dict from LatencyResult.to_dict()")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -325,17 +344,11 @@ def latency(
                 bar.update(n)
                 spread = stability_spread_pct(samples, cfg.stability_windows, window)
 
-    stats = summarize(samples)
-    per_call = cfg.batch_size or 1
-    throughput = per_call * 1000.0 / stats["mean"] if stats["mean"] > 0 else math.inf
-    return LatencyResult(
-        **{f"{k}_ms": v for k, v in stats.items()},
-        throughput=throughput,
-        stable=spread is not None and spread <= cfg.stability_pct,
-        samples_ms=samples,
-        device=str(device),
-        iters=len(samples),
+    return LatencyResult.from_samples(
+        samples,
+        device=device,
         batch_size=cfg.batch_size,
+        stable=spread is not None and spread <= cfg.stability_pct,
         warmup=n_warm,
         cuda_graph=cfg.cuda_graph,
         l2=cfg.l2,
