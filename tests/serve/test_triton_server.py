@@ -112,20 +112,33 @@ def test_server_killed_mid_run_is_reported(saved_tiny, tmp_path):
         server.cleanup()
 
 
+def _assert_failed_start_left_only_its_log(server):
+    """A failed start stops the server and removes its backend copy; only the log the error names stays."""
+    assert not server.alive() and server.log_path.is_file()
+    workdir = server.log_path.parent
+    assert sorted(p.name for p in workdir.iterdir()) == [server.log_path.name]
+    server.cleanup()
+    assert not workdir.exists()
+
+
 def test_damaged_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     _, saved = saved_tiny
     export_triton(saved, tmp_path / "repo", name="tiny")
     (tmp_path / "repo" / "tiny" / "1" / "artifact" / "module.pt2").write_bytes(b"garbage")
+    server = TritonServer(tmp_path / "repo", exit_timeout_s=1)
     with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*module\.pt2"):
-        TritonServer(tmp_path / "repo", exit_timeout_s=1).start()
+        server.start()
+    _assert_failed_start_left_only_its_log(server)
 
 
 def test_missing_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     _, saved = saved_tiny
     export_triton(saved, tmp_path / "repo", name="tiny")
     shutil.rmtree(tmp_path / "repo" / "tiny" / "1" / "artifact")
+    server = TritonServer(tmp_path / "repo", exit_timeout_s=1)
     with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*artifact"):
-        TritonServer(tmp_path / "repo", exit_timeout_s=1).start()
+        server.start()
+    _assert_failed_start_left_only_its_log(server)
 
 
 def test_cli_serve_smoke(saved_tiny, tmp_path, capsys):

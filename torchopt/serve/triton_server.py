@@ -61,6 +61,16 @@ class TritonServerError(RuntimeError):
     """The server did not start, a model did not load, or the server died while serving."""
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a folder; stubs killed with the server can still be writing __pycache__ for a moment, which makes
+    one rmtree leave it behind, so retry for up to two seconds."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+
+
 def find_tritonserver() -> Path:
     """The `tritonserver` binary bundled with nvidia-pytriton; ServeExtraMissing naming the install otherwise."""
     import importlib.util
@@ -178,7 +188,10 @@ class TritonServer:
         try:
             self._wait_ready()
         except BaseException:
+            # A failed start never reaches __exit__: stop the server and remove the backend copy here; the log
+            # stays where the error says (the only file left behind).
             self.stop()
+            _remove_tree(self._workdir / "backends")
             raise
         self.startup_seconds = time.perf_counter() - t0
         return self
@@ -249,13 +262,7 @@ class TritonServer:
     def cleanup(self) -> None:
         """Remove the private backend folder and the log (stop first)."""
         if self._workdir is not None:
-            # Backend stubs killed with the server's process group can still be writing __pycache__ for a moment,
-            # which makes one rmtree leave the folder behind: retry for up to two seconds.
-            for _ in range(20):
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                if not self._workdir.exists():
-                    break
-                time.sleep(0.1)
+            _remove_tree(self._workdir)
             self._workdir = None
 
     def __enter__(self) -> TritonServer:
