@@ -54,7 +54,7 @@ from torchopt.recipe import Recipe
 from torchopt.report import OptimizeReport
 from torchopt.runtime import Runtime
 
-__all__ = ["AOTI_PACKAGE", "FORMAT_VERSION", "SAVE_FORMATS", "DamagedSaveError", "Loaded", "load", "save"]
+__all__ = ["AOTI_PACKAGE", "FORMAT_VERSION", "SAVE_FORMATS", "DamagedSaveError", "Loaded", "load", "read_meta", "save"]
 
 FORMAT_VERSION = 1
 # What `save(format=...)` writes besides the directory (see the module docstring).
@@ -248,7 +248,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
     backend's own files when it wrote some, else built again from the saved module with the saved settings;
     an `auto` choice is not timed again), or the AOTInductor package of a format "aoti" save."""
     path = _as_path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     module = _read_module(path, meta["module_format"])
     dev = resolve_device("device", device)
     module = module.to(dev)
@@ -308,7 +308,7 @@ def _damaged(file: Path, what: str) -> DamagedSaveError:
     return DamagedSaveError(f"{str(file)!r} is damaged: {what}; save the optimized module again")
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
     """meta.json as a dict with every key `load` reads; DamagedSaveError naming the file otherwise."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():

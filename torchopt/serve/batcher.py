@@ -48,6 +48,7 @@ from torchopt.serve._common import (
     MAX_WAIT_S,
     LatencySamples,
     check_clock,
+    map_tensors,
     split_output,
 )
 
@@ -338,7 +339,7 @@ class DynamicBatcher:
                 self._finish(r, error=exc)
             return
         for r, result in zip(requests, results, strict=True):
-            self._finish(r, result=_clone_tensors(result) if self.config.copy_outputs else result)
+            self._finish(r, result=map_tensors(torch.Tensor.clone, result) if self.config.copy_outputs else result)
 
     def _call(self, requests: list[_Request], rows: int) -> Any:
         n = len(requests)
@@ -571,15 +572,3 @@ def _raise_item_misfit(profiles: list[list[InputSpec]], item: Sequence[torch.Ten
                 )
     shapes = {s.name: tuple(t.shape) for s, t in zip(profile, item, strict=True)}
     raise ValueError(f"item shapes {shapes} fit none of the model's input profiles: {_describe(profiles)}")
-
-
-def _clone_tensors(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.clone()
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_clone_tensors(v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_clone_tensors(v) for v in tree)
-    if isinstance(tree, dict):
-        return {k: _clone_tensors(v) for k, v in tree.items()}
-    return tree

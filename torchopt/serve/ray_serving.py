@@ -40,8 +40,8 @@ from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.engine import OptimizedModule, load
 from torchopt.inputs import WHICH, InputSpec
 from torchopt.kernels import PreprocessConfig, preprocess
-from torchopt.saving import _read_meta
-from torchopt.serve._common import split_output
+from torchopt.saving import read_meta
+from torchopt.serve._common import map_tensors, split_output
 
 __all__ = [
     "RayPredictor",
@@ -147,7 +147,7 @@ def _artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
     check_type("saved_path", path, (str, os.PathLike), "the directory `OptimizedModule.save` wrote")
     if not Path(path).exists():
         raise FileNotFoundError(f"saved_path {os.fspath(path)!r} does not exist (save a model with fast.save(dir))")
-    return _read_meta(Path(path))
+    return read_meta(Path(path))
 
 
 def derive_batch_wait_s(
@@ -326,19 +326,7 @@ class ServedModel:
             inputs = [torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])]) for t in inputs]
         with torch.no_grad():
             out = self.model.call_flat(*[t.to(self.device, non_blocking=True) for t in inputs])
-        return split_output(_to_cpu(out), n, rows)
-
-
-def _to_cpu(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach().cpu()
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_to_cpu(v) for v in out))
-    if isinstance(out, (list, tuple)):
-        return type(out)(_to_cpu(v) for v in out)
-    if isinstance(out, dict):
-        return {k: _to_cpu(v) for k, v in out.items()}
-    return out
+        return split_output(map_tensors(lambda t: t.detach().cpu(), out), n, rows)
 
 
 def to_json(out: Any) -> Any:

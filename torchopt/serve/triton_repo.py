@@ -37,6 +37,7 @@ from torchopt.engine import OptimizedModule
 from torchopt.engine import load as load_optimized
 from torchopt.inputs import InputSpec
 from torchopt.kernels import PreprocessConfig
+from torchopt.saving import read_meta
 from torchopt.serve.triton_config import (
     PLATFORMS,
     TensorSpec,
@@ -106,7 +107,7 @@ def _saved_report(optimized: OptimizedModule, saved_path: Path | None) -> dict[s
     """The optimization report as saved (a loaded module's report does not carry the measurements)."""
     if saved_path is None:
         return optimized.report.to_dict()
-    return json.loads((saved_path / "meta.json").read_text())["report"]
+    return read_meta(saved_path)["report"]
 
 
 def _auto_batch_result(report: dict[str, Any]) -> dict[str, Any] | None:
