@@ -24,7 +24,7 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 
-__all__ = ["CHECKPOINT_KEYS", "load_quantized", "pack_quantized", "save_quantized", "unpack_quantized"]
+__all__ = ["CHECKPOINT_KEYS", "float_copy", "load_quantized", "pack_quantized", "save_quantized", "unpack_quantized"]
 
 CHECKPOINT_KEYS = ("float_module", "modelopt_state", "state_dict")
 
@@ -41,7 +41,6 @@ def pack_quantized(module: torch.nn.Module) -> dict[str, Any]:
     """The checkpoint of a ModelOpt-converted module (see the module docstring); `module` is left unchanged."""
     mto = _modelopt_opt()
     from modelopt.torch.opt.conversion import ModeloptStateManager  # noqa: PLC0415
-    from modelopt.torch.opt.dynamic import DynamicModule  # noqa: PLC0415
 
     if not ModeloptStateManager.is_converted(module):
         raise ValueError(
@@ -49,14 +48,24 @@ def pack_quantized(module: torch.nn.Module) -> dict[str, Any]:
         )
     state = mto.modelopt_state(module)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    float_module = copy.deepcopy(module)
-    for sub in list(float_module.modules()):
+    return {"float_module": float_copy(module), "modelopt_state": state, "state_dict": weights}
+
+
+def float_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` with every ModelOpt conversion undone (`DynamicModule.export`): the user's classes
+    with the current weights (SmoothQuant's, when it ran), no quantizer; `module` is left unchanged."""
+    _modelopt_opt()
+    from modelopt.torch.opt.conversion import ModeloptStateManager  # noqa: PLC0415
+    from modelopt.torch.opt.dynamic import DynamicModule  # noqa: PLC0415
+
+    copied = copy.deepcopy(module)
+    for sub in list(copied.modules()):
         while isinstance(sub, DynamicModule):  # one export per conversion level, back to the user's class
             sub = sub.export()
-    for sub in float_module.modules():
+    for sub in copied.modules():
         for attr in [a for a in vars(sub) if a.startswith(ModeloptStateManager._state_key)]:
             delattr(sub, attr)  # restore_from_modelopt_state refuses a module that still carries a state
-    return {"float_module": float_module, "modelopt_state": state, "state_dict": weights}
+    return copied
 
 
 def unpack_quantized(checkpoint: dict[str, Any]) -> torch.nn.Module:

@@ -71,6 +71,9 @@ class FormatSpec:
     # The getter in ``mtq.extensions`` of the format's CUDA fake-quant extension, loaded once before calibrating
     # (None: the format has none to load up front).
     cuda_ext: str | None = None
+    # The real low-precision execution modes `torchopt.quantize.deploy` turns a calibrated model of this format
+    # into (`torchopt.quantize.deploy.LOWP_MODES`); the first runs what calibration chose, scale for scale.
+    lowp_modes: tuple[str, ...] = ()
 
     @property
     def default_method(self) -> str:
@@ -92,6 +95,7 @@ FORMATS: dict[str, FormatSpec] = {
             "INT8 weights per output channel (axis 0), INT8 activations per tensor",
             weight_kind="int8",
             cuda_ext="get_cuda_ext",
+            lowp_modes=("int8", "int8_weight_only"),
         ),
         FormatSpec(
             "int8_smoothquant",
@@ -101,6 +105,7 @@ FORMATS: dict[str, FormatSpec] = {
             weight_kind="int8",
             smoothed=True,
             cuda_ext="get_cuda_ext",
+            lowp_modes=("int8", "int8_weight_only"),
         ),
         FormatSpec(
             "fp8",
@@ -110,6 +115,7 @@ FORMATS: dict[str, FormatSpec] = {
             trt_min_sm=(8, 9),
             weight_kind="fp8",
             cuda_ext="get_cuda_ext_fp8",
+            lowp_modes=("fp8", "fp8_rowwise"),
         ),
         FormatSpec(
             "int4_awq",

@@ -1,0 +1,159 @@
+"""The low-precision Linear layers against their eager reference (quantize, GEMM in float on the codes, rescale),
+their storage, export and save, and Inductor's fusion of the quantize into the op before it.
+
+These run on the CPU, where torch 2.13 has ``torch._scaled_mm`` (FP8) and ``torch._int_mm`` kernels: the math is
+the layers', the speed is not measured here (benchmarks/bench_lowp.py, on a GPU).
+"""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchopt.quantize.lowp_linear import (
+    FP8_MAX,
+    INT_MM_MIN_ROWS,
+    Fp8Linear,
+    Fp8RowwiseLinear,
+    Int8Linear,
+    Int8WeightOnlyLinear,
+    quant_fp8,
+    quant_int8,
+)
+
+K, N = 64, 48
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(K, N)
+
+
+def _x(rows=8, dtype=torch.bfloat16, seed=1):
+    return torch.randn(rows, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _w_amax(linear, per_channel):
+    w = linear.weight.detach().abs()
+    return w.amax(dim=1, keepdim=True) if per_channel else w.amax()
+
+
+def test_fp8_layer_is_the_gemm_of_its_codes(linear):
+    x = _x()
+    layer = Fp8Linear(linear.weight, linear.bias, _w_amax(linear, False), torch.tensor(3.0))
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    w = layer.weight.float() * layer.weight_scale
+    xd = quant_fp8(x, layer.input_scale).float() * layer.input_scale
+    expected = xd @ w.t() + linear.bias
+    torch.testing.assert_close(layer(x).float(), expected, rtol=1e-2, atol=1e-2)
+    assert layer(x).dtype == torch.bfloat16
+
+
+def test_fp8_input_above_its_amax_saturates_instead_of_nan():
+    codes = quant_fp8(torch.tensor([1e6, -1e6, 1.0]), torch.tensor(1.0))
+    assert codes.float().tolist() == [FP8_MAX, -FP8_MAX, 1.0]
+
+
+def test_fp8_rowwise_scales_each_row_to_its_own_max(linear):
+    x = _x()
+    x[0] *= 1000  # an outlier row does not coarsen the others
+    layer = Fp8RowwiseLinear(linear.weight, linear.bias)
+    assert layer.weight_scale.shape == (1, N)
+    out = layer(x).float()
+    ref = F.linear(x.float(), linear.weight.detach(), linear.bias.detach())
+    for row in range(1, 8):
+        assert F.cosine_similarity(out[row], ref[row], dim=0) > 0.995
+
+
+def test_int8_layer_accumulates_exactly_in_int32(linear):
+    x = _x(rows=32, dtype=torch.float16)
+    layer = Int8Linear(linear.weight, linear.bias, _w_amax(linear, True), x.float().abs().amax())
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (N,)
+    xq = quant_int8(x, layer.input_scale, narrow_range=False)
+    acc = xq.int() @ layer.weight.int().t()  # exact integer GEMM
+    expected = (acc.float() * layer.input_scale * layer.weight_scale).half().float() + linear.bias
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 5, INT_MM_MIN_ROWS - 1])
+def test_int8_few_rows_are_padded_for_the_gemm_and_cut_back(linear, rows):
+    x = _x(rows=INT_MM_MIN_ROWS + 3, dtype=torch.float16)
+    layer = Int8Linear(linear.weight, linear.bias, _w_amax(linear, True), x.float().abs().amax())
+    full = layer(x)
+    assert layer(x[:rows]).shape == (rows, N)
+    torch.testing.assert_close(layer(x[:rows]), full[:rows])
+
+
+def test_int8_weight_only_keeps_activations_in_float(linear):
+    x = _x(dtype=torch.float16)
+    layer = Int8WeightOnlyLinear(linear.weight, linear.bias, _w_amax(linear, True))
+    w = layer.weight.float() * layer.weight_scale[:, None]
+    torch.testing.assert_close(layer(x).float(), x.float() @ w.t() + linear.bias, rtol=1e-2, atol=1e-2)
+
+
+def test_smoothquant_pre_scale_multiplies_the_input_before_quantizing(linear):
+    x = _x(dtype=torch.float16)
+    scale = torch.linspace(0.5, 2.0, K)
+    layer = Int8WeightOnlyLinear(linear.weight, linear.bias, _w_amax(linear, True), pre_scale=scale)
+    plain = Int8WeightOnlyLinear(linear.weight, linear.bias, _w_amax(linear, True))
+    torch.testing.assert_close(layer(x), plain((x.float() * scale).half()), rtol=1e-2, atol=4e-3)
+
+
+def test_leading_dims_are_kept(linear):
+    x = torch.randn(2, 7, K).half()
+    layer = Fp8Linear(linear.weight, linear.bias, _w_amax(linear, False), torch.tensor(4.0))
+    assert layer(x).shape == (2, 7, N)
+
+
+def test_an_all_zero_channel_gets_no_nan():
+    weight = torch.randn(N, K)
+    weight[0] = 0
+    layer = Int8Linear(weight, None, weight.abs().amax(dim=1, keepdim=True), torch.tensor(0.0))
+    assert torch.isfinite(layer(_x(dtype=torch.float16))).all()
+
+
+def test_weight_bytes_are_a_quarter_of_float32(linear):
+    fp8 = Fp8Linear(linear.weight, linear.bias, _w_amax(linear, False), torch.tensor(1.0))
+    int8 = Int8Linear(linear.weight, linear.bias, _w_amax(linear, True), torch.tensor(1.0))
+    assert fp8.weight_bytes() == N * K + 2 * 4  # codes + two float32 scales
+    assert int8.weight_bytes() == N * K + N * 4 + 4
+
+
+def test_exports_and_saves_with_fp8_weights(linear):
+    layer = Fp8Linear(linear.weight, linear.bias.half(), _w_amax(linear, False), torch.tensor(3.0))
+    x = _x(dtype=torch.float16)
+    program = torch.export.export(layer, (x,))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
+    assert loaded.state_dict["weight"].dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(loaded.module()(x), layer(x))
+
+
+class _GeluThenFp8(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.fp8 = Fp8Linear(linear.weight, linear.bias.half(), _w_amax(linear, False), torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.fp8(F.gelu(x))
+
+
+def test_inductor_fuses_the_quantize_into_the_op_before_it(linear):
+    """The generated code has one kernel that computes GELU and writes FP8 codes: no separate quantize pass."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _GeluThenFp8(linear).eval()
+    x = _x(rows=16, dtype=torch.float16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model), x)
+    torch.testing.assert_close(out, model(x), rtol=1e-2, atol=1e-2)
+    code = "\n".join(codes)
+    kernels = [line for line in code.splitlines() if "cpp_fused" in line and "def " not in line]
+    fused = [k for k in kernels if "gelu" in k and ("clamp" in k or "_to_copy" in k)]
+    assert fused, f"no kernel fuses gelu with the FP8 quantize: {kernels}"
+    assert "_scaled_mm" in code

@@ -1,0 +1,167 @@
+"""Linear layers that run their GEMM in low precision: what `torchopt.quantize.deploy` puts in place of ModelOpt's
+calibrated fake-quant ``QuantLinear``.
+
+Each layer is plain torch (buffers and aten ops), so it exports (`torch.export`, AOTInductor), compiles (the
+quantize before each GEMM is a pointwise op Inductor fuses into the op that produced the activation, and the
+rescale after it into the GEMM's epilogue or the next op) and saves with its weights in the low-precision dtype.
+
+    Fp8Linear               E4M3 weights and activations, per-tensor scales from calibration (what ModelOpt's
+                            ``fp8`` calibrates and TensorRT runs): ``torch._scaled_mm``
+    Fp8RowwiseLinear        E4M3 weights scaled per output channel, activations scaled per row at run time
+                            (no calibrated scale; absorbs outlier tokens): ``torch._scaled_mm`` row-wise
+    Int8Linear              W8A8: int8 weights per output channel, int8 activations per tensor (ModelOpt's
+                            ``int8`` / ``int8_smoothquant``): ``torch._int_mm`` into int32, rescaled in float
+    Int8WeightOnlyLinear    int8 weights per output channel, activations in float: halves weight traffic for
+                            memory-bound small-batch calls
+
+`quant_fp8` / `quant_int8` are the quantize each layer applies before its GEMM; the tests compare every layer
+with the float GEMM of its codes and with ModelOpt's fake-quant module it replaces.
+
+A ``.half()`` / ``.to(dtype)`` on these layers would convert the FP8 weights and float32 scales as well (FP8 is a
+floating dtype to torch): move them with ``.to(device)`` only; `deploy` casts the rest of the model itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "FP8_MAX",
+    "INT8_MAX",
+    "Fp8Linear",
+    "Fp8RowwiseLinear",
+    "Int8Linear",
+    "Int8WeightOnlyLinear",
+    "LowpLinear",
+]
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+INT8_MAX = 127.0
+# torch._int_mm on CUDA takes more than 16 rows; smaller calls are padded up to this many.
+INT_MM_MIN_ROWS = 17
+# The smallest positive scale: an all-zero row or channel would otherwise divide by zero.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    return (amax.detach().float() / qmax).clamp_min(_TINY)
+
+
+class LowpLinear(torch.nn.Module):
+    """The shared part: shape bookkeeping, the optional input pre-scale (SmoothQuant) and the bias."""
+
+    mode: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, pre_scale: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("pre_scale", None if pre_scale is None else pre_scale.detach().float().flatten())
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [rows, in_features], with SmoothQuant's per-channel input scale applied."""
+        x2 = x.reshape(-1, self.in_features)
+        return x2 if self.pre_scale is None else x2 * self.pre_scale.to(x2.dtype)
+
+    def _unflat(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weight and its scales (what the layer holds besides its bias)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in ("bias", "pre_scale"))
+
+
+class Fp8Linear(LowpLinear):
+    """y = x W^T + b with x and W in E4M3 under calibrated per-tensor scales (``torch._scaled_mm``)."""
+
+    mode = "fp8"
+
+    def __init__(self, weight, bias, weight_amax, input_amax, pre_scale=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
+        w_scale = _scale(weight_amax.reshape(()), FP8_MAX)
+        self.register_buffer("weight", (weight.detach().float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("input_scale", _scale(input_amax.reshape(()), FP8_MAX))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = quant_fp8(self._flat(x), self.input_scale)
+        out = torch._scaled_mm(xq, self.weight.t(), self.input_scale, self.weight_scale, out_dtype=x.dtype)
+        return self._unflat(out, x)
+
+
+class Fp8RowwiseLinear(LowpLinear):
+    """E4M3 GEMM with a scale per weight row (output channel) and per activation row, the latter at run time."""
+
+    mode = "fp8_rowwise"
+    out_dtype = torch.bfloat16  # row-wise _scaled_mm writes bfloat16 on CUDA
+
+    def __init__(self, weight, bias, pre_scale=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
+        w_scale = _scale(weight.detach().abs().amax(dim=1, keepdim=True), FP8_MAX)  # [out, 1]
+        self.register_buffer("weight", (weight.detach().float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1).contiguous())  # [1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._flat(x)
+        x_scale = _scale(x2.abs().amax(dim=1, keepdim=True), FP8_MAX)  # [rows, 1]
+        xq = quant_fp8(x2, x_scale)
+        out = torch._scaled_mm(xq, self.weight.t(), x_scale, self.weight_scale, out_dtype=self.out_dtype)
+        return self._unflat(out.to(x.dtype), x)
+
+
+class Int8Linear(LowpLinear):
+    """W8A8: ``torch._int_mm`` of int8 activations (per-tensor scale) and int8 weights (per output channel)."""
+
+    mode = "int8"
+
+    def __init__(self, weight, bias, weight_amax, input_amax, pre_scale=None, narrow_range=False):
+        super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
+        w_scale = _scale(weight_amax.reshape(-1, 1), INT8_MAX)  # [out, 1]
+        self.register_buffer("weight", quant_int8(weight.detach().float(), w_scale, narrow_range=True))
+        self.register_buffer("weight_scale", w_scale.reshape(-1))
+        self.register_buffer("input_scale", _scale(input_amax.reshape(()), INT8_MAX))
+        self.narrow_range = narrow_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._flat(x)
+        rows = x2.shape[0]
+        xq = quant_int8(x2, self.input_scale, narrow_range=self.narrow_range)
+        if rows < INT_MM_MIN_ROWS:
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS - rows))
+        acc = torch._int_mm(xq, self.weight.t())[:rows]
+        out = (acc.float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+        return self._unflat(out, x)
+
+
+class Int8WeightOnlyLinear(LowpLinear):
+    """int8 weights per output channel, dequantized inside the GEMM's operand load; activations stay float."""
+
+    mode = "int8_weight_only"
+
+    def __init__(self, weight, bias, weight_amax, pre_scale=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
+        w_scale = _scale(weight_amax.reshape(-1, 1), INT8_MAX)
+        self.register_buffer("weight", quant_int8(weight.detach().float(), w_scale, narrow_range=True))
+        self.register_buffer("weight_scale", w_scale.reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._flat(x)
+        out = torch.mm(x2, self.weight.t().to(x2.dtype)) * self.weight_scale.to(x2.dtype)
+        return self._unflat(out, x)
+
+
+def quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes of ``x / scale``, saturated at ±448 (the cast alone would give NaN above it)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quant_int8(x: torch.Tensor, scale: torch.Tensor, *, narrow_range: bool) -> torch.Tensor:
+    """int8 codes of ``round(x / scale)``, clamped to [-127, 127] (narrow) or [-128, 127], as ModelOpt rounds."""
+    low = -INT8_MAX if narrow_range else -INT8_MAX - 1
+    return torch.round(x.float() / scale).clamp(low, INT8_MAX).to(torch.int8)
