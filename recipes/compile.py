@@ -15,6 +15,7 @@ from torchopt.backends import BACKENDS, BuildLog, BuildSettings, choose_backend,
 from torchopt.config import check_choice, check_type
 from torchopt.profile.comparison import compare_latency
 from torchopt.recipe import StepConfig, StepContext, register_step
+from torchopt.recipes.lowp import LOWP_CHOICES, apply_lowp, check_lowp_request
 
 __all__ = ["CompileConfig"]
 
@@ -65,13 +66,17 @@ def _report_build(ctx: StepContext, log: BuildLog) -> None:
 
 def _apply_compile(config: CompileConfig, ctx: StepContext) -> None:
     backend, why = choose_backend(config.backend, ctx.device)
-    if config.backend == "auto" and ctx.quantized and backend.name != "tensorrt":
-        # Without TensorRT, Q/DQ layers run as fake-quant simulation: compiling them gains no speed, takes
-        # minutes and hits dynamo's recompile limit on ModelOpt's autograd functions.
-        backend = get_backend("eager")
-        why = f"auto: eager for the fake-quant model; only TensorRT runs Q/DQ as integer/FP8 kernels ({why})"
     ctx.set_backend(backend.name, why)
     ctx.check_profiles_run()
+    simulated = ctx.quantized and backend.name != "tensorrt"  # Q/DQ layers would run as fake-quant
+    if simulated and apply_lowp(config.lowp, ctx, backend, config.settings(backend.name)):
+        return
+    if simulated and config.backend == "auto":
+        # Fake-quant compiled gains no speed, takes minutes and hits dynamo's recompile limit on ModelOpt's
+        # autograd functions.
+        backend = get_backend("eager")
+        why = f"auto: eager for the fake-quant model; only TensorRT runs Q/DQ as integer/FP8 kernels ({why})"
+        ctx.set_backend(backend.name, why)
     log = BuildLog(progress=ctx.progress)
     runners = backend.build(ctx.model, ctx.profiles, ctx.runtime, config.settings(backend.name), log)
     timed_choice = config.backend == "auto" and ctx.device.type == "cpu" and backend.name != "eager"
@@ -89,10 +94,12 @@ class _CompileOptions(StepConfig):
 
     backend: str = "auto"
     cuda_graphs: bool | None = None
+    lowp: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("compile.backend", self.backend, ["auto", *sorted(BACKENDS)])
+        check_choice("compile.lowp", self.lowp, list(LOWP_CHOICES))
         if self.cuda_graphs is not None:
             check_type("compile.cuda_graphs", self.cuda_graphs, bool, "true, false or null (auto)")
 
@@ -104,6 +111,7 @@ class _CompileOptions(StepConfig):
         """An explicitly requested backend must be available before any timing or calibration starts."""
         if self.backend != "auto":
             choose_backend(self.backend, ctx.device)
+        check_lowp_request(self.lowp, ctx.device)
 
 
 CompileConfig = register_step("compile", _apply_compile)(
@@ -124,6 +132,10 @@ CompileConfig = register_step("compile", _apply_compile)(
         their spread and 5 %), or a backend name.
     cuda_graphs: None = auto (on for CUDA with Inductor: takes the launch gaps out at small batch; off for
         TensorRT, whose graphs re-record at every new input shape — set true to use them).
+    lowp: how a quantized model runs without TensorRT: "auto" (real FP8/INT8 GEMMs where they measure faster
+        than the fp16 build of the original model at every profile, else that fp16 build; fake-quant where the
+        device has no such GEMMs), "off" (fake-quant simulation), or a mode of `torchopt.quantize.deployment`
+        ("fp8", "fp8_rowwise", "int8", "int8_weight_only"); see `torchopt.recipes.lowp`.
     <backend name>: that backend's settings, e.g. inductor (see InductorConfig), tensorrt (see TensorRTConfig).
     """,
         },

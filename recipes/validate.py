@@ -57,7 +57,7 @@ def _check_accuracy(config: ValidateConfig, ctx: StepContext, optimized: Dispatc
                 task = "classify" if is_classifier_output(ref_out, reference) else "embed"
             metrics.append(compare_outputs(ref_out, optimized(*ref_args), task=task))
     merged = AccuracyMetrics.merge(metrics)
-    precision = "quantized" if ctx.quantized else report.precision
+    precision = "quantized" if ctx.quantized or ctx.lowp else report.precision
     limits = config.limits(precision)
     report.accuracy, report.tolerances = {**merged.to_dict(), "task": task}, limits
     if config.task == "auto" and task == "embed" and "min_top1" in limits:

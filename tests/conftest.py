@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config, items):
     from torchopt._compat import tensorrt_status
 
-    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine); run on the H100")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine); run on the H200")
     trt, why = tensorrt_status()
     no_trt = pytest.mark.skip(reason=f"needs Torch-TensorRT with CUDA: {why or 'no CUDA device'}")
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -52,6 +52,7 @@ class StepContext:
     dtype: torch.dtype = torch.float32
     quantized: bool = False
     calib_fingerprint: str | None = None  # set by quantize; keys the TensorRT engine cache
+    lowp: str | None = None  # set by compile when the quantized layers run real low-precision GEMMs (the mode)
     cast_outputs: bool = True
     runners: list[Callable[..., Any]] | None = None  # set by compile: one per profile
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the current step's report entries

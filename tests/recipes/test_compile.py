@@ -12,7 +12,7 @@ from torchopt.recipes import CompileConfig
 def test_fields_come_from_the_backend_registry():
     names = [f.name for f in dataclasses.fields(CompileConfig)]
     per_backend = [name for name, b in BACKENDS.items() if b.config_class is not None]
-    assert names == ["backend", "cuda_graphs", *per_backend]
+    assert names == ["backend", "cuda_graphs", "lowp", *per_backend]
     assert per_backend == ["inductor", "tensorrt"]
     cfg = CompileConfig()
     assert isinstance(cfg.inductor, InductorConfig) and isinstance(cfg.tensorrt, TensorRTConfig)

@@ -11,6 +11,7 @@ and a calibration cache.
 
 Formats (`FORMATS`): int8, int8_smoothquant, fp8, int4_awq, nvfp4 (CUDA). Methods (`METHODS`): max, entropy,
 percentile, mse, smoothquant, awq. The recipe step ``quantize`` takes the same options (`QuantizeConfig`).
+``deploy(qmodel, mode)`` runs the calibrated Linear layers as real FP8 / INT8 GEMMs (`LOWP_MODES`).
 
 Importing this package is light: ModelOpt, matplotlib and tqdm load inside the functions that use them.
 """
@@ -18,6 +19,7 @@ Importing this package is light: ModelOpt, matplotlib and tqdm load inside the f
 from torchopt.quantize.api import quantize
 from torchopt.quantize.comparison import compare
 from torchopt.quantize.config import Budget, QuantizeConfig
+from torchopt.quantize.deployment import LOWP_MODES, deploy
 from torchopt.quantize.export import DeploymentWarning, export_quantized, quant_ops
 from torchopt.quantize.formats import FORMATS, METHODS
 from torchopt.quantize.keep import KeepRule
@@ -29,6 +31,7 @@ from torchopt.quantize.quant_summary import detect_format, summary
 # builder live in their modules (comparison, layer_sensitivity, quant_summary, calibrate, cache, formats).
 __all__ = [
     "FORMATS",
+    "LOWP_MODES",
     "METHODS",
     "Budget",
     "DeploymentWarning",
@@ -36,6 +39,7 @@ __all__ = [
     "QuantizeConfig",
     "auto_keep",
     "compare",
+    "deploy",
     "detect_format",
     "export_quantized",
     "quant_ops",

@@ -71,8 +71,8 @@ class FormatSpec:
     # The getter in ``mtq.extensions`` of the format's CUDA fake-quant extension, loaded once before calibrating
     # (None: the format has none to load up front).
     cuda_ext: str | None = None
-    # The real low-precision execution modes `torchopt.quantize.deploy` turns a calibrated model of this format
-    # into (`torchopt.quantize.deploy.LOWP_MODES`); the first runs what calibration chose, scale for scale.
+    # The real low-precision execution modes `torchopt.quantize.deployment` turns a calibrated model of this format
+    # into (`torchopt.quantize.deployment.LOWP_MODES`); the first runs what calibration chose, scale for scale.
     lowp_modes: tuple[str, ...] = ()
 
     @property

@@ -34,7 +34,7 @@ from torchopt.quantize.calibrate import CalibData
 from torchopt.quantize.config import BUDGET_METRICS, Budget, QuantizeConfig, as_config
 from torchopt.quantize.evaluate import EvalSet
 from torchopt.quantize.keep import KeepRule
-from torchopt.quantize.quant_summary import _origin_type, quant_record
+from torchopt.quantize.quant_summary import origin_type, quant_record
 
 __all__ = ["MODES", "KeepSearch", "Sensitivity", "auto_keep", "sensitivity"]
 
@@ -151,7 +151,7 @@ def _measure(qmodel: torch.nn.Module, evals: EvalSet, metric: str, mode: str, pr
         raise ValueError("the quantized model has no enabled quantizer: nothing to rank")
     modules = dict(qmodel.named_modules())
     baseline = evals.metric(qmodel, metric)
-    rows = {n: {"layer": n, "type": _origin_type(modules[n])} for n in layers}
+    rows = {n: {"layer": n, "type": origin_type(modules[n])} for n in layers}
     everything = [q for qs in layers.values() for q in qs]
     steps = len(layers) * (2 if mode == "both" else 1)
     with tqdm(total=steps, desc=f"sensitivity ({metric})", disable=not progress, leave=False) as bar:

@@ -1,4 +1,4 @@
-"""Linear layers that run their GEMM in low precision: what `torchopt.quantize.deploy` puts in place of ModelOpt's
+"""Linear layers that run their GEMM in low precision: what `torchopt.quantize.deployment` puts in place of ModelOpt's
 calibrated fake-quant ``QuantLinear``.
 
 Each layer is plain torch (buffers and aten ops), so it exports (`torch.export`, AOTInductor), compiles (the

@@ -16,7 +16,7 @@ from torchopt._compat import import_modelopt_quantization
 from torchopt.quantize._tables import markdown_table, text_table
 from torchopt.quantize.formats import format_from_weights
 
-__all__ = ["QuantRecord", "QuantSummary", "detect_format", "quant_record", "summary"]
+__all__ = ["QuantRecord", "QuantSummary", "detect_format", "origin_type", "quant_record", "summary"]
 
 RECORD_ATTR = "torchopt_quant"
 _COLUMNS = ["module", "type", "status", "precision", "weight", "input", "why"]
@@ -47,7 +47,7 @@ def quant_record(model: torch.nn.Module) -> QuantRecord | None:
     return getattr(model, RECORD_ATTR, None)
 
 
-def _origin_type(module: torch.nn.Module) -> str:
+def origin_type(module: torch.nn.Module) -> str:
     """The user-facing class name (ModelOpt swaps in dynamic subclasses such as QuantConv2d)."""
     for cls in type(module).__mro__:
         if not cls.__module__.startswith("modelopt"):
@@ -208,7 +208,7 @@ def summary(model: torch.nn.Module) -> QuantSummary:
         rows.append(
             {
                 "module": name or "(root)",
-                "type": _origin_type(module),
+                "type": origin_type(module),
                 "status": status,
                 "precision": precision,
                 "weight": describe_quantizer(weight) if weight is not None else "-",

@@ -37,7 +37,7 @@ from torchopt.quantize.checkpoint import float_copy
 from torchopt.quantize.formats import FORMATS
 from torchopt.quantize.keep import KEEP_PRECISIONS
 from torchopt.quantize.lowp_linear import Fp8Linear, Fp8RowwiseLinear, Int8Linear, Int8WeightOnlyLinear, LowpLinear
-from torchopt.quantize.quant_summary import RECORD_ATTR, quant_record
+from torchopt.quantize.quant_summary import RECORD_ATTR, origin_type, quant_record
 
 __all__ = ["DEPLOY_ATTR", "LOWP_MODES", "DeployRecord", "LowpMode", "deploy", "lowp_unsupported", "weight_bytes"]
 
@@ -161,9 +161,8 @@ def _why_float(name: str, module: torch.nn.Module, spec: LowpMode, bypassed: dic
     if name in bypassed:
         return f"its parent reads the weight directly ({bypassed[name]})"
     if not isinstance(module, torch.nn.Linear):
-        kind = type(module).__mro__[1].__name__ if type(module).__module__.startswith("modelopt") else ""
         return (
-            f"{kind or type(module).__name__}: PyTorch has no FP8/INT8 kernel for it outside Linear GEMMs"
+            f"{origin_type(module)}: PyTorch has no FP8/INT8 kernel for it outside Linear GEMMs"
             " (TensorRT runs convolutions in FP8/INT8)"
         )
     k, n = module.in_features, module.out_features

@@ -1,0 +1,179 @@
+"""The compile step's real low-precision execution (``compile: {lowp: ...}``) for quantized models without TensorRT.
+
+Without TensorRT, ModelOpt's Q/DQ layers only simulate the format. `torchopt.quantize.deployment` builds a model whose
+Linear GEMMs really run in FP8 / INT8; this module decides when to use it:
+
+- ``lowp: off``: the quantized model stays the fake-quant simulation (the accuracy, not the speed);
+- ``lowp: <mode>`` (fp8, fp8_rowwise, int8, int8_weight_only): that mode, refused up front where the device
+  cannot run it;
+- ``lowp: auto`` (the default): on a GPU that runs at least one of the format's modes, each is built with the
+  step's backend next to the fp16 build of the original model and timed against it in alternating rounds at every
+  profile's opt shape. A mode is kept only when its whole speedup spread clears `AUTO_MIN_SPEEDUP` at every
+  profile (the fastest such mode by median); otherwise the fp16 build is kept, and the report says why, with the
+  figures. On a device without one (CPU, older GPUs) the fake-quant model stays, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+
+from torchopt.backends import Backend, BuildLog, BuildSettings
+from torchopt.profile.comparison import LatencyComparison, compare_latency
+from torchopt.quantize.deployment import DEPLOY_ATTR, LOWP_MODES, deploy, lowp_unsupported, weight_bytes
+from torchopt.quantize.formats import FORMATS
+from torchopt.quantize.quant_summary import quant_record
+from torchopt.recipe import StepContext
+from torchopt.runtime import Runtime
+
+__all__ = ["AUTO_MIN_SPEEDUP", "LOWP_CHOICES", "LowpChoice", "apply_lowp", "check_lowp_request", "choose_mode"]
+
+LOWP_CHOICES = ("auto", "off", *LOWP_MODES)
+# A low-precision mode replaces the fp16 build only when the whole spread of its speedup clears this margin at
+# every profile: below it the gain is within run-to-run noise and not worth the accuracy it costs.
+AUTO_MIN_SPEEDUP = 1.05
+AUTO_ROUNDS, AUTO_ITERS, AUTO_WARMUP = 8, 5, 3
+COMPUTE_DTYPE = torch.float16
+BASELINE = "fp16"
+
+
+@dataclasses.dataclass
+class LowpChoice:
+    """The auto decision: the mode kept (None: fp16) and the sentence that says why, with the figures."""
+
+    mode: str | None
+    reason: str
+
+
+def check_lowp_request(lowp: str, device: torch.device) -> None:
+    """An explicitly requested mode must run on `device` (checked before calibration starts)."""
+    if lowp in LOWP_MODES:
+        why = lowp_unsupported(lowp, device)
+        if why:
+            raise ValueError(f"compile.lowp {lowp!r} cannot run here: {why}; use lowp: auto or off")
+
+
+def choose_mode(comparisons: list[LatencyComparison], margin: float = AUTO_MIN_SPEEDUP) -> LowpChoice:
+    """The mode whose speedup over `BASELINE` has its whole spread above `margin` at every profile (the best
+    geometric-mean median among them), or None with the figures that ruled each mode out."""
+    modes = [name for name in comparisons[0].speedups]
+    figures = {m: "; ".join(f"profile {p}: {c.speedups[m]}" for p, c in enumerate(comparisons)) for m in modes}
+    clear = [m for m in modes if all(c.speedups[m].low > margin for c in comparisons)]
+    if not clear:
+        return LowpChoice(
+            None,
+            f"fp16 kept: no low-precision mode clears {margin:.2f}x over the fp16 build at every profile"
+            f" ({' | '.join(f'{m} {f}' for m, f in figures.items())})",
+        )
+    best = max(clear, key=lambda m: math.prod(c.speedups[m].median for c in comparisons))
+    return LowpChoice(best, f"{best} measured faster than the fp16 build: {figures[best]}")
+
+
+def _runtime(ctx: StepContext) -> Runtime:
+    return dataclasses.replace(ctx.runtime, dtype=COMPUTE_DTYPE, quantized=False, calib_fingerprint=None)
+
+
+def _report_float_layers(ctx: StepContext, model: torch.nn.Module) -> None:
+    record = getattr(model, DEPLOY_ATTR)
+    ctx.details["lowp_layers"] = record.lowp_layers
+    ctx.details["lowp_float_layers"] = record.float_layers
+    ctx.details["weight_bytes"] = record.weight_bytes
+    if record.float_layers:
+        reasons: dict[str, list[str]] = {}
+        for name, why in record.float_layers.items():
+            reasons.setdefault(why.split(":")[0], []).append(name)
+        listed = "; ".join(f"{len(names)} x {why}" for why, names in reasons.items())
+        ctx.note(
+            f"lowp {record.mode}: {len(record.lowp_layers)} layers run in {record.mode}, {len(record.float_layers)}"
+            f" quantized layers run in {record.dtype} instead ({listed}; see details lowp_float_layers)"
+        )
+
+
+def _use(ctx: StepContext, model: torch.nn.Module, runners: list, mode: str | None, why: str) -> None:
+    """Hand the chosen model on: it holds no ModelOpt quantizer any more and computes in fp16."""
+    ctx.model, ctx.runners, ctx.quantized, ctx.calib_fingerprint, ctx.lowp = model, runners, False, None, mode
+    ctx.dtype = COMPUTE_DTYPE
+    if mode is None:
+        ctx.set_precision("float16", f"auto: {why}")
+    else:
+        ctx.set_precision(mode, f"real {mode} GEMMs ({LOWP_MODES[mode].gemm}), {why}")
+        _report_float_layers(ctx, model)
+
+
+def _build(backend: Backend, model, ctx: StepContext, settings: BuildSettings, log: BuildLog) -> list:
+    return backend.build(model, ctx.profiles, _runtime(ctx), settings, log)
+
+
+def _measure(ctx: StepContext, baseline: list, candidates: dict[str, list]) -> list[LatencyComparison]:
+    comparisons = []
+    for p, profile in enumerate(ctx.profiles):
+        fns = {BASELINE: baseline[p], **{m: runners[p] for m, runners in candidates.items()}}
+        with torch.no_grad():
+            comparisons.append(
+                compare_latency(
+                    fns,
+                    *_runtime(ctx).examples(profile, "opt"),
+                    rounds=AUTO_ROUNDS,
+                    iters=AUTO_ITERS,
+                    warmup=AUTO_WARMUP,
+                )
+            )
+    return comparisons
+
+
+def apply_lowp(lowp: str, ctx: StepContext, backend: Backend, settings: BuildSettings) -> bool:
+    """Run the quantized model in real low precision as `lowp` says; True when it set ``ctx.runners``."""
+    if lowp == "off":
+        return False
+    fmt = quant_record(ctx.model).format
+    modes = FORMATS[fmt].lowp_modes
+    if lowp != "auto":
+        check_lowp_request(lowp, ctx.device)
+        if lowp not in modes:
+            raise ValueError(
+                f"compile.lowp {lowp!r} does not apply to a model quantized to {fmt!r}; it takes"
+                f" {', '.join(modes) or 'no low-precision mode (fake-quant only)'}, auto or off"
+            )
+        log = BuildLog(progress=ctx.progress)
+        model = deploy(ctx.model, lowp, dtype=COMPUTE_DTYPE)
+        _use(ctx, model, _build(backend, model, ctx, settings, log), lowp, "requested by the recipe")
+        ctx.report.notes.extend(log.notes)
+        return True
+    why_not = {m: lowp_unsupported(m, ctx.device) for m in modes}
+    runnable = [m for m in modes if why_not[m] is None]
+    if not runnable:
+        ctx.note(
+            f"compile.lowp auto: {fmt} model kept as fake-quant: "
+            + ("; ".join(why_not.values()) or f"format {fmt!r} has no real low-precision execution in torchopt")
+        )
+        return False
+    return _auto(ctx, backend, settings, runnable)
+
+
+def _auto(ctx: StepContext, backend: Backend, settings: BuildSettings, modes: list[str]) -> bool:
+    log = BuildLog(progress=ctx.progress)
+    ctx.log(f"lowp auto: building fp16 and {', '.join(modes)} with {backend.name} to time them")
+    fp16 = copy.deepcopy(ctx.reference).to(ctx.device, COMPUTE_DTYPE).eval()
+    baseline = _build(backend, fp16, ctx, settings, log)
+    models, candidates = {}, {}
+    for mode in modes:
+        models[mode] = deploy(ctx.model, mode, dtype=COMPUTE_DTYPE)
+        candidates[mode] = _build(backend, models[mode], ctx, settings, BuildLog(progress=ctx.progress))
+    comparisons = _measure(ctx, baseline, candidates)
+    choice = choose_mode(comparisons)
+    ctx.details["lowp_auto"] = {
+        "choice": choice.mode or BASELINE,
+        "reason": choice.reason,
+        "weight_bytes": {BASELINE: weight_bytes(fp16), **{m: weight_bytes(models[m]) for m in modes}},
+        "profiles": [c.to_dict() for c in comparisons],
+    }
+    if choice.mode is None:
+        _use(ctx, fp16, baseline, None, choice.reason)
+        ctx.report.notes.extend(log.notes)
+    else:
+        _use(ctx, models[choice.mode], candidates[choice.mode], choice.mode, choice.reason)
+    ctx.note(f"compile.lowp auto: {choice.reason}")
+    return True
