@@ -76,20 +76,24 @@ def _runtime(ctx: StepContext) -> Runtime:
     return dataclasses.replace(ctx.runtime, dtype=COMPUTE_DTYPE, quantized=False, calib_fingerprint=None)
 
 
-def _report_float_layers(ctx: StepContext, model: torch.nn.Module) -> None:
+def _report_float_layers(ctx: StepContext, model: torch.nn.Module, *, kept: bool) -> None:
+    """Details and a note: which layers run the mode and which quantized ones it leaves in float, grouped."""
     record = getattr(model, DEPLOY_ATTR)
     ctx.details["lowp_layers"] = record.lowp_layers
     ctx.details["lowp_float_layers"] = record.float_layers
-    ctx.details["weight_bytes"] = record.weight_bytes
-    if record.float_layers:
-        reasons: dict[str, list[str]] = {}
-        for name, why in record.float_layers.items():
-            reasons.setdefault(why.split(":")[0], []).append(name)
-        listed = "; ".join(f"{len(names)} x {why}" for why, names in reasons.items())
-        ctx.note(
-            f"lowp {record.mode}: {len(record.lowp_layers)} layers run in {record.mode}, {len(record.float_layers)}"
-            f" quantized layers run in {record.dtype} instead ({listed}; see details lowp_float_layers)"
-        )
+    ctx.details["lowp_weight_bytes"] = record.weight_bytes
+    if not record.float_layers:
+        return
+    reasons: dict[str, list[str]] = {}
+    for name, why in record.float_layers.items():
+        reasons.setdefault(why.split(":")[0], []).append(name)
+    listed = "; ".join(f"{len(names)} x {why}" for why, names in reasons.items())
+    share = f"{len(record.lowp_layers)} layers run in {record.mode}, {len(record.float_layers)} quantized layers"
+    ctx.note(
+        f"lowp {record.mode}: {share} run in {record.dtype} instead ({listed}; see details lowp_float_layers)"
+        if kept
+        else f"lowp {record.mode} (not kept): {share} would run in {record.dtype} ({listed})"
+    )
 
 
 def _use(ctx: StepContext, model: torch.nn.Module, runners: list, mode: str | None, why: str) -> None:
@@ -100,7 +104,7 @@ def _use(ctx: StepContext, model: torch.nn.Module, runners: list, mode: str | No
         ctx.set_precision("float16", f"auto: {why}")
     else:
         ctx.set_precision(mode, f"real {mode} GEMMs ({LOWP_MODES[mode].gemm}), {why}")
-        _report_float_layers(ctx, model)
+        _report_float_layers(ctx, model, kept=True)
 
 
 def _build(backend: Backend, model, ctx: StepContext, settings: BuildSettings, log: BuildLog) -> list:
@@ -173,6 +177,7 @@ def _auto(ctx: StepContext, backend: Backend, settings: BuildSettings, modes: li
     if choice.mode is None:
         _use(ctx, fp16, baseline, None, choice.reason)
         ctx.report.notes.extend(log.notes)
+        _report_float_layers(ctx, models[modes[0]], kept=False)  # e.g. a CNN's convolutions: why it did not pay
     else:
         _use(ctx, models[choice.mode], candidates[choice.mode], choice.mode, choice.reason)
     ctx.note(f"compile.lowp auto: {choice.reason}")

@@ -14,8 +14,18 @@ PROFILES = [[InputSpec("x", min=(1, 4), max=(8, 4))], [InputSpec("x", min=(9, 4)
 
 def test_runtime_round_trips_through_its_dict():
     rt = Runtime(device=CPU, dtype=torch.bfloat16, quantized=True, cast_outputs=False, calib_fingerprint="abc")
-    assert rt.to_dict() == {"dtype": "bfloat16", "quantized": True, "cast_outputs": False, "calib_fingerprint": "abc"}
+    assert rt.to_dict() == {
+        "dtype": "bfloat16",
+        "quantized": True,
+        "cast_outputs": False,
+        "calib_fingerprint": "abc",
+        "lowp": None,
+    }
     assert Runtime.from_dict(rt.to_dict(), CPU) == rt
+    deployed = Runtime(device=CPU, dtype=torch.float16, lowp="fp8")
+    assert Runtime.from_dict(deployed.to_dict(), CPU) == deployed
+    saved_before_lowp = {k: v for k, v in rt.to_dict().items() if k != "lowp"}
+    assert Runtime.from_dict(saved_before_lowp, CPU).lowp is None
 
 
 def test_runtime_is_frozen_and_checked():

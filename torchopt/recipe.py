@@ -80,6 +80,7 @@ class StepContext:
             quantized=self.quantized,
             cast_outputs=self.cast_outputs,
             calib_fingerprint=self.calib_fingerprint,
+            lowp=self.lowp,
         )
 
     def example_inputs(self, profile_index: int = 0, which: str = "opt", seed: int = 0) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ class Runtime:
     quantized: the module holds ModelOpt Q/DQ quantizers.
     cast_outputs: floating outputs are returned in float32, as the original model returns them.
     calib_fingerprint: the calibration data's fingerprint (keys the TensorRT engine cache), None when unquantized.
+    lowp: the real low-precision mode its Linear GEMMs run (`torchopt.quantize.LOWP_MODES`), None when none.
     """
 
     device: torch.device
@@ -37,12 +38,15 @@ class Runtime:
     quantized: bool = False
     cast_outputs: bool = True
     calib_fingerprint: str | None = None
+    lowp: str | None = None
 
     def __post_init__(self) -> None:
         check_type("Runtime.device", self.device, torch.device)
         check_type("Runtime.dtype", self.dtype, torch.dtype)
         check_type("Runtime.quantized", self.quantized, bool)
         check_type("Runtime.cast_outputs", self.cast_outputs, bool)
+        if self.lowp is not None:
+            check_type("Runtime.lowp", self.lowp, str, "a low-precision mode name or None")
 
     @property
     def casts_outputs(self) -> bool:
@@ -63,6 +67,7 @@ class Runtime:
             "quantized": self.quantized,
             "cast_outputs": self.cast_outputs,
             "calib_fingerprint": self.calib_fingerprint,
+            "lowp": self.lowp,
         }
 
     @classmethod
@@ -73,6 +78,7 @@ class Runtime:
             quantized=data["quantized"],
             cast_outputs=data["cast_outputs"],
             calib_fingerprint=data.get("calib_fingerprint"),
+            lowp=data.get("lowp"),
         )
 
 

@@ -50,6 +50,7 @@ from torchopt.export import export_program
 from torchopt.inputs import InputSpec
 from torchopt.quantize import export_quantized
 from torchopt.quantize.checkpoint import load_quantized, save_quantized
+from torchopt.quantize.deployment import lowp_unsupported
 from torchopt.recipe import Recipe
 from torchopt.report import OptimizeReport
 from torchopt.runtime import Runtime
@@ -255,6 +256,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
     recipe = Recipe.from_dict(meta["recipe"])
     profiles = [[InputSpec.from_dict(s) for s in p] for p in meta["profiles"]]
     runtime = Runtime.from_dict(meta, dev)  # dtype: the inputs' dtype (differs from the precision under autocast)
+    _check_lowp_runs(path, runtime)
     saved = meta["report"]
     report = OptimizeReport(recipe=recipe.name, device=str(dev), profiles=meta["profiles"])
     report.notes.append(f"loaded from {path}")
@@ -278,6 +280,17 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
         runners = [module for _ in profiles]
     report.notes.extend(log.notes)
     return Loaded(module, runners, profiles, recipe, report, runtime)
+
+
+def _check_lowp_runs(path: Path, runtime: Runtime) -> None:
+    """A module saved with real low-precision GEMMs loads only where they run (another GPU generation, the CPU)."""
+    why = runtime.lowp and lowp_unsupported(runtime.lowp, runtime.device)
+    if why:
+        raise ValueError(
+            f"{str(path)!r} runs real {runtime.lowp} GEMMs, which cannot run on {runtime.device}: {why}. Load it"
+            " on a GPU that runs them, or optimize the original model again here (compile.lowp: auto picks what"
+            " this device runs)"
+        )
 
 
 def _load_aoti(path: Path, artifact: dict[str, Any], device: torch.device, n_profiles: int) -> list[Any]:

@@ -164,6 +164,15 @@ def test_unsupported_devices_are_named_with_the_reason():
     assert set(LOWP_MODES) == {m for f in tq.FORMATS.values() for m in f.lowp_modes}
 
 
+def test_a_gpu_generation_without_the_tensor_cores_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert lowp_unsupported("fp8", "cuda") == "fp8 needs compute capability 8.9+; NVIDIA A100-SXM4-80GB is sm_80"
+    assert "9.0+" in lowp_unsupported("fp8_rowwise", "cuda:0")
+    assert lowp_unsupported("int8", "cuda") is None and lowp_unsupported("int8_weight_only", "cuda") is None
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_gemms_run_natively_and_inductor_fuses_the_quantize():
     from torch._inductor.utils import run_and_get_code

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import torchopt
-from torchopt import InputSpec, Recipe
+from torchopt import InputSpec, Recipe, saving
 from torchopt.profile.comparison import LatencyComparison, Speedup
 from torchopt.profile.timing import LatencyResult
 from torchopt.quantize.deployment import DEPLOY_ATTR
@@ -57,6 +57,7 @@ def _recipe(fmt="fp8", lowp_mode="auto"):
 def cpu_runs_lowp(monkeypatch):
     """Let the CPU count as a device with FP8/INT8 GEMMs (only the capability check is replaced)."""
     monkeypatch.setattr(lowp, "lowp_unsupported", lambda mode, device: None)
+    monkeypatch.setattr(saving, "lowp_unsupported", lambda mode, device: None)
 
 
 def _comparison(speedups: dict[str, tuple[float, float, float]]) -> LatencyComparison:
@@ -154,3 +155,11 @@ def test_save_and_load_keep_fp8_weights(cpu_runs_lowp, tmp_path):
     loaded = torchopt.load(tmp_path / "m")
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded(x), fast(x))
+
+
+def test_a_deployed_save_is_refused_where_its_gemms_cannot_run(cpu_runs_lowp, tmp_path, monkeypatch):
+    fast = torchopt.optimize(_model(), _recipe(lowp_mode="fp8"), inputs=SPEC, calib_data=_calib(), progress=False)
+    fast.save(tmp_path / "m")
+    monkeypatch.undo()  # the CPU is itself again: no FP8 tensor cores
+    with pytest.raises(ValueError, match=r"runs real fp8 GEMMs, which cannot run on cpu: real fp8 execution needs"):
+        torchopt.load(tmp_path / "m")
