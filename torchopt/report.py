@@ -18,9 +18,9 @@ __all__ = ["OptimizeReport", "StepRecord"]
 ROW_REASON_CHARS = 80  # a reason longer than this is cut in its table row and given in full in a note
 
 FAKE_QUANT_NOTE = (
-    "fake-quant simulation: without TensorRT the quantized layers run as quantize-dequantize in float, which"
-    " models int8/fp8 accuracy but not its speed (it is slower than float); the latency is not a speedup"
-    " of a deployed int8/fp8 model"
+    "fake-quant simulation: without TensorRT or real low-precision GEMMs (compile.lowp, on a GPU that has them)"
+    " the quantized layers run as quantize-dequantize in float, which models int8/fp8 accuracy but not its speed"
+    " (it is slower than float); the latency is not a speedup of a deployed int8/fp8 model"
 )
 
 
