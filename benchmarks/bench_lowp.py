@@ -10,6 +10,7 @@ Per model and shape (random weights, seeded; no pretrained weights can be downlo
     fake-quant          ModelOpt's Q/DQ simulation (fp8 and int8 calibrated), eager: what users got before
     fp8 / fp8_rowwise   `torchopt.quantize.deploy` of the FP8-calibrated model, compiled
     int8 / int8_wo      the same from the INT8-calibrated model (W8A8 `_int_mm`, weight-only int8)
+    int4_weight_only    from the INT4-AWQ-calibrated model (tinygemm `_weight_int4pack_mm`)
 
 with latency p50/p99 (`torchopt.profile.compare_latency`: warm-up, then call-by-call alternating rounds, so that
 clocks and load hit every variant alike), throughput, the speedup over compiled fp16 as the median of per-round
@@ -132,7 +133,7 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, AsDtype | str
         "compiled fp16": AsDtype(torch.compile(fp16), torch.float16),  # first: the baseline of every ratio
         "eager fp16": AsDtype(fp16, torch.float16),
     }
-    for fmt in ("fp8", "int8"):
+    for fmt in ("fp8", "int8", "int4_awq"):
         qmodel = tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False)
         out[f"fake-quant {fmt}"] = AsDtype(qmodel, torch.float32)  # eager, as the recipes ran it
         for mode in tq.FORMATS[fmt].lowp_modes:

@@ -149,17 +149,32 @@ def test_requests_deploy_cannot_do_are_refused_before_anything_is_built():
         deploy("model.pt", "int8")
 
 
-def test_int4_awq_has_no_real_execution_yet():
-    _, qmodel = _quantized("int4_awq")
-    with pytest.raises(ValueError, match="'int4_awq' has no real low-precision execution"):
-        deploy(qmodel, "int8_weight_only")
+def test_int4_awq_runs_through_the_int4_kernel():
+    model, qmodel = _quantized("int4_awq", MLP(hidden=256))  # fc1 takes 64 inputs: less than one 128 block
+    deployed = deploy(qmodel, "int4_weight_only", dtype=torch.bfloat16)
+    record = getattr(deployed, DEPLOY_ATTR)
+    assert record.lowp_layers == ["fc2"] and "not a whole number of int4 blocks (128)" in record.float_layers["fc1"]
+    assert deployed.fc2.weight.dtype == torch.uint8  # packed codes: a quarter of fp16's bytes, plus block scales
+    assert deployed.fc2.weight_bytes() < 0.3 * 256 * 32 * 2
+    h = torch.randn(8, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert _cosine(deployed.fc2(h.bfloat16()), qmodel.fc2(h)) > 0.999  # the layer computes what was simulated
+        x = _calib(1, rows=8, seed=5)[0]
+        assert _cosine(deployed(x.bfloat16()), model(x)) > 0.99
+
+
+def test_nvfp4_has_no_real_execution_yet():
+    _, qmodel = _quantized("int8")
+    qmodel.torchopt_quant.format = "nvfp4"  # the record is all deploy reads to pick the modes
+    with pytest.raises(ValueError, match="'nvfp4' has no real low-precision execution"):
+        deploy(qmodel, "fp8")
 
 
 def test_unsupported_devices_are_named_with_the_reason():
     why = lowp_unsupported("fp8", "cpu")
     assert "needs a CUDA GPU" in why and "8.9+" in why and "fake-quant" in why
     assert "8.0+" in lowp_unsupported("int8", torch.device("cpu"))
-    with pytest.raises(ValueError, match="mode.*'fp8', 'fp8_rowwise', 'int8', 'int8_weight_only'.*got 'fp4'"):
+    with pytest.raises(ValueError, match="mode.*'fp8', 'fp8_rowwise', 'int8', 'int8_weight_only', 'int4_we.*got 'fp4'"):
         lowp_unsupported("fp4", "cpu")
     assert set(LOWP_MODES) == {m for f in tq.FORMATS.values() for m in f.lowp_modes}
 

@@ -16,9 +16,11 @@ from torchopt.quantize.lowp_linear import (
     INT_MM_MIN_ROWS,
     Fp8Linear,
     Fp8RowwiseLinear,
+    Int4WeightOnlyLinear,
     Int8Linear,
     Int8WeightOnlyLinear,
     quant_fp8,
+    quant_int4,
     quant_int8,
 )
 
@@ -157,3 +159,17 @@ def test_inductor_fuses_the_quantize_into_the_op_before_it(linear):
     fused = [k for k in kernels if "gelu" in k and ("clamp" in k or "_to_copy" in k)]
     assert fused, f"no kernel fuses gelu with the FP8 quantize: {kernels}"
     assert "_scaled_mm" in code
+
+
+def test_int4_layer_is_the_gemm_of_its_block_codes():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, N)
+    blocks = linear.weight.detach().reshape(N, 2, 128).abs().amax(-1)  # [out, blocks]
+    layer = Int4WeightOnlyLinear(linear.weight, linear.bias, blocks, block=128)
+    scale = blocks / 7
+    codes = quant_int4(linear.weight.detach(), scale, 128)
+    assert codes.min() >= 0 and codes.max() <= 15
+    w = ((codes.float() - 8).reshape(N, 2, 128) * scale[..., None]).reshape(N, 256)
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(layer(x), x @ w.t() + linear.bias, rtol=2e-2, atol=2e-2)  # bfloat16 activations
+    assert layer(x).dtype == torch.float32 and layer(x[None]).shape == (1, 4, N)

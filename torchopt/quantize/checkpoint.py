@@ -65,6 +65,9 @@ def float_copy(module: torch.nn.Module) -> torch.nn.Module:
     for sub in copied.modules():
         for attr in [a for a in vars(sub) if a.startswith(ModeloptStateManager._state_key)]:
             delattr(sub, attr)  # restore_from_modelopt_state refuses a module that still carries a state
+        forward = vars(sub).get("forward")
+        if getattr(getattr(forward, "__func__", None), "__module__", "").startswith("modelopt"):
+            del sub.forward  # AWQ calibration leaves ModelOpt's forward bound on the instance, past the export
     return copied
 
 

@@ -10,6 +10,7 @@ weights stored as FP8, INT8 as INT8), everything else cast to the compute dtype 
     fp8_rowwise        E4M3 GEMMs, per-channel weight and per-row dynamic activation scales (sm_90+)
     int8               W8A8 GEMMs into int32 with the calibrated scales (torch._int_mm; CUDA sm_80+)
     int8_weight_only   int8 weights dequantized at the GEMM, float activations (any CUDA GPU)
+    int4_weight_only   int4_awq's block-scaled int4 weights through the tinygemm kernel (sm_80+)
 
 Why torchopt writes these layers instead of using ModelOpt's ``mtq.compress``: in ModelOpt 0.47 a compressed
 model holds its weights as ``QTensorWrapper``, which ``torch.export`` refuses ("self._dequantize is True and
@@ -36,7 +37,15 @@ from torchopt.config import check_choice, check_type, dtype_name
 from torchopt.quantize.checkpoint import float_copy
 from torchopt.quantize.formats import FORMATS
 from torchopt.quantize.keep import KEEP_PRECISIONS
-from torchopt.quantize.lowp_linear import Fp8Linear, Fp8RowwiseLinear, Int8Linear, Int8WeightOnlyLinear, LowpLinear
+from torchopt.quantize.lowp_linear import (
+    Fp8Linear,
+    Fp8RowwiseLinear,
+    Int4WeightOnlyLinear,
+    Int8Linear,
+    Int8WeightOnlyLinear,
+    LowpLinear,
+    int4_inner_k_tiles,
+)
 from torchopt.quantize.quant_summary import RECORD_ATTR, origin_type, quant_record
 
 __all__ = ["DEPLOY_ATTR", "LOWP_MODES", "DeployRecord", "LowpMode", "deploy", "lowp_unsupported", "weight_bytes"]
@@ -54,10 +63,25 @@ class LowpMode:
     multiple: int  # in_features and out_features must be multiples of this (the GEMM's alignment rule)
     gemm: str
     needs_input_amax: bool = True
+    shape_rule: Callable[[torch.nn.Module], str | None] | None = None  # a further rule on the layer, its reason
 
 
 def _pre_scale(q: torch.nn.Module) -> torch.Tensor | None:
     return getattr(q.input_quantizer, "pre_quant_scale", None)
+
+
+def _int4_block(q: torch.nn.Module) -> int:
+    """The input-dim block of ModelOpt's block quantizer (``block_sizes: {-1: 128}``)."""
+    return int((q.weight_quantizer.block_sizes or {}).get(-1, 0))
+
+
+def _int4_rule(q: torch.nn.Module) -> str | None:
+    block, k = _int4_block(q), q.in_features
+    if not block or k % block:
+        return f"in_features {k} is not a whole number of int4 blocks ({block or 'no block size'})"
+    if int4_inner_k_tiles(k) is None:
+        return f"in_features {k} is not a multiple of 32 (the int4 kernel's tiling)"
+    return None
 
 
 LOWP_MODES: dict[str, LowpMode] = {
@@ -101,6 +125,17 @@ LOWP_MODES: dict[str, LowpMode] = {
             multiple=1,
             gemm="torch.mm on int8 weights dequantized at load",
             needs_input_amax=False,
+        ),
+        LowpMode(
+            "int4_weight_only",
+            lambda q: Int4WeightOnlyLinear(
+                q.weight, q.bias, q.weight_quantizer.amax, _int4_block(q), pre_scale=_pre_scale(q)
+            ),
+            min_sm=(8, 0),
+            multiple=8,
+            gemm="torch._weight_int4pack_mm (tinygemm), bfloat16 activations",
+            needs_input_amax=False,
+            shape_rule=_int4_rule,
         ),
     )
 }
@@ -168,6 +203,8 @@ def _why_float(name: str, module: torch.nn.Module, spec: LowpMode, bypassed: dic
     k, n = module.in_features, module.out_features
     if k % spec.multiple or n % spec.multiple:
         return f"in/out features {k}x{n} are not multiples of {spec.multiple} ({spec.gemm} needs them)"
+    if spec.shape_rule is not None and (why := spec.shape_rule(module)):
+        return why
     if spec.needs_input_amax:
         iq = module.input_quantizer
         if not getattr(iq, "is_enabled", False) or iq.amax is None:

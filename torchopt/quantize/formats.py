@@ -17,7 +17,7 @@ format             ModelOpt preset             methods (first = default)        
 int8               INT8_DEFAULT_CFG            max, entropy, percentile, mse         any GPU
 int8_smoothquant   INT8_SMOOTHQUANT_CFG        smoothquant                           any GPU
 fp8                FP8_DEFAULT_CFG             max, percentile, mse                  sm_89+ (Ada, Hopper)
-int4_awq           INT4_AWQ_CFG                awq, max                              no (fake-quant only)
+int4_awq           INT4_AWQ_CFG                awq, max                              no (deploy: int4_weight_only)
 nvfp4              NVFP4_DEFAULT_CFG           max                                   sm_100+ (Blackwell)
 =================  ==========================  ====================================  ========================
 
@@ -124,6 +124,7 @@ FORMATS: dict[str, FormatSpec] = {
             "INT4 weight-only, blocks of 128 along the input dim, AWQ scaling",
             trt_min_sm=None,
             weight_kind="int4",
+            lowp_modes=("int4_weight_only",),
         ),
         FormatSpec(
             "nvfp4",

@@ -13,6 +13,8 @@ rescale after it into the GEMM's epilogue or the next op) and saves with its wei
                             ``int8`` / ``int8_smoothquant``): ``torch._int_mm`` into int32, rescaled in float
     Int8WeightOnlyLinear    int8 weights per output channel, activations in float: halves weight traffic for
                             memory-bound small-batch calls
+    Int4WeightOnlyLinear    int4 weights in blocks along the input dim (ModelOpt's ``int4_awq``), activations in
+                            bfloat16: ``torch._weight_int4pack_mm`` (the tinygemm kernel), a quarter of fp16's bytes
 
 `quant_fp8` / `quant_int8` are the quantize each layer applies before its GEMM; the tests compare every layer
 with the float GEMM of its codes and with ModelOpt's fake-quant module it replaces.
@@ -30,6 +32,7 @@ __all__ = [
     "INT8_MAX",
     "Fp8Linear",
     "Fp8RowwiseLinear",
+    "Int4WeightOnlyLinear",
     "Int8Linear",
     "Int8WeightOnlyLinear",
     "LowpLinear",
@@ -38,6 +41,7 @@ __all__ = [
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
+INT4_MAX = 7.0
 # torch._int_mm on CUDA takes more than 16 rows; smaller calls are padded up to this many.
 INT_MM_MIN_ROWS = 17
 # The smallest positive scale: an all-zero row or channel would otherwise divide by zero.
@@ -154,6 +158,53 @@ class Int8WeightOnlyLinear(LowpLinear):
         x2 = self._flat(x)
         out = torch.mm(x2, self.weight.t().to(x2.dtype)) * self.weight_scale.to(x2.dtype)
         return self._unflat(out, x)
+
+
+class Int4WeightOnlyLinear(LowpLinear):
+    """int4 weights (symmetric, one scale per `block` inputs of each output channel) through the tinygemm kernel.
+
+    The kernel's packed layout differs between CUDA (``_convert_weight_to_int4pack``) and the CPU (``..._for_cpu``):
+    the layer is packed for the device `weight` is on and runs there only (`deploy` builds it in place).
+    """
+
+    mode = "int4_weight_only"
+    compute_dtype = torch.bfloat16  # what the CUDA kernel takes
+
+    def __init__(self, weight, bias, block_amax, block: int, pre_scale=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
+        n, k = weight.shape
+        scale = _scale(block_amax.reshape(n, k // block), INT4_MAX)  # [out, blocks]
+        codes = quant_int4(weight.detach().float(), scale, block)  # [out, in], 0..15
+        self.block = block
+        self.on_cuda = weight.is_cuda
+        self.register_buffer("weight", _pack_int4(codes, k))
+        zeros = torch.zeros_like(scale)
+        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], -1).to(self.compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._flat(x).to(self.compute_dtype)
+        mm = torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = mm(x2, self.weight, self.block, self.scales_and_zeros)
+        return self._unflat(out.to(x.dtype), x)
+
+
+def int4_inner_k_tiles(in_features: int) -> int | None:
+    """The tinygemm tiling for `in_features` (it needs a multiple of 16 x tiles), None when none fits."""
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+def _pack_int4(codes: torch.Tensor, in_features: int) -> torch.Tensor:
+    if codes.is_cuda:  # two codes a byte, the even column in the high nibble, then the kernel's tiling
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, int4_inner_k_tiles(in_features))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+
+def quant_int4(weight: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Unsigned int4 codes (int32, 0..15) of ``round(w / scale) + 8`` per block, ModelOpt's symmetric [-8, 7]."""
+    n, k = weight.shape
+    q = torch.round(weight.reshape(n, k // block, block) / scale[..., None]).clamp(-INT4_MAX - 1, INT4_MAX)
+    return (q + INT4_MAX + 1).reshape(n, k).to(torch.int32)
 
 
 def quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
