@@ -23,8 +23,6 @@ COVERED_ELSEWHERE = {
 
 # Public modules whose tests still live under another name (issue 13 left them; move them, then drop the line).
 NOT_YET_MIRRORED = {
-    "torchopt/backends/base.py": "tests/backends/test_profiles_dispatch.py (build settings, dispatch)",
-    "torchopt/backends/inductor.py": "tests/backends/test_profiles_dispatch.py, tests/recipes/test_compile.py",
     "torchopt/quantize/config.py": "tests/quantize/test_formats.py (QuantizeConfig validation), test_keep.py",
     "torchopt/quantize/evaluate.py": "tests/quantize/test_comparison.py, test_layer_sensitivity.py",
     "torchopt/quantize/quant_summary.py": "tests/quantize/test_formats.py, test_keep.py (summary, detect_format)",
