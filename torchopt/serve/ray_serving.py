@@ -248,7 +248,7 @@ class ServedModel:
             torch.set_num_threads(max(1, int(num_threads)))
         self.path = os.fspath(path)
         self.model: OptimizedModule = load(path, device=device)
-        self.device = torch.device(self.model.report.device)
+        self.device = self.model.runtime.device
         self.specs: list[InputSpec] = self.model.profiles[0]
         self.max_batch = max(p[0].max[0] if p[0].rank else 1 for p in self.model.profiles)
         self.min_batch = min(p[0].min[0] if p[0].rank else 1 for p in self.model.profiles)
