@@ -40,8 +40,9 @@ from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.engine import OptimizedModule, load
 from torchopt.inputs import WHICH, InputSpec
 from torchopt.kernels import PreprocessConfig, preprocess
+from torchopt.runtime import map_tensors
 from torchopt.saving import read_meta
-from torchopt.serve._common import map_tensors, split_output
+from torchopt.serve._common import split_output
 
 __all__ = [
     "RayPredictor",
