@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_results
 
 import torchopt
 from torchopt import Recipe
 from torchopt.environment import environment
 from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from torchopt.profile.files import write_json
 from torchopt.recipes import CompileConfig, ValidateConfig
 from torchopt.serve import RayPredictor, predictor_options, ray_batch_size
 from torchopt.serve.ray_serving import ServedModel
@@ -237,11 +237,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     res = bench(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(res, args.out / "bench_ray.json")
-    text = markdown(res)
-    (args.out / "bench_ray.md").write_text(text)
-    print(text)
+    write_results(res, markdown(res), args.out, "bench_ray")
 
 
 if __name__ == "__main__":

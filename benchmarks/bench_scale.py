@@ -43,12 +43,12 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _results import write_results  # noqa: E402
 
 import torchopt  # noqa: E402
 from torchopt import Recipe  # noqa: E402
 from torchopt.environment import environment  # noqa: E402
 from torchopt.kernels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from torchopt.profile.files import write_json  # noqa: E402
 from torchopt.profile.stats import percentile  # noqa: E402
 from torchopt.recipes import CompileConfig, ValidateConfig  # noqa: E402
 from torchopt.serve import RayPredictor, predictor_options  # noqa: E402
@@ -440,11 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     res = bench(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(res, args.out / "bench_scale.json")
-    text = markdown(res)
-    (args.out / "bench_scale.md").write_text(text)
-    print(text)
+    write_results(res, markdown(res), args.out, "bench_scale")
     return 0
 
 

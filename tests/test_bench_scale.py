@@ -45,6 +45,9 @@ def test_the_multicast_switches_are_set_for_every_process_it_starts():
     code = f"import runpy, os; runpy.run_path({str(SCRIPT)!r}); print(os.environ['NCCL_NVLS_ENABLE'],"
     code += " os.environ['TORCH_SYMM_MEM_DISABLE_MULTICAST'], os.environ['NVSHMEM_DISABLE_NVLS'])"
     env = {k: v for k, v in os.environ.items() if k not in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # cwd: `python -c` puts it first on sys.path, as running the script puts its folder (its sibling _results).
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=SCRIPT.parent
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1", "1"]

@@ -21,18 +21,8 @@ COVERED_ELSEWHERE = {
     "kernels/_preprocess_triton.py": "tests/kernels/test_preprocess_op.py, test_preprocess_lowering.py",
 }
 
-# Public modules whose tests still live under another name (issue 13 left them; move them, then drop the line).
-NOT_YET_MIRRORED = {
-    "torchopt/backends/base.py": "tests/backends/test_profiles_dispatch.py (build settings, dispatch)",
-    "torchopt/backends/inductor.py": "tests/backends/test_profiles_dispatch.py, tests/recipes/test_compile.py",
-    "torchopt/quantize/config.py": "tests/quantize/test_formats.py (QuantizeConfig validation), test_keep.py",
-    "torchopt/quantize/evaluate.py": "tests/quantize/test_comparison.py, test_layer_sensitivity.py",
-    "torchopt/quantize/quant_summary.py": "tests/quantize/test_formats.py, test_keep.py (summary, detect_format)",
-    "recipes/quantize.py": "tests/quantize/test_quantize_step.py (needs tests/quantize/conftest.py's trained CNN)",
-    "torchopt/quantize/checkpoint.py": "tests/quantize/test_quantize_step.py (CPU save/load round trip)",
-    "torchopt/serve/ray_cli.py": "tests/serve/ray_cluster/test_ray_cli.py (with the tests that start Ray)",
-    "torchopt/serve/cli.py": "tests/serve/test_triton_repo.py, test_triton_server.py (the CLI tests)",
-}
+# Public modules whose tests still live under another name, with the reason (move them, then drop the line).
+NOT_YET_MIRRORED: dict[str, str] = {}
 
 
 def _expected_test_file(module: Path) -> str:

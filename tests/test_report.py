@@ -1,11 +1,12 @@
 """OptimizeReport rendering: the speedup with its spread, UNSTABLE and fake-quant labels, short rows,
-escaped Markdown, and a figure with separate axes."""
+escaped Markdown, and a figure with separate axes; the dict round trip `torchopt.load` reads the saved report by."""
 
+import json
 import math
 
 import pytest
 
-from torchopt.report import OptimizeReport
+from torchopt.report import OptimizeReport, StepRecord
 
 LONG_REASON = (
     "auto: inductor is the best available on cpu (tensorrt unavailable: Torch-TensorRT needs a CUDA device; "
@@ -77,3 +78,24 @@ def test_plot_renders(tmp_path, kw):
     rep.accuracy["sqnr_db"] = math.inf if kw else 41.3
     path = rep.plot(tmp_path / "report.png")
     assert path.stat().st_size > 10_000
+
+
+def test_from_dict_reads_back_what_to_dict_wrote():
+    rep = _report(fake_quant=True, steps=[StepRecord("compile", 1.5, {"graphs": 2})], notes=["a note"])
+    again = OptimizeReport.from_dict(json.loads(rep.to_json()))
+    assert again == rep and again.speedup == 1.41 and again.steps[0].details == {"graphs": 2}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"device": None}, r"report\['device'\] must be a str, got NoneType"),
+        (
+            {"steps": [{"step": "cast"}]},
+            r"report\['steps'\] must be a list of \{'step', 'seconds', 'details'\} objects",
+        ),
+    ],
+)
+def test_from_dict_names_a_missing_or_wrong_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizeReport.from_dict({**_report().to_dict(), **change})

@@ -1,15 +1,18 @@
-"""torchopt.runtime: the Runtime record round-trips, and Dispatch checks, routes and casts calls."""
+"""torchopt.runtime: the Runtime record round-trips, Dispatch checks, routes and casts calls, and the output walk
+rebuilds every container (namedtuples included) with its own type."""
 
+import collections
 import dataclasses
 
 import pytest
 import torch
 
 from torchopt.inputs import InputSpec
-from torchopt.runtime import Dispatch, Runtime, cast_floats
+from torchopt.runtime import Dispatch, Runtime, cast_floats, map_tensors
 
 CPU = torch.device("cpu")
 PROFILES = [[InputSpec("x", min=(1, 4), max=(8, 4))], [InputSpec("x", min=(9, 4), max=(16, 4))]]
+Heads = collections.namedtuple("Heads", ["logits", "ids"])
 
 
 def test_runtime_round_trips_through_its_dict():
@@ -73,3 +76,27 @@ def test_dispatch_needs_one_runner_per_profile():
 def test_cast_floats_keeps_structure():
     out = cast_floats((torch.ones(1, dtype=torch.float16), [torch.ones(1, dtype=torch.int8)]), torch.float32)
     assert isinstance(out, tuple) and out[0].dtype == torch.float32 and out[1][0].dtype == torch.int8
+
+
+def test_cast_floats_rebuilds_namedtuples_with_their_type():
+    out = cast_floats({"heads": Heads(torch.ones(2, dtype=torch.float16), torch.arange(2))}, torch.float32)
+    heads = out["heads"]
+    assert type(heads) is Heads and heads.logits.dtype == torch.float32 and heads.ids.dtype == torch.int64
+
+
+def test_dispatch_casts_float16_outputs_in_a_namedtuple_back_to_float32():
+    def runner(x):
+        return Heads(x * 2, x.argmax(1))
+
+    dispatch = Dispatch([runner, runner], PROFILES, Runtime(device=CPU, dtype=torch.float16))
+    out = dispatch(torch.ones(2, 4))
+    assert type(out) is Heads and out.logits.dtype == torch.float32 and out.ids.dtype == torch.int64
+    torch.testing.assert_close(out.logits, torch.full((2, 4), 2.0))
+
+
+def test_map_tensors_keeps_every_container_and_non_tensor_leaf():
+    tree = [Heads(torch.ones(1), None), (torch.zeros(1), "label"), {"n": 3, "t": torch.ones(2)}]
+    out = map_tensors(lambda t: t + 1, tree)
+    assert type(out) is list and type(out[0]) is Heads and type(out[1]) is tuple
+    assert out[0].logits.item() == 2.0 and out[0].ids is None and out[1][1] == "label" and out[2]["n"] == 3
+    torch.testing.assert_close(out[2]["t"], torch.full((2,), 2.0))

@@ -1,5 +1,6 @@
-"""torchopt.load on damaged saves (each damage ends in one DamagedSaveError, a ValueError, naming the file) and
-save's refusals of a format it cannot write (nothing is written then)."""
+"""torchopt.load: the saved report comes back with its measurements; damaged saves (each damage ends in one
+DamagedSaveError, a ValueError, naming the file); save's refusals of a format it cannot write (nothing is written
+then)."""
 
 import json
 
@@ -38,6 +39,36 @@ def test_intact_save_loads(saved):
     assert torchopt.load(saved)(x).shape == (3, 3)
 
 
+def test_load_keeps_the_saved_report_marked_as_loaded(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    spec = InputSpec("x", min=(1, 6), opt=(4, 6), max=(8, 6))
+    recipe = Recipe([CompileConfig(backend="eager"), ValidateConfig(warmup=1, rounds=2, iters=1)])
+    fast = torchopt.optimize(model, recipe, inputs=[spec], progress=False)
+    saved = fast.report
+    assert saved.latency_after and saved.accuracy and saved.steps  # measured: there is something to keep
+    path = fast.save(tmp_path / "m")
+    loaded = torchopt.load(path).report
+    # The same figures, steps and notes as saved (compared as JSON keeps them: tuples come back as lists).
+    expected = json.loads(saved.to_json())
+    got = json.loads(loaded.to_json())
+    for key in ("backend_reason", "notes"):
+        del expected[key], got[key]
+    assert got == expected
+    assert loaded.steps[0].step == saved.steps[0].step and loaded.latency_speedup == saved.latency_speedup
+    assert loaded.backend_reason == f"restored from {path} ({saved.backend_reason})"
+    assert loaded.notes == [
+        *saved.notes,
+        f"loaded from {path} on cpu; latency, accuracy and memory figures were measured at save time on cpu",
+    ]
+
+
+def _meta_with_damaged_report_steps(text):
+    meta = json.loads(text)
+    meta["report"]["steps"] = ["compile"]
+    return json.dumps(meta)
+
+
 def _meta_without_module_format(text):
     meta = json.loads(text)
     del meta["module_format"]
@@ -52,8 +83,9 @@ def _meta_without_module_format(text):
         (lambda text: text[: len(text) // 2], r"meta\.json' is damaged: not valid JSON"),
         (lambda text: text.replace('"export"', '"onnx"'), r"meta\.json' is damaged: module_format is 'onnx'"),
         (lambda text: text.replace('"quantized": false', '"quantized": "no"'), r"'quantized' is a str"),
+        (_meta_with_damaged_report_steps, r"meta\.json' is damaged: its report cannot be read \(report\['steps'\]"),
     ],
-    ids=["no-module-format", "json-list", "truncated", "unknown-format", "wrong-type"],
+    ids=["no-module-format", "json-list", "truncated", "unknown-format", "wrong-type", "report-steps"],
 )
 def test_damaged_meta_json(saved, tmp_path, damage, message):
     path = _copy(saved, tmp_path)

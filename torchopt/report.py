@@ -65,6 +65,23 @@ class OptimizeReport:
         d["speedup"] = self.speedup
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizeReport:
+        """The report `to_dict` wrote (its derived `speedup` is dropped; keys this version does not know are
+        ignored). ValueError naming the key when one is missing or not what `to_dict` writes."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in ("recipe", "device", "backend", "precision"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"report[{key!r}] must be a str, got {type(data.get(key)).__name__}")
+        steps = data.get("steps", [])
+        if not isinstance(steps, list) or not all(
+            isinstance(s, dict) and {"step", "seconds"} <= s.keys() for s in steps
+        ):
+            raise ValueError("report['steps'] must be a list of {'step', 'seconds', 'details'} objects")
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["steps"] = [StepRecord(**s) for s in steps]
+        return cls(**fields)
+
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=str)
         if path is not None:

@@ -18,7 +18,7 @@ import torch
 from torchopt.config import DTYPES, check_type, dtype_name
 from torchopt.inputs import InputSpec, check_call
 
-__all__ = ["Dispatch", "Runtime", "cast_floats"]
+__all__ = ["Dispatch", "Runtime", "cast_floats", "map_tensors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +82,23 @@ class Runtime:
         )
 
 
+def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """`tree` (tensors in tuples, lists, namedtuples, dicts) with `fn` applied to every tensor; other leaves kept.
+    Containers are rebuilt with their own type (a namedtuple stays that namedtuple)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple: its constructor takes the fields
+        return type(tree)(*(map_tensors(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_tensors(fn, v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    return tree
+
+
 def cast_floats(out: Any, dtype: torch.dtype) -> Any:
-    """`out` with every floating tensor in it (tensors, lists, tuples, dicts) cast to `dtype`."""
-    if isinstance(out, torch.Tensor):
-        return out.to(dtype) if out.is_floating_point() else out
-    if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):
-        return type(out)(cast_floats(o, dtype) for o in out)
-    if isinstance(out, dict):
-        return {k: cast_floats(v, dtype) for k, v in out.items()}
-    return out
+    """`out` with every floating tensor in it (tensors, lists, tuples, namedtuples, dicts) cast to `dtype`."""
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, out)
 
 
 class Dispatch:

@@ -247,7 +247,8 @@ def _write_module(
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -> Loaded:
     """Read what `save` wrote: the module on `device` and its runners, with the backend that was saved (a
     backend's own files when it wrote some, else built again from the saved module with the saved settings;
-    an `auto` choice is not timed again), or the AOTInductor package of a format "aoti" save."""
+    an `auto` choice is not timed again), or the AOTInductor package of a format "aoti" save. The report is the
+    one saved (its latency, accuracy, steps and notes), with a note that it was loaded and where it was measured."""
     path = _as_path(path)
     meta = read_meta(path)
     module = _read_module(path, meta["module_format"])
@@ -257,13 +258,9 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None) -
     profiles = [[InputSpec.from_dict(s) for s in p] for p in meta["profiles"]]
     runtime = Runtime.from_dict(meta, dev)  # dtype: the inputs' dtype (differs from the precision under autocast)
     _check_lowp_runs(path, runtime)
-    saved = meta["report"]
-    report = OptimizeReport(recipe=recipe.name, device=str(dev), profiles=meta["profiles"])
-    report.notes.append(f"loaded from {path}")
-    report.precision, report.precision_reason = saved["precision"], saved["precision_reason"]
-    report.backend, report.backend_reason = saved["backend"], f"restored from {path} ({saved['backend_reason']})"
+    report = _loaded_report(meta, path, dev)
     log = BuildLog()
-    backend = get_backend(saved["backend"])
+    backend = get_backend(report.backend)
     backend_files = meta.get("backend_files")
     compile_step = recipe.step("compile")
     artifact = meta.get("artifact")
@@ -291,6 +288,21 @@ def _check_lowp_runs(path: Path, runtime: Runtime) -> None:
             " on a GPU that runs them, or optimize the original model again here (compile.lowp: auto picks what"
             " this device runs)"
         )
+
+
+def _loaded_report(meta: dict[str, Any], path: Path, device: torch.device) -> OptimizeReport:
+    """The report that was saved (latency, accuracy, steps, notes), marked as loaded: its figures describe the
+    module as measured at save time, not on `device` now."""
+    try:
+        report = OptimizeReport.from_dict(meta["report"])
+    except (TypeError, ValueError) as exc:
+        raise _damaged(path / "meta.json", f"its report cannot be read ({exc})") from None
+    report.backend_reason = f"restored from {path} ({report.backend_reason})"
+    report.notes.append(
+        f"loaded from {path} on {device}; latency, accuracy and memory figures were measured at save time on"
+        f" {report.device}"
+    )
+    return report
 
 
 def _load_aoti(path: Path, artifact: dict[str, Any], device: torch.device, n_profiles: int) -> list[Any]:

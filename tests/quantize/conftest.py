@@ -1,102 +1,11 @@
-"""Shared fixtures for the quantize tests: a small CNN trained on scikit-learn's handwritten digits (real data,
-shipped with the package), and a small transformer block.
-
-The CNN is trained once per session (seeded, ~2-4 s on 2 cores) and handed out as deep copies.
+"""Shared fixtures for the quantize tests: a small transformer block, the SQNR / accuracy limits, and one thread
+per test. The trained digits CNN (`cnn`, `digits`, `acc`) comes from tests/conftest.py: the recipe step's tests
+use it too.
 """
-
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-N_TRAIN = 1200  # of 1797 digits; the rest (597) is the test set
-BATCH = 64
-
-
-class DigitsCNN(torch.nn.Module):
-    """Two convolutions and two linear layers on 1x8x8 digits; ~14k parameters."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = torch.nn.Linear(32 * 2 * 2, 64)
-        self.head = torch.nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.head(F.relu(self.fc1(x.flatten(1))))
-
-
-class Digits:
-    """The digits split into train / test, standardized like any image pipeline (mean 0, std 1)."""
-
-    def __init__(self):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(d.target, dtype=torch.int64)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[perm], y[perm]
-        mean, std = x[:N_TRAIN].mean(), x[:N_TRAIN].std()
-        x = (x - mean) / std
-        self.x_train, self.y_train = x[:N_TRAIN], y[:N_TRAIN]
-        self.x_test, self.y_test = x[N_TRAIN:], y[N_TRAIN:]
-
-    def calib(self, n_batches=8):
-        """Calibration batches from the training split."""
-        return [self.x_train[i : i + BATCH] for i in range(0, n_batches * BATCH, BATCH)]
-
-    def test_batches(self):
-        return [self.x_test[i : i + 200] for i in range(0, len(self.x_test), 200)]
-
-
-def accuracy(model, x, y):
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
-@pytest.fixture(scope="session")
-def digits():
-    return Digits()
-
-
-@pytest.fixture(scope="session")
-def _trained_cnn(digits):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _one_thread; restored right after training
-    try:
-        return _train(digits)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(digits):
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        order = torch.randperm(N_TRAIN, generator=gen)
-        for i in range(0, N_TRAIN, BATCH):
-            idx = order[i : i + BATCH]
-            loss = F.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@pytest.fixture
-def cnn(_trained_cnn):
-    """A fresh copy of the trained digits CNN (tests may quantize it in place)."""
-    return copy.deepcopy(_trained_cnn)
 
 
 class TinyBlock(torch.nn.Module):
@@ -159,19 +68,6 @@ def limits():
     }
 
 
-@pytest.fixture
-def acc():
-    return accuracy
-
-
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Run each quantize test single-threaded, then restore the thread count.
-
-    The models here are tiny: intra-op threads only add overhead, and on a shared 2-core runner they
-    oversubscribe the cores (measured: 2 threads under load made the CNN's training 8x slower, 35 s vs 4 s).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every quantize test runs single-threaded (see `one_thread`)."""

@@ -61,15 +61,8 @@ def test_compare_without_labels_or_eval_data(cnn, digits):
         ({"formats": []}, ValueError, r"formats must not be empty"),
         ({"formats": "int8", "methods": 3}, TypeError, r"methods must be a list of methods"),
         ({"formats": ["fp8"], "methods": ["entropy"]}, ValueError, r"no method of \['entropy'\] applies.*fp8: max"),
-        ({"labels": [1, 2, 3]}, ValueError, r"labels has 3 entries but eval_data has 128 samples"),
-        ({"labels": [[1.0]]}, TypeError, r"labels must be a 1-D integer tensor of class ids"),
     ],
 )
 def test_compare_bad_arguments(cnn, digits, kwargs, error, match):
     with pytest.raises(error, match=match):
         tq.compare(cnn, digits.calib(2), progress=False, **kwargs)
-
-
-def test_compare_eval_data_must_be_batches(cnn, digits):
-    with pytest.raises(TypeError, match=r"eval_data must be batches"):
-        tq.compare(cnn, digits.calib(1), lambda m: None, methods=["max"], progress=False)

@@ -94,14 +94,6 @@ def test_nested_rules_later_precision_wins_inside(cnn, digits):
     assert "keep[1]" in rows["body.conv1"]["why"]
 
 
-def test_reason_is_reported(cnn, digits):
-    q = tq.quantize(
-        cnn, "int8", digits.calib(2), keep=[{"pattern": "head", "reason": "classifier is sensitive"}], progress=False
-    )
-    assert _status(q)["head"]["why"] == "classifier is sensitive"
-    assert "classifier is sensitive" in str(tq.summary(q)) and "| head |" in tq.summary(q).to_markdown()
-
-
 @pytest.mark.parametrize(
     ("rule", "match"),
     [

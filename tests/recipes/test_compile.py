@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from torchopt import Recipe
 from torchopt.backends import BACKENDS, InductorConfig, TensorRTConfig
 from torchopt.recipes import CompileConfig
 
@@ -34,3 +35,17 @@ def test_round_trip_and_errors_name_the_nested_option():
         CompileConfig(tensorrt=3)
     with pytest.raises(ValueError, match=r"compile.backend must be one of \['auto', 'eager', 'inductor'"):
         CompileConfig(backend="onnx")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"inductor": {"mode": "fastest"}}, r"inductor.mode must be one of"),
+        ({"inductor": {"full_graph": True}}, r"unknown key 'full_graph' in .*compile.inductor \(did you mean"),
+        ({"tensorrt": {"workspace": 1}}, r"unknown key 'workspace' in .*compile.tensorrt \(did you mean"),
+        ({"backend": "tensorrtt"}, r"compile.backend must be one of .* \(did you mean 'tensorrt'\?\)"),
+    ],
+)
+def test_unknown_build_settings_are_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_dict({"steps": [{"compile": options}]})

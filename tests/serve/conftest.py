@@ -1,9 +1,15 @@
 """Deterministic helpers for the serving tests: a clock that only moves when told, and a model that holds its
-first call until released (so requests pile up behind it without depending on timing)."""
+first call until released (so requests pile up behind it without depending on timing); small saved models for the
+Triton tests (`saved_tiny`) and for the Ray tests and the Ray CLI's (`mlp`, `artifact`)."""
 
 import threading
 
 import pytest
+import torch
+
+import torchopt
+from torchopt import Recipe
+from torchopt.recipes import CompileConfig, ValidateConfig
 
 # Failure bound for anything the tests wait for: never reached when the code works.
 WAIT_S = 10.0
@@ -78,8 +84,6 @@ TINY_PROFILE = dict(min=(1, 3, 8, 8), opt=(4, 3, 8, 8), max=(16, 3, 8, 8))
 
 
 def _tiny_model():
-    import torch
-
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)
@@ -89,10 +93,32 @@ def _tiny_model():
 @pytest.fixture(scope="session")
 def saved_tiny(tmp_path_factory):
     """(eager model, directory of its saved eager-fp32 OptimizedModule), batch 1..16 of (3, 8, 8) images."""
-    import torchopt
-
     model = _tiny_model()
     fast = torchopt.optimize(model, "eager-fp32", inputs=[torchopt.InputSpec("x", **TINY_PROFILE)], device="cpu")
     path = tmp_path_factory.mktemp("tiny") / "saved"
     fast.save(path)
     return model, path
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    torch.manual_seed(7)
+    return MLP().eval()
+
+
+@pytest.fixture(scope="session")
+def artifact(mlp, tmp_path_factory):
+    """`mlp` optimized (eager backend: the serving path, not a compiler, is under test) and saved, batch 1..32."""
+    spec = torchopt.InputSpec("x", min=(1, 16), opt=(8, 16), max=(32, 16))
+    recipe = Recipe([CompileConfig(backend="eager"), ValidateConfig(measure_latency=False)])
+    fast = torchopt.optimize(mlp, recipe, inputs=[spec], device="cpu", progress=False)
+    return fast.save(tmp_path_factory.mktemp("ray") / "mlp.torchopt")

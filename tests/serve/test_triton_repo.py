@@ -104,18 +104,6 @@ def test_damaged_source_names_the_file(saved_tiny, tmp_path):
         export_triton(tmp_path / "missing", tmp_path / "repo")
 
 
-def test_cli_export_and_one_line_refusal(saved_tiny, tmp_path, capsys):
-    from torchopt.cli import main
-
-    _, saved = saved_tiny
-    assert main(["export-triton", str(saved), "--repo", str(tmp_path / "r"), "--name", "tiny", "--no-warmup"]) == 0
-    assert "serve it: torchopt serve" in capsys.readouterr().out
-    assert "model_warmup" not in (tmp_path / "r" / "tiny" / "config.pbtxt").read_text()
-    code = main(["export-triton", str(saved), "--repo", str(tmp_path / "r2"), "--max-batch-size", "64"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "max_batch_size 64 is above the batch max 16" in err
-
-
 def test_missing_server_names_the_install(monkeypatch):
     import importlib.util
 

@@ -139,14 +139,3 @@ def test_missing_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*artifact"):
         server.start()
     _assert_failed_start_left_only_its_log(server)
-
-
-def test_cli_serve_smoke(saved_tiny, tmp_path, capsys):
-    from torchopt.cli import main
-
-    _, saved = saved_tiny
-    export_triton(saved, tmp_path / "repo", name="tiny", preprocess=PreprocessConfig(), frame_size=(20, 30))
-    assert main(["serve", str(tmp_path / "repo"), "--smoke", "200", "--concurrency", "16"]) == 0
-    out = capsys.readouterr().out
-    assert "ready in" in out and "HTTP http://127.0.0.1:" in out
-    assert "smoke tiny_ensemble: 200/200 answers from 16 concurrent clients, all match" in out

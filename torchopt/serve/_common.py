@@ -59,19 +59,6 @@ class LatencySamples:
         return None if p is None else p * 1e3
 
 
-def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    """`tree` (tensors in tuples, lists, namedtuples, dicts) with `fn` applied to every tensor; other leaves kept."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
-        return type(tree)(*(map_tensors(fn, v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map_tensors(fn, v) for v in tree)
-    if isinstance(tree, dict):
-        return {k: map_tensors(fn, v) for k, v in tree.items()}
-    return tree
-
-
 def split_output(out: Any, n: int, rows: int, where: str = "the model's output") -> list[Any]:
     """Split a batched output pytree (tensors in tuples, lists, namedtuples, dicts) along dim 0 into its first
     `n` items; `rows` is the batch size the model ran (padding rows beyond `n` are dropped). None leaves stay

@@ -44,13 +44,8 @@ import torch
 
 from torchopt.config import ConfigBase, check_choice, check_positive, check_range, check_type
 from torchopt.inputs import InputSpec
-from torchopt.serve._common import (
-    MAX_WAIT_S,
-    LatencySamples,
-    check_clock,
-    map_tensors,
-    split_output,
-)
+from torchopt.runtime import map_tensors
+from torchopt.serve._common import MAX_WAIT_S, LatencySamples, check_clock, split_output
 
 __all__ = ["BatcherClosed", "BatcherConfig", "BatcherFull", "BatcherStats", "DynamicBatcher"]
 

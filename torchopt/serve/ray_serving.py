@@ -40,8 +40,9 @@ from torchopt.config import ConfigBase, check_positive, check_type
 from torchopt.engine import OptimizedModule, load
 from torchopt.inputs import WHICH, InputSpec
 from torchopt.kernels import PreprocessConfig, preprocess
+from torchopt.runtime import map_tensors
 from torchopt.saving import read_meta
-from torchopt.serve._common import map_tensors, split_output
+from torchopt.serve._common import split_output
 
 __all__ = [
     "RayPredictor",
@@ -248,7 +249,7 @@ class ServedModel:
             torch.set_num_threads(max(1, int(num_threads)))
         self.path = os.fspath(path)
         self.model: OptimizedModule = load(path, device=device)
-        self.device = torch.device(self.model.report.device)
+        self.device = self.model.runtime.device
         self.specs: list[InputSpec] = self.model.profiles[0]
         self.max_batch = max(p[0].max[0] if p[0].rank else 1 for p in self.model.profiles)
         self.min_batch = min(p[0].min[0] if p[0].rank else 1 for p in self.model.profiles)

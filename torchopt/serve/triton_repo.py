@@ -37,7 +37,6 @@ from torchopt.engine import OptimizedModule
 from torchopt.engine import load as load_optimized
 from torchopt.inputs import InputSpec
 from torchopt.kernels import PreprocessConfig
-from torchopt.saving import read_meta
 from torchopt.serve.triton_config import (
     PLATFORMS,
     TensorSpec,
@@ -101,13 +100,6 @@ def _batch_range(profiles: list[list[InputSpec]]) -> tuple[int, int, int]:
     lo = min(s.min[0] for p in profiles for s in p)
     hi = max(s.max[0] for p in profiles for s in p)
     return lo, profiles[0][0].opt[0], hi
-
-
-def _saved_report(optimized: OptimizedModule, saved_path: Path | None) -> dict[str, Any]:
-    """The optimization report as saved (a loaded module's report does not carry the measurements)."""
-    if saved_path is None:
-        return optimized.report.to_dict()
-    return read_meta(saved_path)["report"]
 
 
 def _auto_batch_result(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -366,7 +358,7 @@ def export_triton(
         raise ValueError(f"a preprocessing ensemble needs a model with one image input, got {len(profiles[0])}")
 
     lo, opt, hi = _batch_range(profiles)
-    report = _saved_report(optimized, saved_path)
+    report = optimized.report.to_dict()  # a loaded module's report is the one saved, measurements included
     auto = _auto_batch_result(report)
     default_mbs = int(auto["size"]) if auto is not None else hi
     mbs = config.max_batch_size if config.max_batch_size is not None else default_mbs

@@ -1,4 +1,5 @@
-"""One local Ray (2 CPUs) and Serve for every Ray test of the run, and a small saved model they all serve.
+"""One local Ray (2 CPUs) and Serve for every Ray test of the run (the model they serve, `artifact`, comes from
+tests/serve/conftest.py).
 
 Ray is the optional extra `torchopt-infer[ray]` (CI installs it); without it these tests skip with the reason.
 Ray 2.60 turns token authentication on by default: a local `ray.init` generates the token itself
@@ -10,11 +11,6 @@ import time
 
 import psutil
 import pytest
-import torch
-
-import torchopt
-from torchopt import Recipe
-from torchopt.recipes import CompileConfig, ValidateConfig
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra torchopt-infer[ray] (pip install 'ray[serve,data]')")
 
@@ -54,30 +50,6 @@ def wait_gone(processes, timeout_s: float = 30.0) -> list[psutil.Process]:
 def ray_processes():
     """`ray_daemons` and `wait_gone` for tests that start a Ray of their own (test modules cannot import conftest)."""
     return ray_daemons, wait_gone
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-@pytest.fixture(scope="session")
-def mlp():
-    torch.manual_seed(7)
-    return MLP().eval()
-
-
-@pytest.fixture(scope="session")
-def artifact(mlp, tmp_path_factory):
-    """`mlp` optimized (eager backend: the serving path, not a compiler, is under test) and saved, batch 1..32."""
-    spec = torchopt.InputSpec("x", min=(1, 16), opt=(8, 16), max=(32, 16))
-    recipe = Recipe([CompileConfig(backend="eager"), ValidateConfig(measure_latency=False)])
-    fast = torchopt.optimize(mlp, recipe, inputs=[spec], device="cpu", progress=False)
-    return fast.save(tmp_path_factory.mktemp("ray") / "mlp.torchopt")
 
 
 @pytest.fixture(scope="session")

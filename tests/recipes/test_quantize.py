@@ -1,7 +1,9 @@
-"""The recipe step `quantize`: YAML, the handler's context outputs, optimize() end to end, cache and errors."""
+"""The recipe step `quantize`: YAML, the handler's context outputs, optimize() end to end, cache and errors.
+
+The trained digits CNN comes from tests/conftest.py; like the quantize module's tests, these run single-threaded.
+"""
 
 import copy
-import json
 import textwrap
 
 import pytest
@@ -10,10 +12,11 @@ import torch
 import torchopt
 import torchopt.quantize as tq
 from torchopt import InputSpec, Recipe
-from torchopt.quantize import checkpoint
 from torchopt.recipe import StepContext, get_handler
 from torchopt.recipes import CastConfig, CompileConfig, QuantizeConfig, ValidateConfig
 from torchopt.report import OptimizeReport
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = [InputSpec("x", min=(1, 1, 8, 8), opt=(64, 1, 8, 8), max=(256, 1, 8, 8))]
 ISSUE_YAML = """
@@ -144,7 +147,7 @@ def test_recipe_cache_dir_restores_on_rebuild(cnn, digits, tmp_path):
 
 
 def test_recipe_budget_keeps_the_sensitive_layer(cnn, digits):
-    with torch.no_grad():  # see test_layer_sensitivity.outlier_cnn
+    with torch.no_grad():  # see tests/quantize/test_layer_sensitivity.py's outlier_cnn
         cnn.conv1.weight[3] *= 1000.0
         cnn.conv1.bias[3] *= 1000.0
         cnn.conv2.weight[:, 3] /= 1000.0
@@ -174,31 +177,3 @@ def test_step_calibration_data_errors(cnn, calib, match):
 def test_step_keep_pattern_error(cnn, digits):
     with pytest.raises(ValueError, match=r"pattern 'conv9' matches no module.*nearby module names"):
         torchopt.optimize(cnn, _recipe(keep=["conv9"]), inputs=SPEC, calib_data=digits.calib(1), progress=False)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CUDA exports Q/DQ models as module.pt2")
-def test_a_quantized_module_saves_on_cpu_and_loads_identically(cnn, digits, tmp_path):
-    fast = torchopt.optimize(cnn, _recipe(format="int8"), inputs=SPEC, calib_data=digits.calib(2), progress=False)
-    path = fast.save(tmp_path / "q")
-    assert json.loads((path / "meta.json").read_text())["module_format"] == "modelopt"
-    assert (path / "module.modelopt.pt").is_file() and not (path / "module.pt").exists()
-    assert any("saved as a ModelOpt checkpoint: torch.export failed" in n for n in fast.report.notes)
-    loaded = torchopt.load(path)
-    assert tq.detect_format(loaded.module) == "int8"
-    x = digits.x_test[:100]
-    assert torch.equal(loaded(x), fast(x))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: CUDA exports Q/DQ models as module.pt2")
-def test_loading_a_quantized_save_without_modelopt_names_it(cnn, digits, tmp_path, monkeypatch):
-    fast = torchopt.optimize(cnn, _recipe(format="int8"), inputs=SPEC, calib_data=digits.calib(1), progress=False)
-    path = fast.save(tmp_path / "q")
-
-    def no_modelopt():
-        raise ImportError("quantization needs NVIDIA ModelOpt: `pip install nvidia-modelopt` (simulated)")
-
-    monkeypatch.setattr(checkpoint, "import_modelopt_quantization", no_modelopt)
-    with pytest.raises(
-        ImportError, match=r"module\.modelopt\.pt' holds a ModelOpt-quantized module: .*NVIDIA ModelOpt"
-    ):
-        torchopt.load(path)
