@@ -75,16 +75,18 @@ def test_max_batch_size_above_the_profile_is_refused(artifact):
     assert plan_ray_serving(artifact, max_batch_size=16).max_ongoing_requests == 32
 
 
-def test_the_wait_is_the_budget_minus_a_full_batch_p99(artifact, tmp_path):
+def test_the_wait_is_the_budget_minus_two_full_batches_p99(artifact, tmp_path):
     measured = _with_latency(artifact, tmp_path, p50_ms=0.5, p99_ms=1.0)  # batch 8; batch 32 ≈ 4x
     plan = plan_ray_serving(measured, latency_budget_ms=10)
-    assert plan.batch_wait_timeout_s == pytest.approx((10 - 4.0) / 1e3)
+    assert plan.batch_wait_timeout_s == pytest.approx((10 - 2 * 4.0) / 1e3)  # the batch in flight and its own
     # No budget: a full batch's p50.
     assert plan_ray_serving(measured).batch_wait_timeout_s == pytest.approx(2.0 / 1e3)
     # A smaller cap shortens the full batch: batch 16 ≈ 2x.
     assert plan_ray_serving(measured, latency_budget_ms=10, max_batch_size=16).batch_wait_timeout_s == pytest.approx(
-        (10 - 2.0) / 1e3
+        (10 - 2 * 2.0) / 1e3
     )
+    # Two full batches above the budget, one below it: no wait.
+    assert plan_ray_serving(measured, latency_budget_ms=6).batch_wait_timeout_s == 0.0
 
 
 def test_a_budget_below_a_full_batch_is_refused_with_the_numbers(artifact, tmp_path):

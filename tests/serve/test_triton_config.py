@@ -112,10 +112,15 @@ def test_semantics_refuse_cuda_graphs_outside_tensorrt():
 
 
 def test_queue_delay_from_budget_and_measured_latency():
-    assert derive_queue_delay_us(TritonConfig(latency_budget_ms=10), 4.0)[0] == 6000
+    delay, why = derive_queue_delay_us(TritonConfig(latency_budget_ms=10), 4.0)
+    assert delay == 2000 and "2 × a full batch's p99 4.000 ms" in why  # the batch in flight and its own
+    assert derive_queue_delay_us(TritonConfig(latency_budget_ms=10), 6.0) == (
+        0,
+        "budget 10 ms − 2 × a full batch's p99 6.000 ms (the batch in flight and its own), below 0: no wait",
+    )
     assert derive_queue_delay_us(TritonConfig(max_queue_delay_us=250, latency_budget_ms=10), 4.0) == (250, "given")
     assert derive_queue_delay_us(TritonConfig(), None)[0] == 0
-    with pytest.raises(TritonConfigError, match="below the measured latency 12.000 ms"):
+    with pytest.raises(TritonConfigError, match="latency_budget_ms=10: a full batch's p99 12.000 ms is not below"):
         derive_queue_delay_us(TritonConfig(latency_budget_ms=10), 12.0)
     with pytest.raises(TritonConfigError, match="needs the model's measured latency"):
         derive_queue_delay_us(TritonConfig(latency_budget_ms=10), None)

@@ -1,4 +1,5 @@
-"""Pieces the batcher and the pipeline share: the clock seam, bounded latency samples, output splitting."""
+"""Pieces the serving modules share: the clock seam, bounded latency samples, output splitting, and the one rule
+that turns a latency budget into a batcher's wait (Triton's queue delay, Ray Serve's batch wait)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,22 @@ def add_note(exc: BaseException, note: str) -> None:
     """Attach `note` to `exc` where Python supports notes (3.11+); the exception itself is kept unchanged."""
     if hasattr(exc, "add_note"):
         exc.add_note(note)
+
+
+def budget_wait_ms(budget_ms: float, batch_p99_ms: float) -> tuple[float, str]:
+    """How long a batcher may hold a batch open for more requests and still meet `budget_ms`, and why.
+
+    In the worst case a request arrives just after a full batch started: it waits for that batch (one batch's
+    p99), then for the batcher's wait, then runs in the next full batch (another p99). So the wait is
+    ``budget − 2 × batch p99``, and 0 when that is negative (batches then form only from the requests that queue
+    while the model runs). ValueError when one batch alone takes the budget. A server's own round trip is not
+    in the measured p99: leave room for it in the budget.
+    """
+    if batch_p99_ms >= budget_ms:
+        raise ValueError(
+            f"a full batch's p99 {batch_p99_ms:.3f} ms is not below the {budget_ms} ms latency budget: no wait"
+            " can meet it; raise the budget or lower the maximum batch size"
+        )
+    wait = max(0.0, budget_ms - 2 * batch_p99_ms)
+    rule = f"budget {budget_ms} ms − 2 × a full batch's p99 {batch_p99_ms:.3f} ms (the batch in flight and its own)"
+    return wait, rule + ("" if wait else ", below 0: no wait")

@@ -42,7 +42,7 @@ from torchopt.inputs import WHICH, InputSpec
 from torchopt.kernels import PreprocessConfig, preprocess
 from torchopt.runtime import map_tensors
 from torchopt.saving import read_meta
-from torchopt.serve._common import split_output
+from torchopt.serve._common import budget_wait_ms, split_output
 
 __all__ = [
     "RayPredictor",
@@ -154,10 +154,11 @@ def _artifact_meta(path: str | os.PathLike) -> dict[str, Any]:
 def derive_batch_wait_s(
     max_batch_size: int, opt_batch: int, latency_after: dict[str, Any] | None, latency_budget_ms: float | None
 ) -> tuple[float, str]:
-    """The batch wait and why: with a budget, the budget minus the p99 of a full batch (the first request of a
-    batch waits, then runs); without one, the p50 of a full batch (waiting as long as a batch runs at most
-    doubles a request's latency while letting batches form). A full batch's latency is the measured one at
-    the opt batch scaled by max/opt (linear in the batch: an upper bound once the device is saturated)."""
+    """The batch wait and why: with a budget, `budget_wait_ms` (the rule Triton's queue delay uses: budget minus
+    two full batches' p99, the one in flight and the request's own); without one, the p50 of a full batch
+    (waiting as long as a batch runs at most doubles a request's latency while letting batches form). A full
+    batch's latency is the measured one at the opt batch scaled by max/opt (linear in the batch: an upper bound
+    once the device is saturated)."""
     if not latency_after:
         if latency_budget_ms is None:
             return DEFAULT_BATCH_WAIT_S, f"no latency measured in the artifact: Ray's default {DEFAULT_BATCH_WAIT_S} s"
@@ -169,13 +170,14 @@ def derive_batch_wait_s(
     if latency_budget_ms is None:
         wait = min(p50 / 1e3, MAX_DERIVED_WAIT_S)
         return wait, f"no budget: the wait is one full batch's p50; {measured}"
-    if p99 >= latency_budget_ms:
+    try:
+        wait_ms, why = budget_wait_ms(latency_budget_ms, p99)
+    except ValueError as exc:
         raise ValueError(
-            f"latency_budget_ms={latency_budget_ms} cannot be met with max_batch_size={max_batch_size}: {measured};"
-            " lower max_batch_size or raise the budget"
-        )
-    wait = min((latency_budget_ms - p99) / 1e3, MAX_DERIVED_WAIT_S)
-    return wait, f"budget {latency_budget_ms} ms minus a full batch's p99; {measured}"
+            f"latency_budget_ms={latency_budget_ms} cannot be met with max_batch_size={max_batch_size}: {measured}"
+            f" ({exc})"
+        ) from None
+    return min(wait_ms / 1e3, MAX_DERIVED_WAIT_S), f"{why}; {measured}"
 
 
 def plan_ray_serving(

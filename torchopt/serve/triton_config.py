@@ -19,6 +19,7 @@ from typing import Any
 
 from torchopt.config import ConfigBase, check_choice, check_positive, check_type
 from torchopt.inputs import InputSpec
+from torchopt.serve._common import budget_wait_ms
 
 __all__ = [
     "PLATFORMS",
@@ -156,7 +157,8 @@ def profile_dims(specs: Sequence[InputSpec], profiles: Sequence[Sequence[InputSp
 
 
 def derive_queue_delay_us(config: TritonConfig, measured_ms: float | None) -> tuple[int, str]:
-    """The dynamic batcher's max queue delay (µs) and why: explicit, budget − measured latency, or 0."""
+    """The dynamic batcher's max queue delay (µs) and why: explicit, derived from the budget and a full batch's
+    measured p99 (`torchopt.serve._common.budget_wait_ms`, the rule Ray Serve's batch wait uses too), or 0."""
     if config.max_queue_delay_us is not None:
         return config.max_queue_delay_us, "given"
     if config.latency_budget_ms is None:
@@ -166,13 +168,11 @@ def derive_queue_delay_us(config: TritonConfig, measured_ms: float | None) -> tu
             f"latency_budget_ms={config.latency_budget_ms} needs the model's measured latency to derive the queue"
             " delay, and this artifact's report has none; give max_queue_delay_us instead"
         )
-    if measured_ms >= config.latency_budget_ms:
-        raise TritonConfigError(
-            f"latency_budget_ms={config.latency_budget_ms} is below the measured latency {measured_ms:.3f} ms"
-            " of one batch: no queue delay can meet it; raise the budget or lower max_batch_size"
-        )
-    delay = int((config.latency_budget_ms - measured_ms) * 1000)
-    return delay, f"latency budget {config.latency_budget_ms} ms − measured {measured_ms:.3f} ms"
+    try:
+        wait_ms, why = budget_wait_ms(config.latency_budget_ms, measured_ms)
+    except ValueError as exc:
+        raise TritonConfigError(f"latency_budget_ms={config.latency_budget_ms}: {exc}") from None
+    return int(wait_ms * 1000), why
 
 
 def _q(text: str) -> str:

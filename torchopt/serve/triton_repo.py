@@ -109,12 +109,17 @@ def _auto_batch_result(report: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _measured_latency_ms(report: dict[str, Any], auto: dict[str, Any] | None) -> float | None:
-    """The latency the queue delay adds to: the batch finder's at its batch, else the optimized module's p99."""
+def _measured_latency_ms(report: dict[str, Any], auto: dict[str, Any] | None, mbs: int) -> float | None:
+    """A full batch's p99 (ms), which the queue delay adds to: the batch finder's at its batch, else the optimized
+    module's p99 at the batch it was measured at; scaled by `mbs` / that batch (linear in the batch: an upper
+    bound once the device is saturated, as Ray Serve's plan scales it)."""
     if auto is not None:
-        return float(auto["latency_ms"])
+        return float(auto["latency_ms"]) * max(1.0, mbs / int(auto["size"]))
     after = report.get("latency_after")
-    return None if not after else float(after.get("p99_ms") or after["p50_ms"])
+    if not after:
+        return None
+    measured_at = after.get("batch_size") or 1
+    return float(after.get("p99_ms") or after["p50_ms"]) * max(1.0, mbs / measured_at)
 
 
 def _output_specs(optimized: OptimizedModule, names: Sequence[str] | None) -> tuple[list[TensorSpec], str]:
@@ -362,7 +367,7 @@ def export_triton(
     auto = _auto_batch_result(report)
     default_mbs = int(auto["size"]) if auto is not None else hi
     mbs = config.max_batch_size if config.max_batch_size is not None else default_mbs
-    delay, delay_reason = derive_queue_delay_us(config, _measured_latency_ms(report, auto))
+    delay, delay_reason = derive_queue_delay_us(config, _measured_latency_ms(report, auto, mbs))
     preferred = config.preferred_batch_sizes
     several_plans = platform == "tensorrt_plan" and len(profiles) > 1
     if preferred and not several_plans:
