@@ -6,12 +6,14 @@ repository `export_triton` wrote, at concurrency 1, 8 and 64, in one run.
 
 Per workload the model is optimized with an `auto_batch` step (`find_optimal_batch` under `--latency-budget-ms`
 at p99, on the same model) and exported with that budget, so the Triton config is the one torchopt writes by
-construction: `max_batch_size` = the finder's batch, `max_queue_delay_microseconds` = budget − the finder's p99
-at that batch. Then, each client thread sending one item after another (closed loop):
+construction: `max_batch_size` = the finder's batch, `max_queue_delay_microseconds` = budget − 2 × the finder's
+p99 at that batch (the batch in flight and the request's own; 0 when negative). Then, each client thread
+sending one item after another (closed loop):
 
 - `direct`: the optimized module called on a batch of one under a lock (one call at a time, as a shared model
   is used without a batcher);
-- `batcher`: one `DynamicBatcher` (max batch = the export's, delay `--batcher-delay-ms`);
+- `batcher`: one `DynamicBatcher` (max batch = the export's, delay `--batcher-delay-ms`), called as the blocking
+  ``batcher(x)`` (on an idle batcher the caller runs its item itself; under load it queues for a batch);
 - `triton`: the bundled `tritonserver` (Python backend) on the exported repository, through tritonclient gRPC,
   one client per thread.
 
@@ -288,7 +290,7 @@ def direct_callers(fast, spec, device: str) -> Callable[[int], Callable[[], Any]
 def batcher_callers(batcher: DynamicBatcher, spec, device: str) -> Callable[[int], Callable[[], Any]]:
     def make(k: int) -> Callable[[], Any]:
         x = item(spec, k)[0]
-        return lambda: batcher.submit(x.to(device)).result().cpu()
+        return lambda: batcher(x.to(device)).cpu()
 
     return make
 
@@ -543,10 +545,10 @@ def latency_notes(w: dict[str, Any]) -> list[str]:
     served64 = _row(w, "triton", 64)["throughput_per_s"]["median"]
     p50_1, direct_1 = _row(w, "triton", 1)["p50_ms"]["median"], _row(w, "direct", 1)["p50_ms"]["median"]
     return [
-        f"- At concurrency 1 the server's batcher waits the whole queue delay ({delay_ms:.2f} ms) for requests"
-        f" that never come: served p50 {p50_1:.2f} ms = the delay + {p50_1 - delay_ms:.2f} ms (the call and the"
-        f" server's round trip; a direct call takes {direct_1:.2f} ms). The export derives the delay as the"
-        " budget minus the finder's p99 of one batch, with no allowance for that round trip.",
+        f"- At concurrency 1 a request waits at most the queue delay ({delay_ms:.2f} ms) for company: served p50"
+        f" {p50_1:.2f} ms is the call plus the server's round trip on top of that wait (a direct call takes"
+        f" {direct_1:.2f} ms). The export derives the delay as the budget minus two full batches' p99 (the one in"
+        " flight and the request's own), 0 when negative; the round trip itself is not in the budget.",
         f"- At concurrency 64 a closed loop keeps 64 requests in flight, so the mean latency is 64 / throughput"
         f" (Little's law): {64_000 / served64:.1f} ms at the measured {served64:,.0f} requests/s; a p99 within"
         f" {budget:g} ms there needs more than {64_000 / budget:,.0f} requests/s.",

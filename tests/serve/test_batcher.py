@@ -94,6 +94,84 @@ def test_requests_queued_behind_a_running_batch_form_batches_up_to_max_batch(gat
     assert stats.batches == 4 and stats.mean_batch == pytest.approx(11 / 4)
 
 
+class ThreadRecorder:
+    """``x * 2`` per row, recording the thread of each call and the most calls ever running at once."""
+
+    def __init__(self, gate=None):
+        self.threads, self.running, self.most_at_once = [], 0, 0
+        self.gate, self.entered = gate, threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, x):
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(WAIT), "test never released the model"
+        with self._lock:
+            self.running -= 1
+        return x * 2
+
+
+def test_a_blocking_call_on_an_idle_batcher_runs_in_the_callers_thread():
+    model = ThreadRecorder()
+    with DynamicBatcher(model, max_batch=8, max_delay_ms=50) as batcher:
+        out = batcher(torch.tensor([1.0, 2.0]))
+        stats = batcher.stats()
+    assert torch.equal(out, torch.tensor([2.0, 4.0]))
+    assert model.threads == [threading.current_thread().name]  # no hand-off, no 50 ms batching wait
+    assert (stats.caller_runs, stats.requests, stats.completed, stats.batches) == (1, 1, 1, 1)
+
+
+def test_a_blocking_call_joins_the_queue_while_the_worker_runs_a_batch():
+    model = ThreadRecorder(gate=threading.Event())
+    with DynamicBatcher(model, max_batch=8, max_delay_ms=0) as batcher:
+        first = batcher.submit(torch.tensor([0.0]))
+        assert model.entered.wait(WAIT)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(batcher, torch.tensor([float(i)])) for i in (1, 2)]
+            assert _wait_for(lambda: batcher.stats().queue_depth == 2)
+            model.gate.set()
+            outs = [c.result(WAIT) for c in calls]
+        assert first.result(WAIT).item() == 0.0
+        stats = batcher.stats()
+    assert [o.item() for o in outs] == [2.0, 4.0]
+    assert model.threads == ["torchopt-batcher"] * 2 and stats.caller_runs == 0  # batched together by the worker
+    assert stats.batch_sizes == {1: 1, 2: 1}
+
+
+def test_the_worker_never_runs_the_model_while_a_caller_does():
+    model = ThreadRecorder(gate=threading.Event())
+    with (
+        DynamicBatcher(model, max_batch=8, max_delay_ms=0) as batcher,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        own = pool.submit(batcher, torch.tensor([1.0]))
+        assert model.entered.wait(WAIT)
+        queued = batcher.submit(torch.tensor([2.0]))
+        assert not _wait_for(lambda: model.running > 1, timeout=0.2)
+        model.gate.set()
+        assert own.result(WAIT).item() == 2.0 and queued.result(WAIT).item() == 4.0
+    assert model.most_at_once == 1 and model.threads[1] == "torchopt-batcher"
+
+
+def test_a_blocking_call_raises_the_models_error_and_the_batcher_goes_on():
+    def model(x):
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return x + 1
+
+    with DynamicBatcher(model, max_batch=4) as batcher:
+        with pytest.raises(ValueError, match="negative input"):
+            batcher(torch.tensor([-1.0]))
+        assert batcher(torch.tensor([1.0])).item() == 2.0
+        assert batcher.stats().failed == 1
+    with pytest.raises(BatcherClosed):
+        batcher(torch.tensor([1.0]))
+
+
 def test_each_kind_keeps_its_order_and_different_shapes_are_never_stacked(gated):
     with DynamicBatcher(gated, max_batch=8, max_delay_ms=0) as batcher:
         first = batcher.submit(torch.zeros(2))

@@ -25,6 +25,10 @@ Why each rule:
   raises `BatcherFull` (a `queue.Full`), so a burst slows its producers instead of growing memory.
 * `close` drains (runs everything queued) or cancels (queued futures raise ``CancelledError``); a batch already
   running always completes. `submit` after `close` raises `BatcherClosed`.
+* ``batcher(*tensors)`` is the blocking call: on an idle batcher (nothing queued, no model call running) the
+  caller runs its item itself, so at low load a request pays neither the hand-off to the worker nor
+  ``max_delay_ms`` (there is nobody to batch with); under load it queues like `submit`. The model is never
+  called by two threads at once.
 
 The delay and the latency statistics read an injectable ``clock`` (default `time.perf_counter`); blocking
 timeouts (`submit_timeout`, `close(timeout=)`) are real seconds.
@@ -128,6 +132,7 @@ class BatcherStats:
     batches: model calls (an isolation rerun of one item counts as one); batch_sizes: items per call ->
     calls; run_sizes: rows the model saw (with padding) -> calls; padded_rows: rows of padding in all.
     isolated_batches: batches that raised and were rerun item by item.
+    caller_runs: blocking calls (``batcher(x)``) that found the batcher idle and ran the model in their thread.
     queue_depth: requests waiting now. p50_ms / p99_ms: submit-to-result latency of the recent requests
     (by the batcher's clock), None before any finished.
     """
@@ -141,6 +146,7 @@ class BatcherStats:
     run_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
     padded_rows: int = 0
     isolated_batches: int = 0
+    caller_runs: int = 0
     queue_depth: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -213,6 +219,7 @@ class DynamicBatcher:
         self._pending: collections.deque[_Request] = collections.deque()
         self._kind_counts: collections.Counter[tuple] = collections.Counter()
         self._state = "open"  # -> "draining" (close(drain=True)) or "closed"
+        self._busy = False  # a model call is running (the worker's batch or a caller's own, see __call__)
         self._stats = BatcherStats()
         self._latency = LatencySamples()
         self._worker = threading.Thread(target=self._work, name="torchopt-batcher", daemon=True)
@@ -250,6 +257,38 @@ class DynamicBatcher:
             self._not_empty.notify()
         return future
 
+    def __call__(self, *item: torch.Tensor, timeout: float | None = _UNSET) -> Any:
+        """The model's output for one item, blocking. When the batcher is idle (nothing queued, no model call
+        running) the calling thread runs the model itself, a batch of one with no hand-off to the worker and no
+        `max_delay_ms` wait (nobody is there to batch with); otherwise the item is queued as by `submit` and
+        batched with the others. Errors and options as for `submit`; the model's own error is raised here.
+        """
+        request = self._claim_idle(item)
+        if request is None:
+            return self.submit(*item, timeout=timeout).result()
+        request.future.set_running_or_notify_cancel()
+        try:
+            self._run([request])
+        finally:
+            with self._lock:
+                self._busy = False
+                self._not_empty.notify()  # the worker may have requests that queued meanwhile
+        return request.future.result()
+
+    def _claim_idle(self, item: Sequence[torch.Tensor]) -> _Request | None:
+        """A request for `item` that the caller may run now (the batcher marked busy), or None when it is not
+        idle."""
+        key = _kind(item)
+        plan = self._plan(key, item)
+        with self._lock:
+            self._raise_if_closed()
+            if self._pending or self._busy:
+                return None
+            self._busy = True
+            self._stats.requests += 1
+            self._stats.caller_runs += 1
+            return _Request(tuple(item), key, plan, concurrent.futures.Future(), self._clock())
+
     def _room_or_closed(self) -> bool:
         return len(self._pending) < self.config.max_queue or self._state != "open"
 
@@ -275,20 +314,23 @@ class DynamicBatcher:
                 return
             live = [r for r in batch if r.future.set_running_or_notify_cancel()]
             self._count_cancelled(len(batch) - len(live))
-            if live:
-                try:
+            try:
+                if live:
                     self._run(live)
-                except Exception as exc:  # a bug of ours must not hang the callers or kill the worker
-                    for r in live:
-                        if not r.future.done():
-                            self._finish(r, error=exc)
+            except Exception as exc:  # a bug of ours must not hang the callers or kill the worker
+                for r in live:
+                    if not r.future.done():
+                        self._finish(r, error=exc)
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _collect(self) -> list[_Request] | None:
         """The next batch: the oldest request and up to cap - 1 later ones of its kind, once the batch is full
         or the oldest request's delay is over (at once while draining). None when closed and empty."""
         with self._lock:
-            while not self._pending:
-                if self._state != "open":
+            while not self._pending or self._busy:  # busy: a caller runs the model (__call__); one call at a time
+                if not self._pending and self._state != "open":
                     return None
                 self._not_empty.wait()
             first = self._pending[0]
@@ -309,6 +351,7 @@ class DynamicBatcher:
             self._kind_counts[first.key] -= len(taken)
             if not self._kind_counts[first.key]:
                 del self._kind_counts[first.key]
+            self._busy = True
             self._not_full.notify_all()
             return taken
 
