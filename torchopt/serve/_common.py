@@ -70,7 +70,7 @@ def split_output(out: Any, n: int, rows: int, where: str = "the model's output")
                 f"{where} has shape {tuple(out.shape)}; the batcher needs dim 0 to be the batch ({rows} rows)"
                 " to split it per request"
             )
-        return list(out[:n].unbind(0))
+        return [out[0]] if n == 1 else list(out[:n].unbind(0))  # one item: an index, cheaper than unbind
     if out is None:
         return [None] * n
     if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple

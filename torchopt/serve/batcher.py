@@ -392,6 +392,8 @@ class DynamicBatcher:
             return self._fast(*args)
 
     def _stack(self, items: list[torch.Tensor], rows: int) -> torch.Tensor:
+        if rows == len(items) == 1:
+            return items[0].unsqueeze(0)  # a view: no copy for a batch of one
         extra = rows - len(items)
         if extra:
             filler = items[-1] if self.config.pad == "repeat" else torch.zeros_like(items[-1])
