@@ -272,7 +272,8 @@ class DynamicBatcher:
         finally:
             with self._lock:
                 self._busy = False
-                self._not_empty.notify()  # the worker may have requests that queued meanwhile
+                if self._pending:  # requests queued meanwhile; waking the worker for nothing costs a GIL hand-off
+                    self._not_empty.notify()
         return request.future.result()
 
     def _claim_idle(self, item: Sequence[torch.Tensor]) -> _Request | None:
