@@ -162,22 +162,34 @@ def _auto(ctx: StepContext, backend: Backend, settings: BuildSettings, modes: li
     ctx.log(f"lowp auto: building fp16 and {', '.join(modes)} with {backend.name} to time them")
     fp16 = copy.deepcopy(ctx.reference).to(ctx.device, COMPUTE_DTYPE).eval()
     baseline = _build(backend, fp16, ctx, settings, log)
-    models, candidates = {}, {}
+    models, candidates, undeployable = {}, {}, {}
     for mode in modes:
-        models[mode] = deploy(ctx.model, mode, dtype=COMPUTE_DTYPE)
+        try:
+            models[mode] = deploy(ctx.model, mode, dtype=COMPUTE_DTYPE)
+        except ValueError as exc:  # no layer of the model can run the mode (e.g. only convolutions)
+            undeployable[mode] = str(exc)
+            continue
         candidates[mode] = _build(backend, models[mode], ctx, settings, BuildLog(progress=ctx.progress))
+    if not candidates:
+        why = f"fp16 kept: {'; '.join(undeployable.values())}"
+        ctx.details["lowp_auto"] = {"choice": BASELINE, "reason": why, "profiles": []}
+        _use(ctx, fp16, baseline, None, why)
+        ctx.report.notes.extend(log.notes)
+        ctx.note(f"compile.lowp auto: {why}")
+        return True
     comparisons = _measure(ctx, baseline, candidates)
     choice = choose_mode(comparisons)
     ctx.details["lowp_auto"] = {
         "choice": choice.mode or BASELINE,
         "reason": choice.reason,
-        "weight_bytes": {BASELINE: weight_bytes(fp16), **{m: weight_bytes(models[m]) for m in modes}},
+        "weight_bytes": {BASELINE: weight_bytes(fp16), **{m: weight_bytes(models[m]) for m in models}},
+        "undeployable": undeployable,
         "profiles": [c.to_dict() for c in comparisons],
     }
     if choice.mode is None:
         _use(ctx, fp16, baseline, None, choice.reason)
         ctx.report.notes.extend(log.notes)
-        _report_float_layers(ctx, models[modes[0]], kept=False)  # e.g. a CNN's convolutions: why it did not pay
+        _report_float_layers(ctx, next(iter(models.values())), kept=False)  # e.g. a CNN's convolutions
     else:
         _use(ctx, models[choice.mode], candidates[choice.mode], choice.mode, choice.reason)
     ctx.note(f"compile.lowp auto: {choice.reason}")

@@ -163,3 +163,22 @@ def test_a_deployed_save_is_refused_where_its_gemms_cannot_run(cpu_runs_lowp, tm
     monkeypatch.undo()  # the CPU is itself again: no FP8 tensor cores
     with pytest.raises(ValueError, match=r"runs real fp8 GEMMs, which cannot run on cpu: real fp8 execution needs"):
         torchopt.load(tmp_path / "m")
+
+
+class NarrowHead(torch.nn.Module):
+    """One Linear with 20 outputs: not a multiple of 16, so no FP8 GEMM can take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 20)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_auto_keeps_fp16_when_no_layer_can_run_any_mode(cpu_runs_lowp):
+    torch.manual_seed(0)
+    fast = torchopt.optimize(NarrowHead().eval(), _recipe(), inputs=SPEC, calib_data=_calib(), progress=False)
+    assert fast.report.precision == "float16" and not fast.report.fake_quant
+    assert "no layer of this model can run fp8" in fast.report.precision_reason
+    assert "not multiples of 16" in fast.report.precision_reason
