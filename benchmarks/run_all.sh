@@ -20,7 +20,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 BENCHES=("$@")
 if [ ${#BENCHES[@]} -eq 0 ]; then
-  BENCHES=(bench_preprocess bench_recipes bench_quantize bench_profiler bench_batch bench_dynamic_shapes bench_feeder)
+  BENCHES=(bench_preprocess bench_recipes bench_quantize bench_lowp bench_profiler bench_batch bench_dynamic_shapes bench_feeder)
 fi
 for b in "${BENCHES[@]}"; do
   echo "=== $b"

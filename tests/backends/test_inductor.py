@@ -25,48 +25,23 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _recipe(backend: str) -> Recipe:
-    return Recipe([CastConfig(dtype="float32"), CompileConfig(backend=backend), ValidateConfig(measure_latency=False)])
-
-
-class ConvNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-def _mlp() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-
-
-def _batch_profiles(feature: tuple[int, ...], ranges: list[tuple[int, int, int]], name: str = "input"):
-    return [[InputSpec(name, min=(lo, *feature), opt=(opt, *feature), max=(hi, *feature))] for lo, opt, hi in ranges]
-
-
-MLP_PROFILES = _batch_profiles((16,), [(1, 4, 8), (9, 16, 24)])
-
-
 @pytest.fixture(scope="module")
-def inductor_mlp():
+def inductor_mlp(kit):
     torch.manual_seed(0)
-    model = _mlp().eval()
+    model = kit.mlp().eval()
     before = _graphs()
-    fast = torchopt.optimize(model, _recipe("inductor"), inputs=MLP_PROFILES, progress=False)
+    fast = torchopt.optimize(model, kit.recipe("inductor"), inputs=kit.MLP_PROFILES, progress=False)
     return model, fast, _graphs() - before
 
 
 @pytest.mark.slow
-def test_inductor_profiles_serve_every_size_without_recompiling(inductor_mlp):
+def test_inductor_profiles_serve_every_size_without_recompiling(inductor_mlp, kit):
     model, fast, built = inductor_mlp
     compile_step = next(s for s in fast.report.steps if s.step == "compile")
     assert built >= 1 and compile_step.details["graphs"] == built
     before = _graphs()
     gen = torch.Generator().manual_seed(7)
-    for profile in MLP_PROFILES:
+    for profile in kit.MLP_PROFILES:
         spec = profile[0]
         for batch in range(spec.min[0], spec.max[0] + 1):
             x = torch.randn(batch, 16, generator=gen)
@@ -75,12 +50,12 @@ def test_inductor_profiles_serve_every_size_without_recompiling(inductor_mlp):
 
 
 @pytest.mark.slow
-def test_conv_profile_across_the_batch_16_guard(seed):
+def test_conv_profile_across_the_batch_16_guard(seed, kit):
     """The CPU convolution guards batch < 16: the warm-up at min+1 and max-1 builds both sides."""
     torch._dynamo.reset()
-    model = ConvNet().eval()
-    profiles = _batch_profiles((3, 8, 8), [(1, 8, 32)], name="x")
-    fast = torchopt.optimize(model, _recipe("inductor"), inputs=profiles, progress=False)
+    model = kit.ConvNet().eval()
+    profiles = kit.profiles((3, 8, 8), [(1, 8, 32)], name="x")
+    fast = torchopt.optimize(model, kit.recipe("inductor"), inputs=profiles, progress=False)
     before = _graphs()
     for batch in range(1, 33):
         x = torch.randn(batch, 3, 8, 8)
@@ -95,10 +70,10 @@ def _out_of_profile_message(fast: torch.nn.Module, x: torch.Tensor) -> str:
 
 
 @pytest.mark.slow
-def test_out_of_profile_message_is_the_same_for_every_backend(inductor_mlp, recording):
+def test_out_of_profile_message_is_the_same_for_every_backend(inductor_mlp, recording, kit):
     _, compiled, _ = inductor_mlp
-    eager = torchopt.optimize(_mlp().eval(), _recipe("eager"), inputs=MLP_PROFILES, progress=False)
-    routed = torchopt.optimize(_mlp().eval(), _recipe("recording"), inputs=MLP_PROFILES, progress=False)
+    eager = torchopt.optimize(kit.mlp().eval(), kit.recipe("eager"), inputs=kit.MLP_PROFILES, progress=False)
+    routed = torchopt.optimize(kit.mlp().eval(), kit.recipe("recording"), inputs=kit.MLP_PROFILES, progress=False)
     before = _graphs()
     for x in (torch.randn(25, 16), torch.randn(4, 15), torch.randn(4, 16, 1)):
         messages = {_out_of_profile_message(m, x) for m in (eager, compiled, routed)}
@@ -108,20 +83,17 @@ def test_out_of_profile_message_is_the_same_for_every_backend(inductor_mlp, reco
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("make", "profiles"),
-    [
-        (ConvNet, _batch_profiles((3, 32, 32), [(1, 16, 64)], name="x")),
-        (_mlp, _batch_profiles((16,), [(1, 4, 8), (9, 32, 64)])),
-    ],
-    ids=["convnet-1-64", "mlp-two-profiles"],
-)
-def test_inductor_parity_on_gpu(make, profiles):
+@pytest.mark.parametrize("case", ["convnet-1-64", "mlp-two-profiles"])
+def test_inductor_parity_on_gpu(case, kit):
     """The same claim on CUDA (CUDA graphs on, as the inductor recipes do there)."""
+    make, profiles = {
+        "convnet-1-64": (kit.ConvNet, kit.profiles((3, 32, 32), [(1, 16, 64)], name="x")),
+        "mlp-two-profiles": (kit.mlp, kit.profiles((16,), [(1, 4, 8), (9, 32, 64)])),
+    }[case]
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = make().eval().cuda()
-    fast = torchopt.optimize(model, _recipe("inductor"), inputs=profiles, device="cuda", progress=False)
+    fast = torchopt.optimize(model, kit.recipe("inductor"), inputs=profiles, device="cuda", progress=False)
     before = _graphs()
     for profile in profiles:
         spec = profile[0]
@@ -140,7 +112,7 @@ def _encoder(d: int = 32) -> torch.nn.Module:
     return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
 
-def test_mha_fast_path_is_off_inside_calls_and_restored_after():
+def test_mha_fast_path_is_off_inside_calls_and_restored_after(kit):
     from torchopt.backends.inductor import _has_mha_fast_path, _WithoutMHAFastPath
 
     seen = []
@@ -150,7 +122,7 @@ def test_mha_fast_path_is_off_inside_calls_and_restored_after():
             seen.append(torch.backends.mha.get_fastpath_enabled())
             return x
 
-    assert _has_mha_fast_path(_encoder()) and not _has_mha_fast_path(_mlp())
+    assert _has_mha_fast_path(_encoder()) and not _has_mha_fast_path(kit.mlp())
     wrapped = _WithoutMHAFastPath(Probe())
     assert torch.backends.mha.get_fastpath_enabled()
     wrapped(torch.ones(2))

@@ -135,6 +135,32 @@ def test_exports_and_saves_with_fp8_weights(linear):
     torch.testing.assert_close(loaded.module()(x), layer(x))
 
 
+def _every_layer(linear):
+    amax_t, amax_c = _w_amax(linear, False), _w_amax(linear, True)
+    wide = torch.nn.Linear(256, N)
+    return {
+        "fp8": Fp8Linear(linear.weight, linear.bias, amax_t, torch.tensor(3.0)),
+        "fp8_rowwise": Fp8RowwiseLinear(linear.weight, linear.bias),
+        "int8": Int8Linear(linear.weight, linear.bias, amax_c, torch.tensor(3.0)),
+        "int8_weight_only": Int8WeightOnlyLinear(linear.weight, linear.bias, amax_c),
+        "int4_weight_only": Int4WeightOnlyLinear(
+            wide.weight, wide.bias, wide.weight.detach().reshape(N, 2, 128).abs().amax(-1), block=128
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8_rowwise", "int8", "int8_weight_only", "int4_weight_only"])
+def test_every_layer_exports_with_a_dynamic_batch(linear, mode):
+    """One program over batch 1..64 (the int8 layer pads small calls without a branch on the row count)."""
+    layer = _every_layer(linear)[mode]
+    x = torch.randn(8, layer.in_features).half()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(layer, (x,), dynamic_shapes=({0: batch},))
+    for rows in (1, 5, 17, 64):
+        x = torch.randn(rows, layer.in_features).half()
+        torch.testing.assert_close(program.module()(x), layer(x))
+
+
 class _GeluThenFp8(torch.nn.Module):
     def __init__(self, linear):
         super().__init__()

@@ -146,12 +146,14 @@ def test_auto_records_both_figures_and_its_reason(cpu_runs_lowp):
         assert fast.report.precision == auto["choice"]
 
 
-def test_save_and_load_keep_fp8_weights(cpu_runs_lowp, tmp_path):
-    fast = torchopt.optimize(_model(), _recipe(lowp_mode="fp8"), inputs=SPEC, calib_data=_calib(), progress=False)
+@pytest.mark.parametrize(("fmt", "dtype"), [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+def test_save_and_load_keep_the_low_precision_weights(cpu_runs_lowp, tmp_path, fmt, dtype):
+    recipe = _recipe(fmt, lowp_mode=fmt)
+    fast = torchopt.optimize(_model(), recipe, inputs=SPEC, calib_data=_calib(), progress=False)
     fast.save(tmp_path / "m")
-    assert (tmp_path / "m" / "module.pt2").is_file()
+    assert (tmp_path / "m" / "module.pt2").is_file()  # an exported program over the profile, not a pickle
     program = torch.export.load(tmp_path / "m" / "module.pt2")
-    assert program.state_dict["fc1.weight"].dtype == torch.float8_e4m3fn
+    assert program.state_dict["fc1.weight"].dtype == dtype
     loaded = torchopt.load(tmp_path / "m")
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded(x), fast(x))
