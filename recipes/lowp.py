@@ -157,40 +157,61 @@ def apply_lowp(lowp: str, ctx: StepContext, backend: Backend, settings: BuildSet
     return _auto(ctx, backend, settings, runnable)
 
 
-def _auto(ctx: StepContext, backend: Backend, settings: BuildSettings, modes: list[str]) -> bool:
-    log = BuildLog(progress=ctx.progress)
-    ctx.log(f"lowp auto: building fp16 and {', '.join(modes)} with {backend.name} to time them")
-    fp16 = copy.deepcopy(ctx.reference).to(ctx.device, COMPUTE_DTYPE).eval()
-    baseline = _build(backend, fp16, ctx, settings, log)
-    models, candidates, undeployable = {}, {}, {}
+@dataclasses.dataclass
+class _Candidate:
+    """One mode built for timing: the deployed model, its runners and its build's notes."""
+
+    model: torch.nn.Module
+    runners: list
+    log: BuildLog
+
+
+def _candidates(
+    ctx: StepContext, backend: Backend, settings: BuildSettings, modes: list[str]
+) -> tuple[dict[str, _Candidate], dict[str, str]]:
+    """Each mode deployed and built; the modes no layer of the model can run, with the reason."""
+    built, undeployable = {}, {}
     for mode in modes:
         try:
-            models[mode] = deploy(ctx.model, mode, dtype=COMPUTE_DTYPE)
+            model = deploy(ctx.model, mode, dtype=COMPUTE_DTYPE)
         except ValueError as exc:  # no layer of the model can run the mode (e.g. only convolutions)
             undeployable[mode] = str(exc)
             continue
-        candidates[mode] = _build(backend, models[mode], ctx, settings, BuildLog(progress=ctx.progress))
-    if not candidates:
+        log = BuildLog(progress=ctx.progress)
+        built[mode] = _Candidate(model, _build(backend, model, ctx, settings, log), log)
+    return built, undeployable
+
+
+def _keep(ctx: StepContext, candidate: _Candidate, mode: str | None, why: str) -> None:
+    _use(ctx, candidate.model, candidate.runners, mode, why)
+    ctx.report.notes.extend(candidate.log.notes)
+    ctx.details.update(candidate.log.details)
+    ctx.note(f"compile.lowp auto: {why}")
+
+
+def _auto(ctx: StepContext, backend: Backend, settings: BuildSettings, modes: list[str]) -> bool:
+    ctx.log(f"lowp auto: building fp16 and {', '.join(modes)} with {backend.name} to time them")
+    fp16 = copy.deepcopy(ctx.reference).to(ctx.device, COMPUTE_DTYPE).eval()
+    log = BuildLog(progress=ctx.progress)
+    baseline = _Candidate(fp16, _build(backend, fp16, ctx, settings, log), log)
+    built, undeployable = _candidates(ctx, backend, settings, modes)
+    if not built:
         why = f"fp16 kept: {'; '.join(undeployable.values())}"
-        ctx.details["lowp_auto"] = {"choice": BASELINE, "reason": why, "profiles": []}
-        _use(ctx, fp16, baseline, None, why)
-        ctx.report.notes.extend(log.notes)
-        ctx.note(f"compile.lowp auto: {why}")
+        ctx.details["lowp_auto"] = {"choice": BASELINE, "reason": why, "undeployable": undeployable}
+        _keep(ctx, baseline, None, why)
         return True
-    comparisons = _measure(ctx, baseline, candidates)
+    comparisons = _measure(ctx, baseline.runners, {m: c.runners for m, c in built.items()})
     choice = choose_mode(comparisons)
     ctx.details["lowp_auto"] = {
         "choice": choice.mode or BASELINE,
         "reason": choice.reason,
-        "weight_bytes": {BASELINE: weight_bytes(fp16), **{m: weight_bytes(models[m]) for m in models}},
+        "weight_bytes": {BASELINE: weight_bytes(fp16), **{m: weight_bytes(c.model) for m, c in built.items()}},
         "undeployable": undeployable,
         "profiles": [c.to_dict() for c in comparisons],
     }
     if choice.mode is None:
-        _use(ctx, fp16, baseline, None, choice.reason)
-        ctx.report.notes.extend(log.notes)
-        _report_float_layers(ctx, next(iter(models.values())), kept=False)  # e.g. a CNN's convolutions
+        _keep(ctx, baseline, None, choice.reason)
+        _report_float_layers(ctx, next(iter(built.values())).model, kept=False)  # e.g. a CNN's convolutions
     else:
-        _use(ctx, models[choice.mode], candidates[choice.mode], choice.mode, choice.reason)
-    ctx.note(f"compile.lowp auto: {choice.reason}")
+        _keep(ctx, built[choice.mode], choice.mode, choice.reason)
     return True
