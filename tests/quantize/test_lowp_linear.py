@@ -199,3 +199,31 @@ def test_int4_layer_is_the_gemm_of_its_block_codes():
     x = torch.randn(4, 256)
     torch.testing.assert_close(layer(x), x @ w.t() + linear.bias, rtol=2e-2, atol=2e-2)  # bfloat16 activations
     assert layer(x).dtype == torch.float32 and layer(x[None]).shape == (1, 4, N)
+
+
+class _GeluInt8Gelu(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.int8 = Int8Linear(linear.weight, linear.bias.half(), _w_amax(linear, True), torch.tensor(3.0))
+
+    def forward(self, x):
+        return F.gelu(self.int8(F.gelu(x)))
+
+
+def test_inductor_fuses_int8_quantize_before_and_rescale_after_the_gemm(linear):
+    """Two kernels around ``_int_mm``: GELU + quantize before it, rescale + bias + GELU after it."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _GeluInt8Gelu(linear).eval()
+    x = _x(rows=32, dtype=torch.float16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model), x)
+    torch.testing.assert_close(out, model(x), rtol=1e-2, atol=1e-2)
+    code = "\n".join(codes)
+    calls = [line.strip() for line in code.splitlines() if line.strip().startswith("cpp_fused") and "=" not in line]
+    assert len(calls) == 2, calls
+    before, after = calls
+    assert all(op in before for op in ("gelu", "round", "clamp")), before  # quantize fused with the op before
+    assert all(op in after for op in ("mul", "add", "gelu")), after  # rescale + bias fused with the op after
+    assert "_int_mm" in code
