@@ -184,3 +184,55 @@ def test_auto_keeps_fp16_when_no_layer_can_run_any_mode(cpu_runs_lowp):
     assert fast.report.precision == "float16" and not fast.report.fake_quant
     assert "no layer of this model can run fp8" in fast.report.precision_reason
     assert "not multiples of 16" in fast.report.precision_reason
+
+
+class Encoder(torch.nn.Module):
+    """Two pre-norm blocks of explicit Linear layers (q/k/v/o, MLP): every GEMM is one the modes can take."""
+
+    def __init__(self, dim=256, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {
+                    "norm1": torch.nn.LayerNorm(dim),
+                    "qkv": torch.nn.Linear(dim, 3 * dim),
+                    "o": torch.nn.Linear(dim, dim),
+                    "norm2": torch.nn.LayerNorm(dim),
+                    "fc1": torch.nn.Linear(dim, 4 * dim),
+                    "fc2": torch.nn.Linear(4 * dim, dim),
+                }
+            )
+            for _ in range(2)
+        )
+
+    def forward(self, x):
+        b, t, d = x.shape
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            x = x + blk["o"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["norm2"](x))))
+        return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["fp8-ptq-transformer", "int8-ptq-transformer"])
+def test_on_cuda_auto_times_every_mode_against_fp16_and_keeps_what_it_reports(recipe):
+    if lowp.lowp_unsupported("int8", "cuda"):
+        pytest.skip(lowp.lowp_unsupported("int8", "cuda"))
+    torch.manual_seed(0)
+    model = Encoder().eval().cuda()
+    spec = InputSpec("x", min=(1, 16, 256), opt=(32, 64, 256), max=(64, 128, 256))
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 64, 256, generator=g) for _ in range(4)]
+    fast = torchopt.optimize(model, recipe, inputs=[spec], calib_data=calib, device="cuda", progress=False)
+    auto = next(s for s in fast.report.steps if s.step == "compile").details.get("lowp_auto")
+    if auto is None:  # this GPU runs none of the format's modes: the fake-quant model stays, with the reason
+        assert fast.report.fake_quant and any("compile.lowp auto" in n for n in fast.report.notes)
+        return
+    assert auto["profiles"] and all(set(p["speedup"]) == set(auto["weight_bytes"]) - {"fp16"} for p in auto["profiles"])
+    assert fast.report.accuracy_passed and not fast.report.fake_quant
+    expected = "float16" if auto["choice"] == "fp16" else auto["choice"]
+    assert fast.report.precision == expected
+    x = torch.randn(4, 32, 256, device="cuda")
+    assert F.cosine_similarity(fast(x).flatten(), model(x).flatten(), dim=0) > 0.99
