@@ -63,6 +63,7 @@ def test_deployed_model_computes_what_fake_quant_simulated(fmt, mode):
     record = getattr(deployed, DEPLOY_ATTR)
     assert record.mode == mode and record.lowp_layers == ["fc1", "fc2"] and record.float_layers == {}
     assert not any("quantizer" in name for name, _ in deployed.named_modules())  # no ModelOpt module left
+    assert tq.detect_format(deployed) is None and not hasattr(deployed, "torchopt_quant")
 
 
 def test_fp8_weights_take_half_the_bytes_of_fp16():

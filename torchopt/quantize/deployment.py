@@ -278,5 +278,6 @@ def deploy(qmodel: torch.nn.Module, mode: str, *, dtype: torch.dtype = torch.flo
         else:  # the model is one quantized Linear
             model = layer
     deployed = DeployRecord(mode, record.format, dtype_name(dtype), list(layers), float_layers, weight_bytes(model))
+    vars(model).pop(RECORD_ATTR, None)  # no ModelOpt quantizer is left for the quantize record to describe
     setattr(model, DEPLOY_ATTR, deployed)
     return model.eval()
