@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _results import write_results
 
 import torchopt.quantize as tq
 from torchopt.accuracy import compare_outputs
 from torchopt.environment import environment
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
-from torchopt.profile.files import write_json
 from torchopt.quantize.deployment import lowp_unsupported, weight_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -278,12 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_lowp] {case['model']} {case['shape']}", file=sys.stderr, flush=True)
         torch._dynamo.reset()
         results.append(run_case(case, device, 3 if args.smoke else args.rounds, 2 if args.smoke else args.iters))
-    stem = "bench_lowp_smoke" if args.smoke else "bench_lowp"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json({"environment": env, "smoke": args.smoke, "results": results}, args.out / f"{stem}.json")
-    text = markdown(results, env, args.smoke)
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+    data = {"environment": env, "smoke": args.smoke, "results": results}
+    write_results(
+        data, markdown(results, env, args.smoke), args.out, "bench_lowp_smoke" if args.smoke else "bench_lowp"
+    )
     return 0
 
 

@@ -43,12 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write_results
 
 import torchopt
 from torchopt import Recipe
 from torchopt.environment import environment
 from torchopt.profile import latency
-from torchopt.profile.files import write_json
 from torchopt.recipes import AutoBatchConfig, CastConfig, CompileConfig, ValidateConfig
 from torchopt.serve import DynamicBatcher, TritonServer, export_triton, smoke_test
 
@@ -620,11 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0,
         "workloads": workloads,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(res, args.out / "bench_serve.json")
-    text = markdown(res)
-    (args.out / "bench_serve.md").write_text(text)
-    print(text)
+    write_results(res, markdown(res), args.out, "bench_serve")
     return 0
 
 
