@@ -8,6 +8,9 @@ PY=${PYTHON:-python3}
 LOGS=benchmarks/results/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # ModelOpt and its missing dependencies, from benchmarks/fetch_gpu_wheels.sh
+  "$PY" -m pip install -q --no-deps .whl/*.whl
+fi
 "$PY" - <<'PY' | tee "$LOGS/environment.txt"
 import platform, torch, triton
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
