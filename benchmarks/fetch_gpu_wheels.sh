@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download what the lent GPU machine lacks for the quantization benchmarks and GPU tests (ModelOpt and the
-# dependencies its image does not have; see ../shared/REFERENCE.md) as Python 3.12 wheels into .whl/ (git-ignored,
-# ~21 MB, most of it PuLP's bundled solvers), the versions this repository's CI installs. Carry .whl/ to the GPU machine; run_all.sh installs it there
-# with --no-deps (torch, numpy and the rest come from the machine's own image).
+# dependencies its image does not have; see ../shared/REFERENCE.md) as Python 3.12 wheels into .whl/
+# (git-ignored; ~21 MB, most of it PuLP's bundled solvers), the versions this repository's CI installs. Carry
+# .whl/ to the GPU machine; run_all.sh installs it there with --no-deps (torch, numpy and the rest come from the
+# machine's own image).
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
