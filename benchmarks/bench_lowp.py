@@ -44,6 +44,7 @@ from torchopt.profile.comparison import LatencyComparison, Speedup, compare_late
 from torchopt.quantize.deployment import lowp_unsupported, weight_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FORMATS = ("fp8", "int8", "int4_awq")  # the calibrations whose deployed modes are timed
 GOALS = {("bert", "64x128", "fp8"): 1.3, ("vit_b_16", "b64", "fp8"): 1.2}  # issue 15's speedups over compiled fp16
 
 
@@ -125,7 +126,7 @@ def _peak_mb(module: torch.nn.Module, x: torch.Tensor) -> float | None:
     return torch.cuda.max_memory_allocated(x.device) / 2**20
 
 
-def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, AsDtype | str]:
+def variants(model: torch.nn.Module, x: torch.Tensor, formats: list[str]) -> dict[str, AsDtype | str]:
     """name -> the variant as a module taking float32 input, or why it was not built on this device."""
     calib = [x + 0.1 * torch.randn_like(x) for _ in range(4)]
     fp16 = copy.deepcopy(model).half()
@@ -133,7 +134,7 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, AsDtype | str
         "compiled fp16": AsDtype(torch.compile(fp16), torch.float16),  # first: the baseline of every ratio
         "eager fp16": AsDtype(fp16, torch.float16),
     }
-    for fmt in ("fp8", "int8", "int4_awq"):
+    for fmt in formats:
         qmodel = tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False)
         out[f"fake-quant {fmt}"] = AsDtype(qmodel, torch.float32)  # eager, as the recipes ran it
         for mode in tq.FORMATS[fmt].lowp_modes:
@@ -178,13 +179,13 @@ def ceiling(shapes: list[tuple[int, int, int]], device: torch.device, rounds: in
     }
 
 
-def run_case(case: dict[str, Any], device: torch.device, rounds: int, iters: int) -> dict[str, Any]:
+def run_case(case: dict[str, Any], device: torch.device, rounds: int, iters: int, formats: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = case["build"]().eval().to(device)
     x = torch.randn(case["input"], device=device)
     with torch.no_grad():
         reference = model(x)
-        built = variants(model, x)
+        built = variants(model, x, formats)
         runnable = {n: v for n, v in built.items() if not isinstance(v, str)}
         cmp = compare(runnable, x, rounds, iters)
         rows: dict[str, Any] = {}
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=None, help="only these models (bert, vit_b_16, resnet50)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--shapes", nargs="+", default=None, help="only these shape labels (e.g. 64x128 b64)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -273,15 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     results = []
     for case in cases(args.smoke):
-        if args.models and case["model"] not in args.models:
+        if (args.models and case["model"] not in args.models) or (args.shapes and case["shape"] not in args.shapes):
             continue
         print(f"[bench_lowp] {case['model']} {case['shape']}", file=sys.stderr, flush=True)
         torch._dynamo.reset()
-        results.append(run_case(case, device, 3 if args.smoke else args.rounds, 2 if args.smoke else args.iters))
-    data = {"environment": env, "smoke": args.smoke, "results": results}
-    write_results(
-        data, markdown(results, env, args.smoke), args.out, "bench_lowp_smoke" if args.smoke else "bench_lowp"
-    )
+        rounds, iters = (3, 2) if args.smoke else (args.rounds, args.iters)
+        results.append(run_case(case, device, rounds, iters, args.formats))
+        # Written after every case, so a run cut short by a time limit keeps what it measured.
+        data = {"environment": env, "smoke": args.smoke, "formats": args.formats, "results": results}
+        name = "bench_lowp_smoke" if args.smoke else "bench_lowp"
+        write_results(data, markdown(results, env, args.smoke), args.out, name)
     return 0
 
 
