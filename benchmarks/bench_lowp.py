@@ -77,7 +77,11 @@ class Encoder(torch.nn.Module):
 def _torchvision(name: str) -> torch.nn.Module:
     from torchopt._compat import import_torchvision
 
-    return getattr(import_torchvision().models, name)(weights=None)
+    model = getattr(import_torchvision().models, name)(weights=None)
+    head = getattr(getattr(model, "heads", None), "head", None)
+    if head is not None:  # torchvision zero-initializes ViT's head: every output would be 0 and every variant "exact"
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return model
 
 
 def cases(smoke: bool) -> list[dict[str, Any]]:
@@ -149,6 +153,16 @@ def variants(model: torch.nn.Module, x: torch.Tensor, formats: list[str]) -> dic
     return out
 
 
+def _gemm_rows(case: dict[str, Any]) -> int:
+    """Rows of the model's Linear GEMMs per call: tokens for the encoders (ViT-B/16 at 224: 14 x 14 patches + the
+    class token), images for ResNet-50 (only its fc)."""
+    if case["model"] == "bert":
+        return math.prod(case["input"][:-1])
+    if case["model"] == "vit_b_16":
+        return case["input"][0] * ((case["input"][-1] // 16) ** 2 + 1)
+    return case["input"][0]
+
+
 def _gemm_shapes(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int]]:
     return [(rows, m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
@@ -198,7 +212,7 @@ def run_case(case: dict[str, Any], device: torch.device, rounds: int, iters: int
                 "accuracy": compare_outputs(reference, variant(x).float(), task="embed").to_dict(),
             }
         rows.update({name: {"skipped": why} for name, why in built.items() if isinstance(why, str)})
-        gemm_rows = math.prod(case["input"][:-1]) if case["model"] == "bert" else case["input"][0]
+        gemm_rows = _gemm_rows(case)
         return {
             "model": case["model"],
             "shape": case["shape"],

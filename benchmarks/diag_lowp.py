@@ -1,0 +1,75 @@
+"""Why a deployed FP8 / INT8 encoder is not faster than fp16 (issue 15): each variant alone (one compiled instance
+per dynamo cache), eager and compiled, CUDA-event medians, the graphs dynamo built, and the top CUDA kernels of the
+compiled FP8 model (torch.profiler). Run on a GPU: python benchmarks/diag_lowp.py [--modes fp8 int8 ...]."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+from bench_lowp import Encoder
+from torch._dynamo.utils import counters
+
+import torchopt.quantize as tq
+
+
+def median_ms(fn, x, iters=30):
+    for _ in range(5):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def compiled_ms(module, x):
+    torch._dynamo.reset()
+    counters.clear()
+    ms = median_ms(torch.compile(module), x)
+    breaks = {str(k)[:120]: v for k, v in counters["graph_break"].items()}
+    return ms, f"{int(counters['stats']['unique_graphs'])} graphs, graph breaks {breaks or 'none'}"
+
+
+def top_kernels(module, x, n=12):
+    compiled = torch.compile(module)
+    for _ in range(3):
+        compiled(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            compiled(x)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=70)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", nargs="+", default=["fp8", "int8"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = Encoder().eval().cuda()
+    x = torch.randn(64, 128, 768, device="cuda")
+    calib = [x + 0.1 * torch.randn_like(x) for _ in range(4)]
+    fp16 = copy.deepcopy(model).half()
+    with torch.no_grad():
+        print(f"fp16 eager {median_ms(fp16, x.half()):.3f} ms")
+        ms, graphs = compiled_ms(fp16, x.half())
+        print(f"fp16 compiled {ms:.3f} ms, {graphs}")
+        for mode in args.modes:
+            fmt = "fp8" if mode.startswith("fp8") else "int8"
+            deployed = tq.deploy(tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False), mode)
+            print(f"{mode} eager {median_ms(deployed, x.half()):.3f} ms")
+            ms, graphs = compiled_ms(deployed, x.half())
+            print(f"{mode} compiled {ms:.3f} ms, {graphs}")
+            torch._dynamo.reset()
+            print(top_kernels(deployed, x.half()))
+
+
+if __name__ == "__main__":
+    main()
