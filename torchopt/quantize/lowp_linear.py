@@ -136,9 +136,10 @@ class Int8Linear(LowpLinear):
         x2 = self._flat(x)
         rows = x2.shape[0]
         xq = quant_int8(x2, self.input_scale, narrow_range=self.narrow_range)
-        # Padded without a branch on the row count (sym_max, not max): a Python `if` on it would split a dynamic
-        # batch dim into two ranges, which torch.export refuses and dynamo compiles twice.
-        xq = torch.nn.functional.pad(xq, (0, 0, 0, torch.sym_max(INT_MM_MIN_ROWS - rows, 0)))
+        # Always INT_MM_MIN_ROWS rows of padding, never a branch on the row count: an `if` would split a dynamic
+        # batch dim in two (torch.export refuses it, dynamo compiles twice) and torch.sym_max breaks dynamo's graph
+        # on torch 2.11. Under Inductor the padding is written by the quantize kernel itself.
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS))
         acc = torch._int_mm(xq, self.weight.t())[:rows]
         out = (acc.float() * (self.input_scale * self.weight_scale)).to(x.dtype)
         return self._unflat(out, x)
