@@ -136,24 +136,40 @@ def compile_like_torchopt(module: torch.nn.Module, device: torch.device) -> torc
     return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
-def variants(model: torch.nn.Module, x: torch.Tensor, formats: list[str]) -> dict[str, AsDtype | str]:
-    """name -> the variant as a module taking float32 input, or why it was not built on this device."""
+def _quantized(model: torch.nn.Module, x: torch.Tensor, fmt: str, calib_on_cpu: bool) -> torch.nn.Module:
+    """The model calibrated for `fmt`; with `calib_on_cpu`, on a CPU copy (no ModelOpt CUDA extension to build: ~70 s
+    per format on a fresh GPU machine), the amax values are the same computation."""
     calib = [x + 0.1 * torch.randn_like(x) for _ in range(4)]
+    if calib_on_cpu:
+        model, calib = copy.deepcopy(model).cpu(), [c.cpu() for c in calib]
+    return tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False)
+
+
+def variants(
+    model: torch.nn.Module, x: torch.Tensor, formats: list[str], calib_on_cpu: bool = False
+) -> dict[str, AsDtype | str]:
+    """name -> the variant as a module taking float32 input, or why it was not built on this device. With
+    `calib_on_cpu` the fake-quant variants are left out (they would need ModelOpt's CUDA extension)."""
     fp16 = copy.deepcopy(model).half()
     out: dict[str, AsDtype | str] = {
         "compiled fp16": AsDtype(compile_like_torchopt(fp16, x.device), torch.float16),  # the baseline of every ratio
         "eager fp16": AsDtype(fp16, torch.float16),
     }
     for fmt in formats:
-        qmodel = tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False)
-        out[f"fake-quant {fmt}"] = AsDtype(qmodel, torch.float32)  # eager, as the recipes ran it
+        qmodel = _quantized(model, x, fmt, calib_on_cpu)
+        if not calib_on_cpu:
+            out[f"fake-quant {fmt}"] = AsDtype(qmodel, torch.float32)  # eager, as the recipes ran it
         for mode in tq.FORMATS[fmt].lowp_modes:
+            if calib_on_cpu and mode == "int4_weight_only":
+                out[mode] = "skipped: its int4 codes are packed for the device they are built on (calibrate there)"
+                continue
             why = lowp_unsupported(mode, x.device)
             if why and x.device.type == "cuda":
                 out[mode] = why
                 continue
             try:
-                out[mode] = AsDtype(compile_like_torchopt(tq.deploy(qmodel, mode), x.device), torch.float16)
+                deployed = tq.deploy(qmodel, mode).to(x.device)
+                out[mode] = AsDtype(compile_like_torchopt(deployed, x.device), torch.float16)
             except ValueError as exc:  # e.g. no Linear of the model can run it
                 out[mode] = str(exc)
     return out
@@ -199,13 +215,15 @@ def ceiling(shapes: list[tuple[int, int, int]], device: torch.device, rounds: in
     }
 
 
-def run_case(case: dict[str, Any], device: torch.device, rounds: int, iters: int, formats: list[str]) -> dict[str, Any]:
+def run_case(
+    case: dict[str, Any], device: torch.device, rounds: int, iters: int, formats: list[str], calib_on_cpu: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = case["build"]().eval().to(device)
     x = torch.randn(case["input"], device=device)
     with torch.no_grad():
         reference = model(x)
-        built = variants(model, x, formats)
+        built = variants(model, x, formats, calib_on_cpu)
         runnable = {n: v for n, v in built.items() if not isinstance(v, str)}
         cmp = compare(runnable, x, rounds, iters)
         rows: dict[str, Any] = {}
@@ -284,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None, help="only these models (bert, vit_b_16, resnet50)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--shapes", nargs="+", default=None, help="only these shape labels (e.g. 64x128 b64)")
+    parser.add_argument(
+        "--calib-on-cpu",
+        action="store_true",
+        help="calibrate on the CPU and leave out fake-quant (no ModelOpt CUDA build)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -301,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_lowp] {case['model']} {case['shape']}", file=sys.stderr, flush=True)
         torch._dynamo.reset()
         rounds, iters = (3, 2) if args.smoke else (args.rounds, args.iters)
-        results.append(run_case(case, device, rounds, iters, args.formats))
+        results.append(run_case(case, device, rounds, iters, args.formats, args.calib_on_cpu))
         # Written after every case, so a run cut short by a time limit keeps what it measured.
         data = {"environment": env, "smoke": args.smoke, "formats": args.formats, "results": results}
         name = "bench_lowp_smoke" if args.smoke else "bench_lowp"
