@@ -161,6 +161,17 @@ def test_every_layer_exports_with_a_dynamic_batch(linear, mode):
         torch.testing.assert_close(program.module()(x), layer(x))
 
 
+def _compiled_code(model, x):
+    """Inductor's generated code for `model` on `x`, after checking the compiled output against eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-2, atol=1e-2)
+    return "\n".join(codes)
+
+
 class _GeluThenFp8(torch.nn.Module):
     def __init__(self, linear):
         super().__init__()
@@ -172,15 +183,7 @@ class _GeluThenFp8(torch.nn.Module):
 
 def test_inductor_fuses_the_quantize_into_the_op_before_it(linear):
     """The generated code has one kernel that computes GELU and writes FP8 codes: no separate quantize pass."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = _GeluThenFp8(linear).eval()
-    x = _x(rows=16, dtype=torch.float16)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(model), x)
-    torch.testing.assert_close(out, model(x), rtol=1e-2, atol=1e-2)
-    code = "\n".join(codes)
+    code = _compiled_code(_GeluThenFp8(linear).eval(), _x(rows=16, dtype=torch.float16))
     kernels = [line for line in code.splitlines() if "cpp_fused" in line and "def " not in line]
     fused = [k for k in kernels if "gelu" in k and ("clamp" in k or "_to_copy" in k)]
     assert fused, f"no kernel fuses gelu with the FP8 quantize: {kernels}"
@@ -212,15 +215,7 @@ class _GeluInt8Gelu(torch.nn.Module):
 
 def test_inductor_fuses_int8_quantize_before_and_rescale_after_the_gemm(linear):
     """Two kernels around ``_int_mm``: GELU + quantize before it, rescale + bias + GELU after it."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = _GeluInt8Gelu(linear).eval()
-    x = _x(rows=32, dtype=torch.float16)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(model), x)
-    torch.testing.assert_close(out, model(x), rtol=1e-2, atol=1e-2)
-    code = "\n".join(codes)
+    code = _compiled_code(_GeluInt8Gelu(linear).eval(), _x(rows=32, dtype=torch.float16))
     calls = [line.strip() for line in code.splitlines() if line.strip().startswith("cpp_fused") and "=" not in line]
     assert len(calls) == 2, calls
     before, after = calls
