@@ -15,14 +15,12 @@ from torchopt.backends import BACKENDS, BuildLog, BuildSettings, choose_backend,
 from torchopt.config import check_choice, check_type
 from torchopt.profile.comparison import compare_latency
 from torchopt.recipe import StepConfig, StepContext, register_step
-from torchopt.recipes.lowp import LOWP_CHOICES, apply_lowp, check_lowp_request
+from torchopt.recipes.lowp import AUTO_MIN_SPEEDUP, LOWP_CHOICES, apply_lowp, check_lowp_request
 
 __all__ = ["CompileConfig"]
 
-# On CPU, `auto` keeps a compiled backend only when the whole spread of its speedup over eager clears this
-# margin (eager is simpler, starts instantly and needs no recompiles): 5 % is above the run-to-run noise of
-# paired rounds on a quiet machine and below the gains worth a compile.
-AUTO_MIN_SPEEDUP = 1.05
+# On CPU, `auto` keeps a compiled backend only when the whole spread of its speedup over eager clears
+# AUTO_MIN_SPEEDUP (the margin every timed choice of the step uses; see torchopt.recipes.lowp).
 AUTO_ROUNDS, AUTO_ITERS, AUTO_WARMUP = 8, 3, 2
 
 
