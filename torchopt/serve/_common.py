@@ -94,6 +94,12 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
+def full_batch_ms(measured_ms: float, measured_batch: int, batch: int) -> float:
+    """A latency measured at `measured_batch` scaled to a batch of `batch`: linear in the batch, an upper bound
+    once the device is saturated; never scaled down (a smaller batch is rarely proportionally faster)."""
+    return measured_ms * max(1.0, batch / max(measured_batch, 1))
+
+
 def budget_wait_ms(budget_ms: float, batch_p99_ms: float) -> tuple[float, str]:
     """How long a batcher may hold a batch open for more requests and still meet `budget_ms`, and why.
 

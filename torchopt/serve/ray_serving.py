@@ -42,7 +42,7 @@ from torchopt.inputs import WHICH, InputSpec
 from torchopt.kernels import PreprocessConfig, preprocess
 from torchopt.runtime import map_tensors
 from torchopt.saving import read_meta
-from torchopt.serve._common import budget_wait_ms, split_output
+from torchopt.serve._common import budget_wait_ms, full_batch_ms, split_output
 
 __all__ = [
     "RayPredictor",
@@ -157,15 +157,14 @@ def derive_batch_wait_s(
     """The batch wait and why: with a budget, `budget_wait_ms` (the rule Triton's queue delay uses: budget minus
     two full batches' p99, the one in flight and the request's own); without one, the p50 of a full batch
     (waiting as long as a batch runs at most doubles a request's latency while letting batches form). A full
-    batch's latency is the measured one at the opt batch scaled by max/opt (linear in the batch: an upper bound
-    once the device is saturated)."""
+    batch's latency is the measured one at the opt batch scaled to the max (`full_batch_ms`, as the Triton export
+    scales it)."""
     if not latency_after:
         if latency_budget_ms is None:
             return DEFAULT_BATCH_WAIT_S, f"no latency measured in the artifact: Ray's default {DEFAULT_BATCH_WAIT_S} s"
         wait = latency_budget_ms / 2e3
         return wait, f"no latency measured in the artifact: half the {latency_budget_ms} ms budget"
-    scale = max_batch_size / max(opt_batch, 1)
-    p50, p99 = latency_after["p50_ms"] * scale, latency_after["p99_ms"] * scale
+    p50, p99 = (full_batch_ms(latency_after[k], opt_batch, max_batch_size) for k in ("p50_ms", "p99_ms"))
     measured = f"a batch of {max_batch_size} ≈ p50 {p50:.2f} ms, p99 {p99:.2f} ms (measured at batch {opt_batch})"
     if latency_budget_ms is None:
         wait = min(p50 / 1e3, MAX_DERIVED_WAIT_S)

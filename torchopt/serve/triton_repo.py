@@ -37,6 +37,7 @@ from torchopt.engine import OptimizedModule
 from torchopt.engine import load as load_optimized
 from torchopt.inputs import InputSpec
 from torchopt.kernels import PreprocessConfig
+from torchopt.serve._common import full_batch_ms
 from torchopt.serve.triton_config import (
     PLATFORMS,
     TensorSpec,
@@ -111,15 +112,13 @@ def _auto_batch_result(report: dict[str, Any]) -> dict[str, Any] | None:
 
 def _measured_latency_ms(report: dict[str, Any], auto: dict[str, Any] | None, mbs: int) -> float | None:
     """A full batch's p99 (ms), which the queue delay adds to: the batch finder's at its batch, else the optimized
-    module's p99 at the batch it was measured at; scaled by `mbs` / that batch (linear in the batch: an upper
-    bound once the device is saturated, as Ray Serve's plan scales it)."""
+    module's p99 at the batch it was measured at; scaled to `mbs` (`full_batch_ms`, as Ray Serve's plan scales it)."""
     if auto is not None:
-        return float(auto["latency_ms"]) * max(1.0, mbs / int(auto["size"]))
+        return full_batch_ms(float(auto["latency_ms"]), int(auto["size"]), mbs)
     after = report.get("latency_after")
     if not after:
         return None
-    measured_at = after.get("batch_size") or 1
-    return float(after.get("p99_ms") or after["p50_ms"]) * max(1.0, mbs / measured_at)
+    return full_batch_ms(float(after.get("p99_ms") or after["p50_ms"]), after.get("batch_size") or 1, mbs)
 
 
 def _output_specs(optimized: OptimizedModule, names: Sequence[str] | None) -> tuple[list[TensorSpec], str]:
