@@ -235,7 +235,10 @@ class DynamicBatcher:
         `close`.
         """
         key = _kind(item)
-        plan = self._plan(key, item)
+        return self._enqueue(item, key, self._plan(key, item), timeout)
+
+    def _enqueue(self, item: tuple, key: tuple, plan: _Plan, timeout: float | None) -> concurrent.futures.Future:
+        """`submit` once the item's kind and plan are known."""
         wait = self.config.submit_timeout if timeout is _UNSET else timeout
         if wait is not None:
             check_range("submit timeout", wait, low=0)
@@ -263,9 +266,11 @@ class DynamicBatcher:
         `max_delay_ms` wait (nobody is there to batch with); otherwise the item is queued as by `submit` and
         batched with the others. Errors and options as for `submit`; the model's own error is raised here.
         """
-        request = self._claim_idle(item)
+        key = _kind(item)
+        plan = self._plan(key, item)
+        request = self._claim_idle(item, key, plan)
         if request is None:
-            return self.submit(*item, timeout=timeout).result()
+            return self._enqueue(item, key, plan, timeout).result()
         request.future.set_running_or_notify_cancel()
         try:
             self._run([request])
@@ -276,11 +281,9 @@ class DynamicBatcher:
                     self._not_empty.notify()
         return request.future.result()
 
-    def _claim_idle(self, item: Sequence[torch.Tensor]) -> _Request | None:
+    def _claim_idle(self, item: tuple, key: tuple, plan: _Plan) -> _Request | None:
         """A request for `item` that the caller may run now (the batcher marked busy), or None when it is not
         idle."""
-        key = _kind(item)
-        plan = self._plan(key, item)
         with self._lock:
             self._raise_if_closed()
             if self._pending or self._busy:
@@ -288,7 +291,7 @@ class DynamicBatcher:
             self._busy = True
             self._stats.requests += 1
             self._stats.caller_runs += 1
-            return _Request(tuple(item), key, plan, concurrent.futures.Future(), self._clock())
+            return _Request(item, key, plan, concurrent.futures.Future(), self._clock())
 
     def _room_or_closed(self) -> bool:
         return len(self._pending) < self.config.max_queue or self._state != "open"
