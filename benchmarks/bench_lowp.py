@@ -263,6 +263,27 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def model_ceiling(result: dict[str, Any]) -> list[str]:
+    """Amdahl's bound for the whole model, from this run's medians: compiled fp16 with its Linear GEMM time swapped
+    for the bare low-precision chain's. The rest (attention, norms, activations) stays as fast as it is in fp16."""
+    base = result["variants"].get("compiled fp16", {}).get("latency")
+    lat = result["ceiling"]["latency"]
+    if not base or "fp16 mm" not in lat:
+        return []
+    gemm16, rest = lat["fp16 mm"]["p50_ms"], base["p50_ms"] - lat["fp16 mm"]["p50_ms"]
+    bounds = [
+        f"{name.split()[0]} {base['p50_ms'] / (rest + lat[name]['p50_ms']):.2f}x"
+        for name in ("fp8 _scaled_mm", "int8 _int_mm")
+        if name in lat
+    ]
+    return [
+        "",
+        f"Whole-model bound (an estimate from the medians above, not a measurement): compiled fp16 spends about"
+        f" {gemm16:.3f} of its {base['p50_ms']:.3f} ms in these GEMMs; with them at the bare low-precision time and"
+        f" the rest unchanged, the most a deployed model can gain is {', '.join(bounds)}.",
+    ]
+
+
 def markdown(results: list[dict[str, Any]], env: dict[str, Any], smoke: bool) -> str:
     head = ["# bench_lowp: real FP8 / INT8 without TensorRT", ""]
     if smoke:
@@ -289,6 +310,7 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], smoke: bool) ->
             sp = {n: _fmt_speedup(x) for n, x in c["speedup"].items()}
             figures = [f"{n} {lat['p50_ms']:.3f} ms ({sp.get(n, 'baseline')})" for n, lat in c["latency"].items()]
             lines += ["", "Ceiling (the model's Linear GEMM shapes as bare kernels): " + ", ".join(figures)]
+            lines += model_ceiling(r)
         lines.append("")
     return "\n".join(lines)
 
