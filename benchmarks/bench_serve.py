@@ -1,8 +1,11 @@
 """Serving side by side: per-request calls, the in-process `DynamicBatcher` and the real Triton server on the
 repository `export_triton` wrote, at concurrency 1, 8 and 64, in one run.
 
-    python benchmarks/bench_serve.py                          # CPU CNN; ~3-5 min on 2 cores; writes results/
+    python benchmarks/bench_serve.py                          # CPU CNN; ~2-5 min on 2 cores
+    python benchmarks/bench_serve.py --instances 2            # two server model instances (instance_group count)
     python benchmarks/bench_serve.py --device cuda            # ResNet-50 fp16 and a BERT-base-sized encoder
+
+Results: results/bench_serve_<device>[_instances<N>].{json,md}.
 
 Per workload the model is optimized with an `auto_batch` step (`find_optimal_batch` under `--latency-budget-ms`
 at p99, on the same model) and exported with that budget, so the Triton config is the one torchopt writes by
@@ -382,7 +385,12 @@ def bench_workload(name: str, args: argparse.Namespace, load: LoadMonitor) -> di
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="torchopt-bench-serve-") as work:
         export = export_triton(
-            fast, Path(work) / "repo", name=name, latency_budget_ms=args.latency_budget_ms, threads=args.threads
+            fast,
+            Path(work) / "repo",
+            name=name,
+            latency_budget_ms=args.latency_budget_ms,
+            threads=args.threads,
+            instance_count=args.instances,
         )
         print(
             f"[{name}] exported: max_batch_size {export.max_batch_size}, queue delay {export.queue_delay_us} µs",
@@ -569,7 +577,8 @@ def markdown(res: dict[str, Any]) -> str:
         f" {v['nvidia-pytriton']}) · tritonclient {v['tritonclient']} · {res['seconds']:.0f} s.",
         "",
         f"Median of {res['repeats']} closed-loop runs [min–max] per cell, >= {res['run_requests']} requests per run;"
-        f" torch threads {res['threads']} in-process and per server instance; batcher max_delay_ms"
+        f" torch threads {res['threads']} in-process and per server instance, {res.get('instances', 1)} server"
+        f" instance(s); batcher max_delay_ms"
         f" {res['batcher_delay_ms']:g}. 1-minute load average: {loads}. Runnable tasks of other processes"
         f" (sampled every second: the machine's running count minus this bench's threads and server; an"
         f" estimate): median {load['other_runnable_median']:g} on {env['cpu_count']} cores.",
@@ -598,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batcher-delay-ms", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in-process and per server instance")
+    ap.add_argument("--instances", type=int, default=1, help="server model instances (Triton instance_group count)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -615,12 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "run_requests": args.run_requests,
         "threads": args.threads,
+        "instances": args.instances,
         "batcher_delay_ms": args.batcher_delay_ms,
         "load": load.to_dict(),
         "seconds": time.perf_counter() - t0,
         "workloads": workloads,
     }
-    write_results(res, markdown(res), args.out, "bench_serve")
+    name = f"bench_serve_{args.device}" + (f"_instances{args.instances}" if args.instances > 1 else "")
+    write_results(res, markdown(res), args.out, name)
     return 0
 
 
