@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,10 @@ def one_round(trees: dict[str, Path], sites: dict[str, Path], out: Path, rnd: in
         run_bench(
             trees[name], sites[name], "bench_preprocess.py", ["--no-compile", "--out", str(folder)], folder, timeout
         )
+        started = time.time()
         run_bench(trees[name], sites[name], "bench_recipes.py", [], folder, timeout)
         for written in (trees[name] / "benchmarks" / "results").glob("recipes_*.*"):
-            if written.stat().st_mtime >= folder.stat().st_mtime:
+            if written.stat().st_mtime >= started:
                 shutil.move(written, folder / written.name)
         figures[name] = {**preprocess_figures(folder), **recipes_figures(folder)}
         print(f"[before_after] round {rnd} {name}: {len(figures[name])} figures", file=sys.stderr, flush=True)
