@@ -100,6 +100,28 @@ def test_what_cannot_run_in_low_precision_stays_in_float_with_its_reason():
         assert deployed(calib[0].half()).shape == (8, 20)
 
 
+class ConvStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.Sequential(*(torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(5)))
+        self.head = torch.nn.Linear(3, 10)  # 3x10: not multiples of 16
+
+    def forward(self, x):
+        return self.head(self.convs(x).mean((2, 3)))
+
+
+def test_a_model_with_no_runnable_layer_is_refused_with_one_line_per_reason():
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+    qmodel = tq.quantize(ConvStack().eval(), "fp8", calib_data=calib, progress=False)
+    with pytest.raises(ValueError, match="no layer of this model can run fp8") as err:
+        deploy(qmodel, "fp8")
+    message = str(err.value)
+    assert message.count("PyTorch has no FP8/INT8 kernel") == 1
+    assert "convs.0, convs.1, convs.2 and 2 more: Conv2d" in message
+    assert "head: in/out features 3x10 are not multiples of 16" in message
+
+
 def test_multihead_attention_out_proj_is_left_to_its_parent():
     class Attn(torch.nn.Module):
         def __init__(self):

@@ -230,6 +230,19 @@ def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def _grouped_reasons(float_layers: dict[str, str], shown: int = 3) -> str:
+    """Layer -> reason as one line per distinct reason, naming a few layers each (a ResNet has 53 convolutions
+    with the same reason)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in float_layers.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = []
+    for why, names in by_reason.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{', '.join(names[:shown])}{more}: {why}")
+    return "; ".join(parts)
+
+
 def deploy(qmodel: torch.nn.Module, mode: str, *, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """A copy of `qmodel` (calibrated by `torchopt.quantize.quantize`) whose quantized Linear layers run `mode`.
 
@@ -262,9 +275,7 @@ def deploy(qmodel: torch.nn.Module, mode: str, *, dtype: torch.dtype = torch.flo
         else:
             float_layers[name] = why
     if not layers:
-        raise ValueError(
-            f"no layer of this model can run {mode}: {'; '.join(f'{n}: {w}' for n, w in float_layers.items())}"
-        )
+        raise ValueError(f"no layer of this model can run {mode}: {_grouped_reasons(float_layers)}")
     model = float_copy(qmodel)
     pinned = {n: KEEP_PRECISIONS[k["precision"]] for n, k in record.kept.items() if KEEP_PRECISIONS[k["precision"]]}
     _cast_outside(model, dtype, pinned)
