@@ -8,6 +8,7 @@ import collections
 import concurrent.futures
 import queue
 import threading
+import types
 
 import pytest
 import torch
@@ -123,6 +124,38 @@ def test_a_blocking_call_on_an_idle_batcher_runs_in_the_callers_thread():
     assert torch.equal(out, torch.tensor([2.0, 4.0]))
     assert model.threads == [threading.current_thread().name]  # no hand-off, no 50 ms batching wait
     assert (stats.caller_runs, stats.requests, stats.completed, stats.batches) == (1, 1, 1, 1)
+
+
+class OnDevice(ThreadRecorder):
+    """A model that declares a device, as `torchopt.OptimizedModule` does (its ``runtime.device``)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.runtime = types.SimpleNamespace(device=torch.device(device))
+
+
+def test_a_model_on_a_gpu_runs_only_in_the_worker_thread():
+    # torch.compile's CUDA graphs are recorded per thread: caller threads would each record their own.
+    model = OnDevice("cuda")
+    with DynamicBatcher(model, max_batch=8, max_delay_ms=0) as batcher:
+        out = batcher(torch.tensor([1.0]))
+        stats = batcher.stats()
+    assert out.item() == 2.0 and model.threads == ["torchopt-batcher"] and stats.caller_runs == 0
+
+
+@pytest.mark.parametrize(("device", "caller_runs", "runs_in"), [("cpu", False, "worker"), ("cuda", True, "caller")])
+def test_caller_runs_overrides_the_device_rule(device, caller_runs, runs_in):
+    model = OnDevice(device)
+    with DynamicBatcher(model, max_batch=8, max_delay_ms=0, caller_runs=caller_runs) as batcher:
+        batcher(torch.tensor([1.0]))
+        stats = batcher.stats()
+    expected = "torchopt-batcher" if runs_in == "worker" else threading.current_thread().name
+    assert model.threads == [expected] and stats.caller_runs == (runs_in == "caller")
+
+
+def test_caller_runs_must_be_a_bool():
+    with pytest.raises(TypeError, match="BatcherConfig.caller_runs"):
+        DynamicBatcher(ThreadRecorder(), caller_runs="yes")
 
 
 def test_a_blocking_call_joins_the_queue_while_the_worker_runs_a_batch():

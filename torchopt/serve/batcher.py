@@ -25,10 +25,11 @@ Why each rule:
   raises `BatcherFull` (a `queue.Full`), so a burst slows its producers instead of growing memory.
 * `close` drains (runs everything queued) or cancels (queued futures raise ``CancelledError``); a batch already
   running always completes. `submit` after `close` raises `BatcherClosed`.
-* ``batcher(*tensors)`` is the blocking call: on an idle batcher (nothing queued, no model call running) the
-  caller runs its item itself, so at low load a request pays neither the hand-off to the worker nor
-  ``max_delay_ms`` (there is nobody to batch with); under load it queues like `submit`. The model is never
-  called by two threads at once.
+* ``batcher(*tensors)`` is the blocking call: for a model on the CPU, on an idle batcher (nothing queued, no
+  model call running) the caller runs its item itself, so at low load a request pays neither the hand-off to the
+  worker nor ``max_delay_ms`` (there is nobody to batch with); under load it queues like `submit`. A model on a
+  GPU runs in the worker thread only (``BatcherConfig.caller_runs`` says why). The model is never called by two
+  threads at once.
 
 The delay and the latency statistics read an injectable ``clock`` (default `time.perf_counter`); blocking
 timeouts (`submit_timeout`, `close(timeout=)`) are real seconds.
@@ -78,6 +79,11 @@ class BatcherConfig(ConfigBase):
         as long as it takes, 0 never waits.
     copy_outputs: give each request a copy of its output rows instead of a view of the batch output; needed
         when the model reuses its output buffers (CUDA graphs), and it lets the batch output be freed sooner.
+    caller_runs: whether ``batcher(x)`` on an idle batcher runs the item in the calling thread. None (auto): only
+        for a model on the CPU. A model on a GPU is only ever called from the worker thread: torch.compile's CUDA
+        graphs are recorded per thread (each thread warms up, records and keeps its own graphs and memory pool),
+        so caller threads would each pay that and hold that memory. True also does it on a GPU, for an
+        application with one long-lived caller thread.
     """
 
     max_batch: int | None = None
@@ -87,6 +93,7 @@ class BatcherConfig(ConfigBase):
     pad: str = "repeat"
     submit_timeout: float | None = None
     copy_outputs: bool = False
+    caller_runs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch is not None:
@@ -103,6 +110,8 @@ class BatcherConfig(ConfigBase):
         if self.submit_timeout is not None:
             check_range("BatcherConfig.submit_timeout", self.submit_timeout, low=0)
         check_type("BatcherConfig.copy_outputs", self.copy_outputs, bool)
+        if self.caller_runs is not None:
+            check_type("BatcherConfig.caller_runs", self.caller_runs, bool)
 
 
 def _check_buckets(buckets: Any) -> list[int] | str | None:
@@ -212,6 +221,7 @@ class DynamicBatcher:
         self.config = cfg
         self._delay_s = cfg.max_delay_ms / 1e3
         self._plans: dict[tuple, _Plan] = {}
+        self._model_on_gpu = _runs_on_gpu(fast)
 
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)  # the worker waits here for requests
@@ -262,13 +272,14 @@ class DynamicBatcher:
 
     def __call__(self, *item: torch.Tensor, timeout: float | None = _UNSET) -> Any:
         """The model's output for one item, blocking. When the batcher is idle (nothing queued, no model call
-        running) the calling thread runs the model itself, a batch of one with no hand-off to the worker and no
-        `max_delay_ms` wait (nobody is there to batch with); otherwise the item is queued as by `submit` and
-        batched with the others. Errors and options as for `submit`; the model's own error is raised here.
+        running) and `BatcherConfig.caller_runs` allows it (by default: a model on the CPU), the calling thread
+        runs the model itself, a batch of one with no hand-off to the worker and no `max_delay_ms` wait (nobody
+        is there to batch with); otherwise the item is queued as by `submit` and batched with the others. Errors
+        and options as for `submit`; the model's own error is raised here.
         """
         key = _kind(item)
         plan = self._plan(key, item)
-        if not self._claim_idle():
+        if not (self._caller_may_run(key) and self._claim_idle()):
             return self._enqueue(item, key, plan, timeout).result()
         # The caller's own batch of one, without the worker's Future and request record: this path is what a
         # lone client pays on top of a direct call.
@@ -281,6 +292,13 @@ class DynamicBatcher:
         finally:
             self._release_caller(rows, failed, start)
         return map_tensors(torch.Tensor.clone, result) if self.config.copy_outputs else result
+
+    def _caller_may_run(self, key: tuple) -> bool:
+        """`BatcherConfig.caller_runs`, with None resolved for this item kind: not when the model or the item is on
+        a GPU."""
+        if self.config.caller_runs is not None:
+            return self.config.caller_runs
+        return not self._model_on_gpu and all(device.type == "cpu" for _, _, device in key)
 
     def _claim_idle(self) -> bool:
         """Mark the batcher busy for a caller's own model call when it is idle (nothing queued, no call running)."""
@@ -498,6 +516,15 @@ class DynamicBatcher:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
+
+
+def _runs_on_gpu(fast: Any) -> bool:
+    """Whether `fast` declares a non-CPU device (`torchopt.OptimizedModule.runtime.device`, or an nn.Module's
+    parameters); a plain callable declares none."""
+    device = getattr(getattr(fast, "runtime", None), "device", None)
+    if device is None and isinstance(fast, torch.nn.Module):
+        device = next((p.device for p in fast.parameters()), None)
+    return device is not None and torch.device(device).type != "cpu"
 
 
 def _profiles_of(fast: Any) -> list[list[InputSpec]] | None:
