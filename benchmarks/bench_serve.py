@@ -226,31 +226,50 @@ class LoadMonitor:
         }
 
 
-def closed_loop(clients: int, requests: int, make_caller: Callable[[int], Callable[[], Any]]) -> dict[str, Any]:
-    """`clients` threads share `requests`, each calling its own caller (built in the thread) one call after
-    another; returns requests/s and every call's latency in seconds."""
-    per_client = max(1, requests // clients)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    barrier = threading.Barrier(clients + 1)
+def closed_loops(clients: int, runs: list[int], make_caller: Callable[[int], Callable[[], Any]]) -> list[dict]:
+    """`clients` threads, started once, each building its caller once, run one closed loop per entry of `runs`
+    (that many requests shared by the clients, every thread calling one call after another, all starting each
+    run together); per run, requests/s and every call's latency in seconds. The threads live across the runs as
+    an application's do: torch.compile's CUDA graphs are recorded per thread, so fresh threads per run would time
+    their recording. A client's error stops every run and is raised here."""
+    latencies: list[list[list[float]]] = [[[] for _ in range(clients)] for _ in runs]
+    start, end = threading.Barrier(clients + 1), threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
 
     def client(k: int) -> None:
-        call = make_caller(k)
-        barrier.wait()
-        for _ in range(per_client):
-            t0 = time.perf_counter()
-            call()
-            latencies[k].append(time.perf_counter() - t0)
+        try:
+            call = make_caller(k)
+            for r, n in enumerate(runs):
+                start.wait()
+                for _ in range(max(1, n // clients)):
+                    t0 = time.perf_counter()
+                    call()
+                    latencies[r][k].append(time.perf_counter() - t0)
+                end.wait()
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            errors.append(exc)
+            start.abort()
+            end.abort()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    flat = [v for lat in latencies for v in lat]
-    return {"requests_per_s": len(flat) / elapsed, "latencies_s": flat}
+    results = []
+    try:
+        for r in range(len(runs)):
+            start.wait()
+            t0 = time.perf_counter()
+            end.wait()
+            flat = [v for lat in latencies[r] for v in lat]
+            results.append({"requests_per_s": len(flat) / (time.perf_counter() - t0), "latencies_s": flat})
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"a client failed: {errors[0]!r}") from errors[0]
+    finally:
+        for t in threads:
+            t.join(timeout=60)
+    return results
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -313,10 +332,10 @@ def triton_callers(server: TritonServer, model: str, spec) -> Callable[[int], Ca
 
 
 def measure(make_caller, clients: int, requests: int, repeats: int) -> dict[str, Any]:
-    """`repeats` closed-loop runs after one short warm-up run; throughput and p50/p99 with their spread."""
+    """`repeats` closed-loop runs after one short warm-up run, by the same client threads; throughput and p50/p99
+    with their spread."""
     requests = max(requests, 8 * clients)  # every client sends at least 8 requests
-    closed_loop(clients, max(clients, requests // 10), make_caller)
-    runs = [closed_loop(clients, requests, make_caller) for _ in range(repeats)]
+    runs = closed_loops(clients, [max(clients, requests // 10)] + [requests] * repeats, make_caller)[1:]
     return {
         "concurrency": clients,
         "requests_per_run": requests,
