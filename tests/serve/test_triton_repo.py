@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import torchopt
 from torchopt.kernels import PreprocessConfig
 from torchopt.saving import DamagedSaveError
 from torchopt.serve.triton_config import TritonConfigError, parse_model_config
@@ -113,6 +114,17 @@ def test_missing_server_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServeExtraMissing, match=r"pip install 'torchopt-infer\[serve\]'.*nvidia-pytriton==0.7.0"):
         find_tritonserver()
+
+
+@pytest.mark.gpu
+def test_a_module_optimized_on_a_gpu_exports(saved_tiny, tmp_path):
+    # The output probe runs on the module's device (it once fed CPU tensors to a CUDA module).
+    model, _ = saved_tiny
+    spec = torchopt.InputSpec("x", min=(1, 3, 8, 8), opt=(4, 3, 8, 8), max=(16, 3, 8, 8))
+    fast = torchopt.optimize(model, "eager-fp32", inputs=[spec], device="cuda")
+    export = export_triton(fast, tmp_path / "repo", name="tiny")
+    proto = parse_model_config((tmp_path / "repo" / "tiny" / "config.pbtxt").read_text(), "tiny")
+    assert list(proto.output[0].dims) == [5] and export.max_batch_size == 16
 
 
 def test_one_python_backend_instance_on_each_of_two_gpus(saved_tiny, tmp_path):

@@ -124,8 +124,9 @@ def _measured_latency_ms(report: dict[str, Any], auto: dict[str, Any] | None, mb
 def _output_specs(optimized: OptimizedModule, names: Sequence[str] | None) -> tuple[list[TensorSpec], str]:
     """The model's outputs as Triton tensors (dims: -1 where two probe shapes disagree) and their structure."""
     profile = optimized.profiles[0]
-    low = [s.example("min", seed=0)[:1] for s in profile]
-    high = [s.example("max", seed=1)[: min(2, s.max[0])] for s in profile]
+    device = optimized.runtime.device
+    low = [s.example("min", device, seed=0)[:1] for s in profile]
+    high = [s.example("max", device, seed=1)[: min(2, s.max[0])] for s in profile]
     with torch.inference_mode():
         outs = [optimized.call_flat(*xs) for xs in (low, high)]
     if isinstance(outs[0], torch.Tensor):
