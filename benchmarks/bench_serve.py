@@ -3,7 +3,7 @@ repository `export_triton` wrote, at concurrency 1, 8 and 64, in one run.
 
     python benchmarks/bench_serve.py                          # CPU CNN; ~2-5 min on 2 cores
     python benchmarks/bench_serve.py --instances 2            # two server model instances (instance_group count)
-    python benchmarks/bench_serve.py --device cuda            # ResNet-50 fp16 and a BERT-base-sized encoder
+    python benchmarks/bench_serve.py --device cuda --client-procs 8   # ResNet-50 fp16, a BERT-base-sized encoder
 
 Results: results/bench_serve_<device>[_instances<N>].{json,md}.
 
@@ -18,7 +18,8 @@ sending one item after another (closed loop):
 - `batcher`: one `DynamicBatcher` (max batch = the export's, delay `--batcher-delay-ms`), called as the blocking
   ``batcher(x)`` (on an idle batcher the caller runs its item itself; under load it queues for a batch);
 - `triton`: the bundled `tritonserver` (Python backend) on the exported repository, through tritonclient gRPC,
-  one client per thread.
+  one client per thread; `--client-procs` spreads the threads over processes, so that one interpreter's GIL
+  (tritonclient serializes each tensor in Python) is not what a fast GPU server is measured by.
 
 Reported per mode and concurrency: requests/s and per-request p50/p99, each the median of `--repeats` runs with
 its min-max spread (a spread over 10 % of the median is labelled unstable). Alongside: the in-process
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _closed_loop import closed_loops, closed_loops_in_processes
 from _results import write_results
 
 import torchopt
@@ -226,52 +228,6 @@ class LoadMonitor:
         }
 
 
-def closed_loops(clients: int, runs: list[int], make_caller: Callable[[int], Callable[[], Any]]) -> list[dict]:
-    """`clients` threads, started once, each building its caller once, run one closed loop per entry of `runs`
-    (that many requests shared by the clients, every thread calling one call after another, all starting each
-    run together); per run, requests/s and every call's latency in seconds. The threads live across the runs as
-    an application's do: torch.compile's CUDA graphs are recorded per thread, so fresh threads per run would time
-    their recording. A client's error stops every run and is raised here."""
-    latencies: list[list[list[float]]] = [[[] for _ in range(clients)] for _ in runs]
-    start, end = threading.Barrier(clients + 1), threading.Barrier(clients + 1)
-    errors: list[BaseException] = []
-
-    def client(k: int) -> None:
-        try:
-            call = make_caller(k)
-            for r, n in enumerate(runs):
-                start.wait()
-                for _ in range(max(1, n // clients)):
-                    t0 = time.perf_counter()
-                    call()
-                    latencies[r][k].append(time.perf_counter() - t0)
-                end.wait()
-        except threading.BrokenBarrierError:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-            errors.append(exc)
-            start.abort()
-            end.abort()
-
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    results = []
-    try:
-        for r in range(len(runs)):
-            start.wait()
-            t0 = time.perf_counter()
-            end.wait()
-            flat = [v for lat in latencies[r] for v in lat]
-            results.append({"requests_per_s": len(flat) / (time.perf_counter() - t0), "latencies_s": flat})
-    except threading.BrokenBarrierError:
-        raise RuntimeError(f"a client failed: {errors[0]!r}") from errors[0]
-    finally:
-        for t in threads:
-            t.join(timeout=60)
-    return results
-
-
 def percentile_ms(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1e3
@@ -317,12 +273,14 @@ def batcher_callers(batcher: DynamicBatcher, spec, device: str) -> Callable[[int
     return make
 
 
-def triton_callers(server: TritonServer, model: str, spec) -> Callable[[int], Callable[[], Any]]:
+def triton_callers(grpc_url: str, model: str, spec) -> Callable[[int], Callable[[], Any]]:
+    """Callers through tritonclient gRPC, one client per thread; module-level with plain arguments, so that client
+    processes can build their own (`--client-procs`)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
     def make(k: int) -> Callable[[], Any]:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client = grpcclient.InferenceServerClient(grpc_url)
         arr = item(spec, k).numpy()
         inp = grpcclient.InferInput(spec.name, list(arr.shape), np_to_triton_dtype(arr.dtype))
         inp.set_data_from_numpy(arr)
@@ -331,11 +289,16 @@ def triton_callers(server: TritonServer, model: str, spec) -> Callable[[int], Ca
     return make
 
 
-def measure(make_caller, clients: int, requests: int, repeats: int) -> dict[str, Any]:
+def measure(make_caller, clients: int, requests: int, repeats: int, procs: int = 1) -> dict[str, Any]:
     """`repeats` closed-loop runs after one short warm-up run, by the same client threads; throughput and p50/p99
-    with their spread."""
+    with their spread. With `procs` > 1, `make_caller` is ``(factory, args)`` and the threads are spread over
+    that many processes."""
     requests = max(requests, 8 * clients)  # every client sends at least 8 requests
-    runs = closed_loops(clients, [max(clients, requests // 10)] + [requests] * repeats, make_caller)[1:]
+    plan = [max(clients, requests // 10)] + [requests] * repeats
+    if procs > 1:
+        runs = closed_loops_in_processes(min(procs, clients), clients, plan, *make_caller)[1:]
+    else:
+        runs = closed_loops(clients, plan, make_caller)[1:]
     return {
         "concurrency": clients,
         "requests_per_run": requests,
@@ -439,7 +402,15 @@ def bench_workload(name: str, args: argparse.Namespace, load: LoadMonitor) -> di
                 rows.append(
                     {
                         "mode": "triton",
-                        **measure(triton_callers(server, name, spec), clients, args.run_requests, args.repeats),
+                        **measure(
+                            (triton_callers, (server.grpc_url, name, spec))
+                            if args.client_procs > 1
+                            else triton_callers(server.grpc_url, name, spec),
+                            clients,
+                            args.run_requests,
+                            args.repeats,
+                            procs=args.client_procs,
+                        ),
                     }
                 )
             load.sample(f"{name}: served modes measured")
@@ -597,7 +568,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Median of {res['repeats']} closed-loop runs [min–max] per cell, >= {res['run_requests']} requests per run;"
         f" torch threads {res['threads']} in-process and per server instance, {res.get('instances', 1)} server"
-        f" instance(s); batcher max_delay_ms"
+        f" instance(s), Triton clients in {res.get('client_procs', 1)} process(es); batcher max_delay_ms"
         f" {res['batcher_delay_ms']:g}. 1-minute load average: {loads}. Runnable tasks of other processes"
         f" (sampled every second: the machine's running count minus this bench's threads and server; an"
         f" estimate): median {load['other_runnable_median']:g} on {env['cpu_count']} cores.",
@@ -627,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batcher-delay-ms", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in-process and per server instance")
     ap.add_argument("--instances", type=int, default=1, help="server model instances (Triton instance_group count)")
+    ap.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="processes the Triton clients' threads are spread over (one interpreter's GIL caps a Python client)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -645,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_requests": args.run_requests,
         "threads": args.threads,
         "instances": args.instances,
+        "client_procs": args.client_procs,
         "batcher_delay_ms": args.batcher_delay_ms,
         "load": load.to_dict(),
         "seconds": time.perf_counter() - t0,
