@@ -363,6 +363,8 @@ def bench_workload(name: str, args: argparse.Namespace, load: LoadMonitor) -> di
     eager = eager.to(args.device, getattr(torch, dtype))
     finder = finder_result(fast)
     in_process = in_process_at(fast, spec, finder["size"], args.device, args.repeats)
+    top = max(CONCURRENCY)  # a closed loop of `top` clients never queues more than `top` requests
+    in_process_top = in_process_at(fast, spec, top, args.device, args.repeats) if finder["size"] > top else None
     load.sample(f"{name}: optimized")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="torchopt-bench-serve-") as work:
@@ -433,6 +435,7 @@ def bench_workload(name: str, args: argparse.Namespace, load: LoadMonitor) -> di
         "tritonserver": server_version,
         "server_startup_s": startup_s,
         "in_process_at_optimal": in_process,
+        "in_process_at_concurrency": in_process_top,
         "rows": rows,
         "loss_check": loss,
     }
@@ -550,7 +553,21 @@ def latency_notes(w: dict[str, Any]) -> list[str]:
         f"- At concurrency 64 a closed loop keeps 64 requests in flight, so the mean latency is 64 / throughput"
         f" (Little's law): {64_000 / served64:.1f} ms at the measured {served64:,.0f} requests/s; a p99 within"
         f" {budget:g} ms there needs more than {64_000 / budget:,.0f} requests/s.",
+        *_reachable_note(w, served64),
         "",
+    ]
+
+
+def _reachable_note(w: dict[str, Any], served64: float) -> list[str]:
+    """When the finder's batch exceeds 64, what concurrency 64 can reach at most: in-process at batch 64."""
+    top = w.get("in_process_at_concurrency")
+    if not top:
+        return []
+    rate = top["items_per_s"]["median"]
+    return [
+        f"- The finder's batch ({w['finder']['size']}) is above 64, which 64 closed-loop clients can never queue:"
+        f" in-process at batch {top['batch']} is {_cell(top['items_per_s'], ',.0f')} items/s, and the served"
+        f" {served64:,.0f} requests/s at concurrency 64 are {100 * served64 / rate:.1f} % of that."
     ]
 
 
