@@ -3,7 +3,9 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 import torchopt
 from torchopt.kernels import PreprocessConfig
@@ -125,6 +127,21 @@ def test_a_module_optimized_on_a_gpu_exports(saved_tiny, tmp_path):
     export = export_triton(fast, tmp_path / "repo", name="tiny")
     proto = parse_model_config((tmp_path / "repo" / "tiny" / "config.pbtxt").read_text(), "tiny")
     assert list(proto.output[0].dims) == [5] and export.max_batch_size == 16
+
+
+def test_integer_inputs_warm_up_on_a_sample_from_their_value_range(tmp_path):
+    class Ids(torch.nn.Module):
+        def forward(self, ids):
+            return (ids * 2).float()
+
+    spec = torchopt.InputSpec("ids", dtype="int64", min=(1, 6), opt=(4, 6), max=(8, 6), value_range=(3, 9))
+    fast = torchopt.optimize(Ids().eval(), "eager-fp32", inputs=[spec], device="cpu")
+    export_triton(fast, tmp_path / "repo", name="ids")
+    proto = parse_model_config((tmp_path / "repo" / "ids" / "config.pbtxt").read_text(), "ids")
+    warm = proto.model_warmup[0].inputs["ids"]
+    assert warm.input_data_file == "input_0" and not warm.random_data
+    sample = np.frombuffer((tmp_path / "repo" / "ids" / "warmup" / "input_0").read_bytes(), dtype=np.int64)
+    assert sample.shape == (6,) and sample.min() >= 3 and sample.max() < 9
 
 
 def test_one_python_backend_instance_on_each_of_two_gpus(saved_tiny, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import torchopt
 from torchopt.kernels import PreprocessConfig, preprocess_ref
 from torchopt.serve.triton_repo import export_triton
 from torchopt.serve.triton_server import TritonServer, TritonServerError, smoke_test
@@ -139,3 +140,35 @@ def test_missing_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*artifact"):
         server.start()
     _assert_failed_start_left_only_its_log(server)
+
+
+class TokenEncoder(torch.nn.Module):
+    """Token ids -> the mean of their embeddings: any id outside [0, 50) raises IndexError."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, ids):
+        return self.embed(ids).mean(1)
+
+
+def test_token_id_model_loads_warms_up_and_serves(tmp_path):
+    # Triton's random warm-up data for an int64 input are ids out of the embedding's range; the failing warm-up
+    # crashed tritonserver 2.51 while loading (exit -11). The export writes a sample from the value range.
+    model = TokenEncoder().eval()
+    spec = torchopt.InputSpec("ids", dtype="int64", min=(1, 6), opt=(4, 6), max=(8, 6), value_range=(0, 50))
+    fast = torchopt.optimize(model, "eager-fp32", inputs=[spec], device="cpu")
+    export_triton(fast, tmp_path / "repo", name="tokens")
+    with TritonServer(tmp_path / "repo", exit_timeout_s=1) as server:
+        res = smoke_test(
+            server,
+            "tokens",
+            make_inputs=lambda i: {"ids": torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(i))},
+            reference=lambda inputs: {"output": model(inputs["ids"])},
+            requests=64,
+            concurrency=8,
+            **TOL,
+        )
+    assert res.answered == 64 and not res.mismatches

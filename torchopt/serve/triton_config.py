@@ -192,11 +192,14 @@ def model_config_text(
     preferred_batch_sizes: Sequence[int] = (),
     warmup_batch: int | None = None,
     warmup_inputs: Sequence[TensorSpec] = (),
+    warmup_files: dict[str, str] | None = None,
     parameters: dict[str, str] | None = None,
 ) -> str:
     """The config.pbtxt text of one model (not yet checked: see `parse_model_config` and `check_semantics`).
 
-    `warmup_inputs` carry the concrete dims (the profile's opt, without the batch) the warm-up request uses.
+    `warmup_inputs` carry the concrete dims (the profile's opt, without the batch) the warm-up request uses;
+    `warmup_files` maps an input name to the file in the model's ``warmup/`` folder holding its warm-up sample
+    (others get Triton's random data).
     """
     lines = [f"name: {_q(name)}"]
     if platform == "python":
@@ -233,9 +236,11 @@ def model_config_text(
         group.append(f"gpus: [ {', '.join(str(g) for g in config.gpus)} ]")
     lines.append("instance_group [ { " + " ".join(group) + " } ]")
     if warmup_batch is not None:
+        files = warmup_files or {}
         warm_inputs = " ".join(
             f"inputs {{ key: {_q(t.name)} value {{ data_type: {TRITON_DTYPES[t.dtype]}"
-            f" dims: [ {', '.join(str(d) for d in t.dims)} ] random_data: true }} }}"
+            f" dims: [ {', '.join(str(d) for d in t.dims)} ]"
+            f" {f'input_data_file: {_q(files[t.name])}' if t.name in files else 'random_data: true'} }} }}"
             for t in warmup_inputs
         )
         lines.append(f'model_warmup [ {{ name: "batch_{warmup_batch}" batch_size: {warmup_batch} {warm_inputs} }} ]')

@@ -81,6 +81,7 @@ class _Model:
     name: str
     config: str
     version_files: dict[str, Path | str]  # name in <name>/1/ → a file or folder to copy, or text to write
+    warmup_files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name in <name>/warmup/ → bytes
 
 
 def _load_source(source: Any) -> tuple[OptimizedModule, Path | None]:
@@ -386,6 +387,7 @@ def export_triton(
     outputs, _ = _output_specs(optimized, output_names)
     warm = min(opt, mbs)
     warm_inputs = [TensorSpec(s.name, s.dtype, tuple(s.opt[1:])) for s in profiles[0]]
+    warm_data = _warmup_samples(profiles[0]) if config.warmup else {}
     parameters = {"threads": str(config.threads)}
     if platform == "python":
         parameters.update(torchopt_role="model", artifact=ARTIFACT_DIR)
@@ -401,6 +403,7 @@ def export_triton(
         preferred_batch_sizes=preferred or (),
         warmup_batch=warm if config.warmup else None,
         warmup_inputs=warm_inputs,
+        warmup_files={name: file_name for name, (file_name, _) in warm_data.items()},
         parameters=parameters,
     )
     text = _checked(text, f"{name}/config.pbtxt", inputs, (lo, hi), platform)
@@ -409,7 +412,7 @@ def export_triton(
         version_files[ARTIFACT_DIR] = saved_path if saved_path is not None else optimized
     else:
         version_files = {PLATFORM_FILES[platform]: _platform_artifact(platform, artifact)}
-    models = [_Model(name, text, version_files)]
+    models = [_Model(name, text, version_files, dict(warm_data.values()))]
     export = TritonExport(repo, name, platform, mbs, delay, delay_reason)
     if preprocess is not None:
         models += _preprocess_models(name, profiles[0][0], preprocess, frame_size, mbs, config, kind, outputs)
@@ -424,6 +427,18 @@ def export_triton(
     return export
 
 
+def _warmup_samples(profile: list[InputSpec]) -> dict[str, tuple[str, bytes]]:
+    """Input name -> (file name, raw bytes of one sample at the profile's opt) for the integer and bool inputs.
+    Triton's random_data fills them with any value of the type, and token ids out of an embedding's range make
+    the warm-up request fail, which crashed tritonserver 2.51 while it loaded the model (exit -11). The sample
+    comes from the input's value_range, like every example input torchopt makes."""
+    return {
+        s.name: (f"input_{i}", s.example("opt", seed=0)[0].contiguous().numpy().tobytes())
+        for i, s in enumerate(profile)
+        if not s.torch_dtype.is_floating_point
+    }
+
+
 def _write(repo: Path, models: list[_Model], overwrite: bool, export: TritonExport) -> None:
     """Write every model folder into a staging folder first, then move them into place (nothing half-written)."""
     existing = [m.name for m in models if (repo / m.name).exists()]
@@ -436,6 +451,9 @@ def _write(repo: Path, models: list[_Model], overwrite: bool, export: TritonExpo
             version = staging / model.name / "1"
             version.mkdir(parents=True)
             (staging / model.name / "config.pbtxt").write_text(model.config)
+            for file_name, data in model.warmup_files.items():
+                (staging / model.name / "warmup").mkdir(exist_ok=True)
+                (staging / model.name / "warmup" / file_name).write_bytes(data)
             for file_name, content in model.version_files.items():
                 target = version / file_name
                 if isinstance(content, OptimizedModule):
