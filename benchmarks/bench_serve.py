@@ -119,8 +119,17 @@ def bert_base_fp16() -> tuple[torch.nn.Module, torchopt.InputSpec, str]:
     return BertBaseEncoder().eval(), spec, "float16"
 
 
+def encoder_cpu() -> tuple[torch.nn.Module, torchopt.InputSpec, str]:
+    """The encoder at 2 layers, 192 wide (12 heads), 32 tokens: the CPU stand-in for the BERT workload (token-id inputs)."""
+    torch.manual_seed(0)
+    spec = torchopt.InputSpec("input_ids", dtype="int64", min=(1, 32), opt=(8, 32), max=(64, 32), value_range=(0, 1000))
+    model = BertBaseEncoder(vocab=1000, hidden=192, layers=2, seq=32)
+    return model.eval(), spec, "float32"
+
+
 WORKLOADS: dict[str, Callable[[], tuple[torch.nn.Module, torchopt.InputSpec, str]]] = {
     "cnn_cpu": cnn_cpu,
+    "encoder_cpu": encoder_cpu,
     "resnet50_fp16": resnet50_fp16,
     "bert_base_fp16": bert_base_fp16,
 }
