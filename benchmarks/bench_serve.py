@@ -120,7 +120,8 @@ def bert_base_fp16() -> tuple[torch.nn.Module, torchopt.InputSpec, str]:
 
 
 def encoder_cpu() -> tuple[torch.nn.Module, torchopt.InputSpec, str]:
-    """The encoder at 2 layers, 192 wide (12 heads), 32 tokens: the CPU stand-in for the BERT workload (token-id inputs)."""
+    """The encoder at 2 layers, 192 wide (12 heads), 32 tokens: the CPU stand-in for the BERT workload (token-id
+    inputs)."""
     torch.manual_seed(0)
     spec = torchopt.InputSpec("input_ids", dtype="int64", min=(1, 32), opt=(8, 32), max=(64, 32), value_range=(0, 1000))
     model = BertBaseEncoder(vocab=1000, hidden=192, layers=2, seq=32)
