@@ -316,13 +316,9 @@ class DynamicBatcher:
         again."""
         self._latency.add(self._clock() - start)
         with self._lock:
-            s = self._stats
-            s.batches += 1
-            s.batch_sizes[1] = s.batch_sizes.get(1, 0) + 1
-            s.run_sizes[rows] = s.run_sizes.get(rows, 0) + 1
-            s.padded_rows += rows - 1
-            s.failed += failed
-            s.completed += not failed
+            _count_batch(self._stats, 1, rows)
+            self._stats.failed += failed
+            self._stats.completed += not failed
             self._busy = False
             if self._pending:  # requests queued meanwhile; waking the worker for nothing costs a GIL hand-off
                 self._not_empty.notify()
@@ -421,11 +417,7 @@ class DynamicBatcher:
         n = len(requests)
         args = [self._stack([r.args[j] for r in requests], rows) for j in range(len(requests[0].args))]
         with self._lock:
-            s = self._stats
-            s.batches += 1
-            s.batch_sizes[n] = s.batch_sizes.get(n, 0) + 1
-            s.run_sizes[rows] = s.run_sizes.get(rows, 0) + 1
-            s.padded_rows += rows - n
+            _count_batch(self._stats, n, rows)
         with torch.no_grad():
             return self._fast(*args)
 
@@ -516,6 +508,14 @@ class DynamicBatcher:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
+
+
+def _count_batch(stats: BatcherStats, n: int, rows: int) -> None:
+    """Count one model call of `n` items run as `rows` rows (the caller holds the batcher's lock)."""
+    stats.batches += 1
+    stats.batch_sizes[n] = stats.batch_sizes.get(n, 0) + 1
+    stats.run_sizes[rows] = stats.run_sizes.get(rows, 0) + 1
+    stats.padded_rows += rows - n
 
 
 def _runs_on_gpu(fast: Any) -> bool:
