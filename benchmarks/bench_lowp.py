@@ -9,14 +9,16 @@ Per model and shape (random weights, seeded; no pretrained weights can be downlo
     compiled fp16       torch.compile of it: the baseline every ratio is against
     fake-quant          ModelOpt's Q/DQ simulation (fp8 and int8 calibrated), eager: what users got before
     fp8 / fp8_rowwise   `torchopt.quantize.deploy` of the FP8-calibrated model, compiled
+    fp8 fast-accum      the deployed fp8 model with Hopper's FP8 fast accumulation in its GEMMs (`use_fast_accum`)
     int8 / int8_wo      the same from the INT8-calibrated model (W8A8 `_int_mm`, weight-only int8)
     int4_weight_only    from the INT4-AWQ-calibrated model (tinygemm `_weight_int4pack_mm`)
 
 with latency p50/p99 (`torchopt.profile.compare_latency`: warm-up, then call-by-call alternating rounds, so that
 clocks and load hit every variant alike), throughput, the speedup over compiled fp16 as the median of per-round
 ratios with the middle-80 % spread, weight bytes, peak memory of a call, and cosine / SQNR against the float32
-model. The ceiling: a bare chain of the model's GEMM shapes through `torch._scaled_mm` / `torch._int_mm` against
-the same chain in fp16 `torch.mm`: what low precision can give those shapes on this GPU at most.
+model. The ceiling: a bare chain of the model's GEMM shapes through `torch._scaled_mm` (with and without fast
+accumulation) / `torch._int_mm` against the same chain in fp16 `torch.mm`: what low precision can give those
+shapes on this GPU at most.
 
 Models: ViT-B/16 (torchvision; its attention projections are `nn.MultiheadAttention`, whose packed in_proj is not
 a Linear, so only the MLP and head run in low precision) at batch 1 and 64; a BERT-base-sized encoder (12 layers,
@@ -42,9 +44,11 @@ from torchopt.accuracy import compare_outputs
 from torchopt.environment import environment
 from torchopt.profile.comparison import LatencyComparison, Speedup, compare_latency
 from torchopt.quantize.deployment import lowp_unsupported, weight_bytes
+from torchopt.quantize.lowp_linear import Fp8Linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("fp8", "int8", "int4_awq")  # the calibrations whose deployed modes are timed
+FAST_ACCUM = "fp8 fast-accum"  # the fp8 variant with Hopper's fast accumulation in its GEMMs
 LAUNCH_BOUND_US = 20.0  # a bare GEMM below this may take no longer than its launch on the host (~5-10 µs each)
 GOALS = {("bert", "64x128", "fp8"): 1.3, ("vit_b_16", "b64", "fp8"): 1.2}  # issue 15's speedups over compiled fp16
 
@@ -170,10 +174,22 @@ def variants(
                 continue
             try:
                 deployed = tq.deploy(qmodel, mode).to(x.device)
-                out[mode] = AsDtype(compile_like_torchopt(deployed, x.device), torch.float16)
             except ValueError as exc:  # e.g. no Linear of the model can run it
                 out[mode] = str(exc)
+                continue
+            out[mode] = AsDtype(compile_like_torchopt(deployed, x.device), torch.float16)
+            if mode == "fp8":
+                out[FAST_ACCUM] = AsDtype(compile_like_torchopt(with_fast_accum(deployed), x.device), torch.float16)
     return out
+
+
+def with_fast_accum(deployed: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a deployed FP8 model whose GEMMs use Hopper's fast accumulation (`Fp8Linear.fast_accum`)."""
+    fast = copy.deepcopy(deployed)
+    for layer in fast.modules():
+        if isinstance(layer, Fp8Linear):
+            layer.fast_accum = True
+    return fast
 
 
 def _gemm_rows(case: dict[str, Any]) -> int:
@@ -206,6 +222,10 @@ def ceiling(shapes: list[tuple[int, int, int]], device: torch.device, rounds: in
         "fp16 mm": lambda _: [torch.mm(a, b.t()) for a, b in zip(a16, b16, strict=True)],
         "fp8 _scaled_mm": lambda _: [
             torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.float16) for a, b in zip(a8, b8, strict=True)
+        ],
+        "fp8 _scaled_mm fast-accum": lambda _: [
+            torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.float16, use_fast_accum=True)
+            for a, b in zip(a8, b8, strict=True)
         ],
         "int8 _int_mm": lambda _: [torch._int_mm(a, b.t()) for a, b in zip(ai, bi, strict=True)],
     }
@@ -280,10 +300,11 @@ def model_ceiling(result: dict[str, Any]) -> list[str]:
             f" than the whole compiled model ({base['p50_ms']:.3f} ms, one CUDA graph), so at this size the chains"
             " time launches, not GEMMs.",
         ]
+    chains = {"fp8": "fp8 _scaled_mm", FAST_ACCUM: "fp8 _scaled_mm fast-accum", "int8": "int8 _int_mm"}
     bounds = [
-        f"{name.split()[0]} {base['p50_ms'] / (rest + lat[name]['p50_ms']):.2f}x"
-        for name in ("fp8 _scaled_mm", "int8 _int_mm")
-        if name in lat
+        f"{variant} {base['p50_ms'] / (rest + lat[chain]['p50_ms']):.2f}x"
+        for variant, chain in chains.items()
+        if chain in lat
     ]
     per_gemm_us = 1e3 * gemm16 / result["ceiling"]["gemms"]
     launch_note = (

@@ -639,9 +639,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     env = environment()  # the date is the run's start
     t0 = time.perf_counter()
+    workloads: list[dict[str, Any]] = []
+    stem = f"bench_serve_{args.device}" + (f"_instances{args.instances}" if args.instances > 1 else "")
+
+    def save() -> None:
+        res = run_record(args, env, load, time.perf_counter() - t0, workloads)
+        write_results(res, markdown(res), args.out, stem)
+
     with LoadMonitor() as load:
-        workloads = [bench_workload(name, args, load) for name in args.workloads or DEFAULT_WORKLOADS[args.device]]
-    res = {
+        for workload in args.workloads or DEFAULT_WORKLOADS[args.device]:
+            workloads.append(bench_workload(workload, args, load))
+            save()  # after every workload, so a run cut short by a time limit keeps what it measured
+    save()  # with the load monitor's end sample
+    return 0
+
+
+def run_record(args: argparse.Namespace, env, load, seconds: float, workloads: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "environment": env,
         "versions": versions(),
         "device": args.device,
@@ -652,12 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         "client_procs": args.client_procs,
         "batcher_delay_ms": args.batcher_delay_ms,
         "load": load.to_dict(),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "workloads": workloads,
     }
-    name = f"bench_serve_{args.device}" + (f"_instances{args.instances}" if args.instances > 1 else "")
-    write_results(res, markdown(res), args.out, name)
-    return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,45 @@ def test_fp8_layer_is_the_gemm_of_its_codes(linear):
     assert layer(x).dtype == torch.bfloat16
 
 
+def _scaled_mm_calls(layer, x):
+    """The exported graph's `_scaled_mm` calls, each as {argument: value} with the schema's defaults filled in,
+    and the targets of all its calls."""
+    graph = torch.export.export(layer, (x,)).graph
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    gemms = [n for n in calls if n.target == torch.ops.aten._scaled_mm.default]
+    schema = torch.ops.aten._scaled_mm.default._schema.arguments
+    named = [{a.name: n.args[i] if i < len(n.args) else a.default_value for i, a in enumerate(schema)} for n in gemms]
+    return named, [n.target for n in calls]
+
+
+def _fp8(linear, bias_dtype):
+    return Fp8Linear(linear.weight, linear.bias.to(bias_dtype), _w_amax(linear, False), torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_bias_of_a_16_bit_output_is_added_by_the_gemm(linear, dtype):
+    """No add after the GEMM: the bias goes to `_scaled_mm`'s epilogue, and the sum is the same."""
+    layer, x = _fp8(linear, dtype), _x(dtype=dtype)
+    (gemm,), targets = _scaled_mm_calls(layer, x)
+    assert gemm["bias"] is not None and torch.ops.aten.add.Tensor not in targets
+    unbiased = Fp8Linear(linear.weight, None, _w_amax(linear, False), torch.tensor(3.0))
+    torch.testing.assert_close(layer(x), unbiased(x) + linear.bias.to(dtype), rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_bias_of_a_float32_output_is_added_after_the_gemm(linear):
+    """CUDA's `_scaled_mm` refuses a bias with a float32 output, so the layer adds it itself."""
+    (gemm,), targets = _scaled_mm_calls(_fp8(linear, torch.float32), _x(dtype=torch.float32))
+    assert gemm["bias"] is None and torch.ops.aten.add.Tensor in targets
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp8_fast_accum_reaches_the_gemm(linear, fast):
+    layer = _fp8(linear, torch.float16)
+    layer.fast_accum = fast
+    (gemm,), _ = _scaled_mm_calls(layer, _x(dtype=torch.float16))
+    assert gemm["use_fast_accum"] is fast
+
+
 def test_fp8_input_above_its_amax_saturates_instead_of_nan():
     codes = quant_fp8(torch.tensor([1e6, -1e6, 1.0]), torch.tensor(1.0))
     assert codes.float().tolist() == [FP8_MAX, -FP8_MAX, 1.0]

@@ -44,6 +44,8 @@ INT8_MAX = 127.0
 INT4_MAX = 7.0
 # torch._int_mm on CUDA takes more than 16 rows; smaller calls are padded up to this many.
 INT_MM_MIN_ROWS = 17
+# The output dtypes whose bias `torch._scaled_mm` adds itself on CUDA.
+EPILOGUE_BIAS_DTYPES = (torch.float16, torch.bfloat16)
 # The smallest positive scale: an all-zero row or channel would otherwise divide by zero.
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -68,8 +70,8 @@ class LowpLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         return x2 if self.pre_scale is None else x2 * self.pre_scale.to(x2.dtype)
 
-    def _unflat(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
+    def _unflat(self, out: torch.Tensor, x: torch.Tensor, *, add_bias: bool = True) -> torch.Tensor:
+        if add_bias and self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -82,9 +84,17 @@ class LowpLinear(torch.nn.Module):
 
 
 class Fp8Linear(LowpLinear):
-    """y = x W^T + b with x and W in E4M3 under calibrated per-tensor scales (``torch._scaled_mm``)."""
+    """y = x W^T + b with x and W in E4M3 under calibrated per-tensor scales (``torch._scaled_mm``).
+
+    With a 16-bit output the bias is added in the GEMM's epilogue: added afterwards it costs a pass over the output,
+    and where the output is reshaped into attention heads that pass is a kernel of its own, one per q/k/v
+    projection. CUDA takes no bias with a float32 output.
+    ``fast_accum`` selects Hopper's FP8 fast accumulation (`use_fast_accum`), which skips the periodic promotion of
+    the tensor cores' partial sums to full float32: faster, slightly less exact; bench_lowp times both.
+    """
 
     mode = "fp8"
+    fast_accum = False
 
     def __init__(self, weight, bias, weight_amax, input_amax, pre_scale=None):
         super().__init__(weight.shape[1], weight.shape[0], bias, pre_scale)
@@ -95,8 +105,17 @@ class Fp8Linear(LowpLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = quant_fp8(self._flat(x), self.input_scale)
-        out = torch._scaled_mm(xq, self.weight.t(), self.input_scale, self.weight_scale, out_dtype=x.dtype)
-        return self._unflat(out, x)
+        in_epilogue = self.bias is not None and x.dtype in EPILOGUE_BIAS_DTYPES
+        out = torch._scaled_mm(
+            xq,
+            self.weight.t(),
+            self.input_scale,
+            self.weight_scale,
+            bias=self.bias.to(x.dtype) if in_epilogue else None,
+            out_dtype=x.dtype,
+            use_fast_accum=self.fast_accum,
+        )
+        return self._unflat(out, x, add_bias=not in_epilogue)
 
 
 class Fp8RowwiseLinear(LowpLinear):
