@@ -141,7 +141,7 @@ def compile_like_torchopt(module: torch.nn.Module, device: torch.device) -> torc
     return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
-def _quantized(model: torch.nn.Module, x: torch.Tensor, fmt: str, calib_on_cpu: bool) -> torch.nn.Module:
+def quantized(model: torch.nn.Module, x: torch.Tensor, fmt: str, calib_on_cpu: bool) -> torch.nn.Module:
     """The model calibrated for `fmt`; with `calib_on_cpu`, on a CPU copy (no ModelOpt CUDA extension to build: ~70 s
     per format on a fresh GPU machine), the amax values are the same computation."""
     calib = [x + 0.1 * torch.randn_like(x) for _ in range(4)]
@@ -161,7 +161,7 @@ def variants(
         "eager fp16": AsDtype(fp16, torch.float16),
     }
     for fmt in formats:
-        qmodel = _quantized(model, x, fmt, calib_on_cpu)
+        qmodel = quantized(model, x, fmt, calib_on_cpu)
         if not calib_on_cpu:
             out[f"fake-quant {fmt}"] = AsDtype(qmodel, torch.float32)  # eager, as the recipes ran it
         for mode in tq.FORMATS[fmt].lowp_modes:

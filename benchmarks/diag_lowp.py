@@ -1,6 +1,9 @@
 """Why a deployed FP8 / INT8 encoder is not faster than fp16 (issue 15): each variant alone (one compiled instance
 per dynamo cache), eager and compiled, CUDA-event medians, the graphs dynamo built, and the top CUDA kernels of the
-compiled FP8 model (torch.profiler). Run on a GPU: python benchmarks/diag_lowp.py [--modes fp8 int8 ...]."""
+compiled fp16 model and of each deployed one (torch.profiler), to set kernel against kernel. Run on a GPU:
+
+    python benchmarks/diag_lowp.py --modes fp8 "fp8 fast-accum" --calib-on-cpu
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import copy
 import statistics
 
 import torch
-from bench_lowp import Encoder
+from bench_lowp import FAST_ACCUM, Encoder, quantized, with_fast_accum
 from torch._dynamo.utils import counters
 
 import torchopt.quantize as tq
@@ -37,7 +40,8 @@ def compiled_ms(module, x, mode="default"):
     return ms, f"{int(counters['stats']['unique_graphs'])} graphs, graph breaks {breaks or 'none'}"
 
 
-def top_kernels(module, x, n=12):
+def top_kernels(module, x, n=16):
+    """The CUDA kernels of 5 compiled calls (no CUDA graphs: each kernel is seen), the most time first."""
     compiled = torch.compile(module)
     for _ in range(3):
         compiled(x)
@@ -48,23 +52,32 @@ def top_kernels(module, x, n=12):
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=70)
 
 
+def deployed_variant(model, x, mode, calib_on_cpu):
+    """The deployed model of `mode`, or of fp8 with fast accumulation for bench_lowp's "fp8 fast-accum"."""
+    base = "fp8" if mode == FAST_ACCUM else mode
+    fmt = "fp8" if base.startswith("fp8") else "int8"
+    deployed = tq.deploy(quantized(model, x, fmt, calib_on_cpu), base).to(x.device)
+    return with_fast_accum(deployed) if mode == FAST_ACCUM else deployed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", nargs="+", default=["fp8", "int8"])
+    parser.add_argument("--modes", nargs="+", default=["fp8", "int8"], help=f"deploy modes, or {FAST_ACCUM!r}")
+    parser.add_argument("--calib-on-cpu", action="store_true", help="as bench_lowp's: no ModelOpt CUDA extension")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = Encoder().eval().cuda()
     x = torch.randn(64, 128, 768, device="cuda")
-    calib = [x + 0.1 * torch.randn_like(x) for _ in range(4)]
     fp16 = copy.deepcopy(model).half()
     with torch.no_grad():
         print(f"fp16 eager {median_ms(fp16, x.half()):.3f} ms")
         ms, graphs = compiled_ms(fp16, x.half())
         print(f"fp16 compiled {ms:.3f} ms, {graphs}")
         print(f"fp16 compiled with CUDA graphs {compiled_ms(fp16, x.half(), 'reduce-overhead')[0]:.3f} ms")
+        torch._dynamo.reset()
+        print(top_kernels(fp16, x.half()))
         for mode in args.modes:
-            fmt = "fp8" if mode.startswith("fp8") else "int8"
-            deployed = tq.deploy(tq.quantize(copy.deepcopy(model), fmt, calib_data=calib, progress=False), mode)
+            deployed = deployed_variant(model, x, mode, args.calib_on_cpu)
             print(f"{mode} eager {median_ms(deployed, x.half()):.3f} ms")
             ms, graphs = compiled_ms(deployed, x.half())
             print(f"{mode} compiled {ms:.3f} ms, {graphs}")
