@@ -20,8 +20,9 @@ model. The ceiling: a bare chain of the model's GEMM shapes through `torch._scal
 accumulation) / `torch._int_mm` against the same chain in fp16 `torch.mm`: what low precision can give those
 shapes on this GPU at most.
 
-Models: ViT-B/16 (torchvision; its attention projections are `nn.MultiheadAttention`, whose packed in_proj is not
-a Linear, so only the MLP and head run in low precision) at batch 1 and 64; a BERT-base-sized encoder (12 layers,
+Models: ViT-B/16 (torchvision; the quantize step rewrites its `nn.MultiheadAttention` with explicit in_proj /
+out_proj Linear modules, `torchopt.quantize.attention`, so its attention projections run in low precision with
+its MLP and head) at batch 1 and 64; a BERT-base-sized encoder (12 layers,
 768 wide, explicit q/k/v/o Linear layers) at 64x128 and 1x128; ResNet-50 at batch 32 (convolutions have no FP8
 kernel in PyTorch: shows where it does not pay). Results: benchmarks/results/bench_lowp.{json,md}.
 """
@@ -203,7 +204,15 @@ def _gemm_rows(case: dict[str, Any]) -> int:
 
 
 def _gemm_shapes(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int]]:
-    return [(rows, m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """The float model's Linear GEMMs, with each nn.MultiheadAttention's packed q/k/v projection (a bare
+    parameter there, a Linear once the quantize step has rewritten it)."""
+    shapes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes.append((rows, m.in_features, m.out_features))
+        elif isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None:
+            shapes.append((rows, m.embed_dim, 3 * m.embed_dim))
+    return shapes
 
 
 def ceiling(shapes: list[tuple[int, int, int]], device: torch.device, rounds: int) -> dict[str, Any]:

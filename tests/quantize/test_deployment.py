@@ -122,20 +122,38 @@ def test_a_model_with_no_runnable_layer_is_refused_with_one_line_per_reason():
     assert "head: in/out features 3x10 are not multiples of 16" in message
 
 
-def test_multihead_attention_out_proj_is_left_to_its_parent():
-    class Attn(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
-            self.fc = torch.nn.Linear(64, 64)
+class _Attn(torch.nn.Module):
+    def __init__(self, **mha):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True, **mha)
+        self.fc = torch.nn.Linear(64, 64)
 
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
 
+
+def _attn_calib():
     g = torch.Generator().manual_seed(0)
-    calib = [torch.randn(2, 8, 64, generator=g) for _ in range(2)]
+    return [torch.randn(2, 8, 64, generator=g) for _ in range(2)]
+
+
+def test_multihead_attention_projections_run_in_fp8():
+    """The quantize step rewrote the attention (torchopt.quantize.attention): both projections are deployed."""
+    calib = _attn_calib()
     torch.manual_seed(0)
-    qmodel = tq.quantize(Attn().eval(), "fp8", calib_data=calib, progress=False)
+    model = _Attn().eval()
+    qmodel = tq.quantize(copy.deepcopy(model), "fp8", calib_data=calib, progress=False)
+    deployed = deploy(qmodel, "fp8", dtype=torch.bfloat16)
+    assert all(isinstance(m, Fp8Linear) for m in (deployed.fc, deployed.attn.in_proj, deployed.attn.out_proj))
+    assert not getattr(deployed, DEPLOY_ATTR).float_layers
+    with torch.no_grad():
+        assert _cosine(deployed(calib[0].bfloat16()).float(), model(calib[0])) > 0.99
+
+
+def test_an_attention_left_as_multihead_attention_keeps_its_out_proj_in_float():
+    calib = _attn_calib()
+    torch.manual_seed(0)
+    qmodel = tq.quantize(_Attn(add_bias_kv=True).eval(), "fp8", calib_data=calib, progress=False)
     deployed = deploy(qmodel, "fp8", dtype=torch.bfloat16)
     assert isinstance(deployed.fc, Fp8Linear)
     assert type(deployed.attn.out_proj) is not Fp8Linear

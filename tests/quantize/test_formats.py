@@ -196,8 +196,8 @@ def test_formats_on_cuda(block, block_data, limits, fmt):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_torch_transformer_encoder_fast_path_and_bypassed_quantizers(batch_first):
     """nn.TransformerEncoderLayer's fused eval fast path would skip every quantizer (the 'quantized' model
-    equals the float one); quantize turns it off per layer. MultiheadAttention's out_proj is never called as a
-    module (F.multi_head_attention_forward uses its weight), which the summary reports as bypassed."""
+    equals the float one); quantize turns it off per layer. Its MultiheadAttention is rewritten with explicit
+    projections (torchopt.quantize.attention), so none of its quantizers is bypassed."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
     enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -208,6 +208,10 @@ def test_torch_transformer_encoder_fast_path_and_bypassed_quantizers(batch_first
         assert not torch.equal(q(data[0]), ref(data[0]))  # the Q/DQ really runs
         assert _sqnr(ref, q, data) > 20
     summary = tq.summary(q)
-    assert summary.bypassed == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
-    assert "linear1" in " ".join(summary.quantized)
-    assert len(q.torchopt_quant.notes) == 2 and "fused fast path turned off on 'layers.0'" in q.torchopt_quant.notes[0]
+    assert summary.bypassed == []
+    quantized = " ".join(summary.quantized)
+    assert all(f"layers.{i}.self_attn.{p}" in quantized for i in (0, 1) for p in ("in_proj", "out_proj"))
+    assert "linear1" in quantized
+    notes = q.torchopt_quant.notes
+    assert len(notes) == 3 and "2 nn.MultiheadAttention rewritten ('layers.0.self_attn'" in notes[0]
+    assert "fused fast path turned off on 'layers.0'" in notes[1]

@@ -32,17 +32,38 @@ def test_every_cpu_format_quantized_by_modelopt_directly_is_detected(block, bloc
     assert tq.detect_format(block) == fmt
 
 
+class _KvBiasAttention(torch.nn.Module):
+    """An nn.MultiheadAttention that stays one (add_bias_kv): its out_proj is never called as a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=True)
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
 @pytest.mark.parametrize("fmt", ["int8_smoothquant", "int4_awq"])
 def test_bypassed_layers_with_smoothquant_and_awq(fmt):
     """SmoothQuant / AWQ warn per layer they cannot calibrate; quantize reports those layers as bypassed instead
     (filterwarnings=error makes any other warning fail this test)."""
     torch.manual_seed(0)
+    q = tq.quantize(_KvBiasAttention().eval(), fmt, [torch.randn(2, 8, 32) for _ in range(2)], progress=False)
+    summary = tq.summary(q)
+    assert summary.bypassed == ["attn.out_proj"]
+    assert "forward never runs" in {r["module"]: r["why"] for r in summary.rows}["attn.out_proj"]
+    assert "kept as nn.MultiheadAttention (add_bias_kv=True" in q.torchopt_quant.notes[0]
+
+
+@pytest.mark.parametrize("fmt", ["int8_smoothquant", "int4_awq"])
+def test_smoothquant_and_awq_calibrate_a_rewritten_attention(fmt):
+    torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     q = tq.quantize(enc, fmt, [torch.randn(2, 8, 32) for _ in range(2)], progress=False)
     summary = tq.summary(q)
-    assert summary.bypassed == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
-    assert "forward never runs" in {r["module"]: r["why"] for r in summary.rows}["layers.0.self_attn.out_proj"]
+    assert summary.bypassed == [] and "layers.1.self_attn.in_proj" in summary.quantized
 
 
 def test_reason_is_reported(cnn, digits):

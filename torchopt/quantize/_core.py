@@ -19,6 +19,7 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_type
+from torchopt.quantize.attention import explicit_attention
 from torchopt.quantize.cache import CalibrationCache, cache_key, model_fingerprint
 from torchopt.quantize.calibrate import (
     CalibData,
@@ -101,26 +102,20 @@ def _check_quantizable(model: torch.nn.Module, kept: dict[str, Any], cfg: Quanti
 
 def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq: Any, progress: bool):
     t0 = time.perf_counter()
-    method = cfg.resolved_method
-    kept = resolve_keep(model, cfg.keep)
-    mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
-    _check_quantizable(model, kept, cfg, mo_cfg, mtq)
-    called = data.check_fits(model)  # on the float model, before anything is changed
-
-    cache, key, parts, cache_note = None, None, None, "off"
-    if cfg.cache_dir is not None:
-        if data.is_callable:
-            cache_note = "skipped: a callable calib_data cannot be fingerprinted before it runs"
-        else:
-            cache = CalibrationCache(cfg.cache_dir)
-            key, parts = cache_key(model_fingerprint(model), cfg.to_dict(), data.fingerprint(model))
-
-    # From here on the model changes in place; whatever fails (ModelOpt, a calibration batch, an interrupt)
-    # puts it back as it was, so the caller keeps a float model that a later quantize accepts.
+    # From here on the model changes in place (its attention modules rewritten, then ModelOpt's conversion);
+    # whatever fails (a keep rule, ModelOpt, a calibration batch, an interrupt) puts it back as it was, so the
+    # caller keeps a float model that a later quantize accepts.
     snapshot = ModuleSnapshot(model)
     try:
+        model, attention_notes = _explicit_attention(model)
+        method = cfg.resolved_method
+        kept = resolve_keep(model, cfg.keep)
+        mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
+        _check_quantizable(model, kept, cfg, mo_cfg, mtq)
+        called = data.check_fits(model)  # on the float model, before ModelOpt changes it
+        caching = _caching(model, cfg, data)
         quantized, fingerprint, batches, cache_note, notes = _convert_and_calibrate(
-            model, cfg, method, mo_cfg, kept, data, mtq, progress, (cache, key, parts, cache_note)
+            model, cfg, method, mo_cfg, kept, data, mtq, progress, caching
         )
     except BaseException:
         snapshot.restore()
@@ -136,10 +131,36 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
         cache=cache_note,
         seconds=time.perf_counter() - t0,
         bypassed=bypassed_modules(quantized, called),
-        notes=notes,
+        notes=[*attention_notes, *notes],
     )
     setattr(quantized, RECORD_ATTR, record)
     return quantized
+
+
+def _explicit_attention(model: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
+    """`explicit_attention` on the model, with one note for the rewritten modules and one per module left."""
+    model, done, left = explicit_attention(model)
+    notes = [f"{len(done)} nn.MultiheadAttention rewritten ({_names(done)}): {_DONE_WHY}"] if done else []
+    return model, notes + [f"{name!r}: {why}" for name, why in left.items()]
+
+
+_DONE_WHY = "in_proj and out_proj are Linear modules that ModelOpt quantizes (torchopt.quantize.attention)"
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _caching(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData) -> tuple[Any, Any, Any, str]:
+    """(cache, key, key parts, note) for the calibration cache; all None and the note when it is not used."""
+    if cfg.cache_dir is None:
+        return None, None, None, "off"
+    if data.is_callable:
+        return None, None, None, "skipped: a callable calib_data cannot be fingerprinted before it runs"
+    cache = CalibrationCache(cfg.cache_dir)
+    key, parts = cache_key(model_fingerprint(model), cfg.to_dict(), data.fingerprint(model))
+    return cache, key, parts, "off"
 
 
 def _convert_and_calibrate(model, cfg, method, mo_cfg, kept, data, mtq, progress, caching):

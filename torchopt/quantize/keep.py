@@ -130,8 +130,10 @@ class KeptModule:
 
 
 def _type_matches(module: torch.nn.Module, wanted: str) -> bool:
+    """Whether the module is of the type named `wanted` (or a subclass), or stands for one: a module that replaced
+    a torch module in place (`ExplicitAttention` for nn.MultiheadAttention) names it in ``stands_for``."""
     short = wanted.removeprefix("torch.").removeprefix("nn.")
-    for cls in type(module).__mro__:
+    for cls in (*type(module).__mro__, *getattr(module, "stands_for", ())):
         full = f"{cls.__module__}.{cls.__qualname__}"
         if wanted in (cls.__name__, full) or (cls.__module__.startswith("torch.nn") and short == cls.__name__):
             return True

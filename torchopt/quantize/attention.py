@@ -1,0 +1,170 @@
+"""`explicit_attention(model)`: each ``nn.MultiheadAttention`` rewritten so that ModelOpt can quantize its projections.
+
+``nn.MultiheadAttention`` holds its packed q/k/v projection as a bare parameter (``in_proj_weight``) and passes it,
+with ``out_proj``'s weight, to ``F.multi_head_attention_forward``: ModelOpt registers no quantized module for the
+first and the quantizers it puts on ``out_proj`` never run (the summary calls them "bypassed"). A ViT-B/16 thus
+leaves a third of its Linear FLOPs in float under every INT8/FP8 recipe, where production deployments (TensorRT on
+the exported graph) quantize both projections and keep only the attention scores and softmax in float.
+
+`ExplicitAttention` computes the same function with the projections as modules: ``in_proj`` an ``nn.Linear``
+(embed_dim -> 3 x embed_dim, the same parameter objects), ``out_proj`` the original one, called as modules, and
+the attention between them through ``F.scaled_dot_product_attention`` (or explicit softmax when the weights are
+asked for). ModelOpt then quantizes ``in_proj`` and ``out_proj`` like any Linear, keep rules see them by name, and
+`torchopt.quantize.deploy` runs them in low precision.
+
+Rewritten: the packed case (``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``,
+which is what ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and torchvision's ViT build. Others
+stay as they are, each with its reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ExplicitAttention", "explicit_attention"]
+
+
+def _unsupported(mha: torch.nn.MultiheadAttention) -> str | None:
+    if not mha._qkv_same_embed_dim:
+        return f"separate q/k/v projection weights (kdim={mha.kdim}, vdim={mha.vdim}, embed_dim={mha.embed_dim})"
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "add_bias_kv=True (learned key/value biases appended to the sequence)"
+    if mha.add_zero_attn:
+        return "add_zero_attn=True"
+    return None
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A mask as nn.MultiheadAttention reads it (bool: True = not attended; float: added) in additive form."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+class ExplicitAttention(torch.nn.Module):
+    """``nn.MultiheadAttention``'s forward with ``in_proj`` and ``out_proj`` as Linear modules (same parameters)."""
+
+    stands_for = (torch.nn.MultiheadAttention,)  # a keep rule's module_type MultiheadAttention selects it
+    # Read by nn.TransformerEncoderLayer / nn.MultiheadAttention's fused fast paths, which would hand the raw
+    # in_proj weight (after `deploy`, FP8 or INT8 codes) to a fused kernel: False keeps them on the standard path.
+    _qkv_same_embed_dim = False
+
+    def __init__(self, mha: torch.nn.MultiheadAttention):
+        super().__init__()
+        why = _unsupported(mha)
+        if why is not None:
+            raise ValueError(f"ExplicitAttention cannot take this nn.MultiheadAttention: {why}")
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        weight = mha.in_proj_weight
+        self.in_proj = torch.nn.Linear(
+            self.embed_dim, 3 * self.embed_dim, bias=mha.in_proj_bias is not None, device="meta"
+        )
+        self.in_proj.weight = weight
+        if mha.in_proj_bias is not None:
+            self.in_proj.bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+        self.train(mha.training)
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        """Read by nn.TransformerEncoderLayer's fast-path checks (before they reach `_qkv_same_embed_dim`)."""
+        return self.in_proj.bias
+
+    def _project(self, query, key, value):
+        """q, k, v as [batch, heads, length, head_dim]: one GEMM for self-attention, one per distinct input else."""
+        e = self.embed_dim
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q = self.in_proj(query)[..., :e]
+            kv = self.in_proj(key)
+            k = kv[..., e : 2 * e]
+            v = kv[..., 2 * e :] if value is key else self.in_proj(value)[..., 2 * e :]
+        return [t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)]
+
+    def _mask(self, attn_mask, key_padding_mask, q, k) -> torch.Tensor | None:
+        """One additive mask broadcastable to [batch, heads, L, S], or None."""
+        batch, length, source = q.shape[0], q.shape[2], k.shape[2]
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:  # [batch * heads, L, S]
+            mask = mask.view(batch, self.num_heads, length, source)
+        padding = _additive(key_padding_mask, q.dtype)
+        if padding is not None:
+            padding = padding.view(batch, 1, 1, source)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if is_causal and attn_mask is None:
+            # As nn.MultiheadAttention: is_causal is a hint that attn_mask is the causal mask, not a mask itself.
+            raise RuntimeError("ExplicitAttention: is_causal=True needs the causal attn_mask as well (a hint only)")
+        batched = query.dim() == 3
+        # Every input as [batch, length, embed]; one tensor given as two or three inputs stays one (self-attention).
+        seen: dict[int, torch.Tensor] = {}
+        q_in, k_in, v_in = (seen.setdefault(id(t), self._batch_major(t, batched)) for t in (query, key, value))
+        if key_padding_mask is not None and not batched:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        q, k, v = self._project(q_in, k_in, v_in)
+        mask = self._mask(attn_mask, key_padding_mask, q, k)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = F.dropout(weights, dropout) @ v
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # [batch, length, embed]
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _batch_major(self, t: torch.Tensor, batched: bool) -> torch.Tensor:
+        if not batched:
+            return t.unsqueeze(0)
+        return t if self.batch_first else t.transpose(0, 1)
+
+
+def explicit_attention(model: torch.nn.Module) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
+    """Replace, in place, each supported ``nn.MultiheadAttention`` under `model` by an `ExplicitAttention`.
+
+    Returns the model (a new root when the root itself was one), the names of the rewritten modules and
+    {name: why not} for those left as they are. ``nn.TransformerEncoder`` layers whose attention was rewritten
+    are taken off the nested-tensor fast path, which calls the raw in_proj weight.
+    """
+    done: list[str] = []
+    left: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.MultiheadAttention:
+            continue
+        why = _unsupported(module)
+        if why is not None:
+            left[name] = f"kept as nn.MultiheadAttention ({why}): its projections are not quantized"
+            continue
+        explicit = ExplicitAttention(module)
+        if not name:
+            return explicit, [""], {}
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name).register_module(child, explicit)
+        done.append(name)
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoder) and module.layers and _rewritten(module.layers[0]):
+            module.use_nested_tensor = False
+    return model, done, left
+
+
+def _rewritten(layer: torch.nn.Module) -> bool:
+    return isinstance(getattr(layer, "self_attn", None), ExplicitAttention)
