@@ -210,3 +210,15 @@ def test_a_keep_rule_on_multihead_attention_keeps_the_rewritten_module():
     assert rows["layers.0.self_attn"]["status"] == "kept" and rows["layers.0.self_attn"]["why"] == "r"
     assert rows["layers.0.self_attn.in_proj"]["status"] == "kept"
     assert rows["layers.0.linear1"]["status"] == "quantized"
+
+
+def test_a_failed_quantization_puts_the_multihead_attention_back():
+    model = _encoder(nested=False)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="matches no module"):
+        tq.quantize(model, "int8", [_x(2, L, E)], progress=False, keep=["no_such_layer"])
+    assert type(model.layers[0].self_attn) is torch.nn.MultiheadAttention
+    x = _x(B, L, E)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before(x))
+    assert tq.summary(tq.quantize(model, "int8", [_x(2, L, E)], progress=False)).bypassed == []
