@@ -14,7 +14,10 @@ asked for). ModelOpt then quantizes ``in_proj`` and ``out_proj`` like any Linear
 
 Rewritten: the packed case (``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``,
 which is what ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and torchvision's ViT build. Others
-stay as they are, each with its reason.
+stay as they are, each with its reason. Self-attention (one tensor as query, key and value) costs what it cost
+before: one packed GEMM. Cross-attention runs the packed projection once per distinct input and keeps the slice
+it needs, so the query's GEMM computes three times the columns it uses: every call goes through the one
+``in_proj`` module that is quantized and deployed.
 """
 
 from __future__ import annotations
