@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchopt.quantize as tq
-from torchopt.quantize.attention import ExplicitAttention, explicit_attention
+from torchopt.quantize.attention import ExplicitAttention, attention_forms, explicit_attention
 
 E, H, L, S, B = 32, 4, 5, 7, 3
 
@@ -222,3 +222,32 @@ def test_a_failed_quantization_puts_the_multihead_attention_back():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before(x))
     assert tq.summary(tq.quantize(model, "int8", [_x(2, L, E)], progress=False)).bypassed == []
+
+
+class _Decoder(torch.nn.Module):
+    """A decoder layer: self-attention on the target, cross-attention from it to the memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.TransformerDecoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True)
+
+    def forward(self, tgt):
+        return self.layer(tgt, tgt.flip(1))
+
+
+def test_attention_forms_tell_self_from_cross_attention():
+    model, x = _Decoder().eval(), _x(B, L, E)
+    forms = attention_forms(model, lambda: model(x))
+    assert forms == {"layer.self_attn": {"self"}, "layer.multihead_attn": {"cross"}}
+    assert not model.layer.self_attn._forward_pre_hooks  # the recording hooks are gone
+
+
+def test_quantize_rewrites_the_self_attention_and_leaves_the_cross_attention():
+    model = _Decoder().eval()
+    q = tq.quantize(model, "int8", [_x(2, L, E)], progress=False)
+    assert isinstance(q.layer.self_attn, ExplicitAttention)
+    assert type(q.layer.multihead_attn) is torch.nn.MultiheadAttention
+    notes = " ".join(q.torchopt_quant.notes)
+    assert "1 nn.MultiheadAttention rewritten ('layer.self_attn')" in notes
+    assert "'layer.multihead_attn': kept as nn.MultiheadAttention (called as cross-attention" in notes

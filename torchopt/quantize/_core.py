@@ -19,7 +19,7 @@ import torch
 
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_type
-from torchopt.quantize.attention import explicit_attention
+from torchopt.quantize.attention import attention_forms, explicit_attention
 from torchopt.quantize.cache import CalibrationCache, cache_key, model_fingerprint
 from torchopt.quantize.calibrate import (
     CalibData,
@@ -107,7 +107,7 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     # caller keeps a float model that a later quantize accepts.
     snapshot = ModuleSnapshot(model)
     try:
-        model, attention_notes = _explicit_attention(model)
+        model, attention_notes = _explicit_attention(model, data)
         method = cfg.resolved_method
         kept = resolve_keep(model, cfg.keep)
         mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
@@ -137,9 +137,16 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     return quantized
 
 
-def _explicit_attention(model: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
-    """`explicit_attention` on the model, with one note for the rewritten modules and one per module left."""
-    model, done, left = explicit_attention(model)
+def _explicit_attention(model: torch.nn.Module, data: CalibData) -> tuple[torch.nn.Module, list[str]]:
+    """`explicit_attention` on the model, with one note for the rewritten modules and one per module left.
+
+    Which attention modules run as cross-attention is seen on the first calibration batch (one more forward, for
+    models with an nn.MultiheadAttention only); a callable calib_data cannot be run for it, so there every
+    supported module is rewritten.
+    """
+    has_attention = any(type(m) is torch.nn.MultiheadAttention for m in model.modules())
+    forms = attention_forms(model, lambda: data.check_fits(model)) if has_attention and not data.is_callable else {}
+    model, done, left = explicit_attention(model, forms)
     notes = [f"{len(done)} nn.MultiheadAttention rewritten ({_names(done)}): {_DONE_WHY}"] if done else []
     return model, notes + [f"{name!r}: {why}" for name, why in left.items()]
 

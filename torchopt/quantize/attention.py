@@ -12,20 +12,24 @@ the attention between them through ``F.scaled_dot_product_attention`` (or explic
 asked for). ModelOpt then quantizes ``in_proj`` and ``out_proj`` like any Linear, keep rules see them by name, and
 `torchopt.quantize.deploy` runs them in low precision.
 
-Rewritten: the packed case (``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``,
-which is what ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and torchvision's ViT build. Others
-stay as they are, each with its reason. Self-attention (one tensor as query, key and value) costs what it cost
-before: one packed GEMM. Cross-attention runs the packed projection once per distinct input and keeps the slice
-it needs, so the query's GEMM computes three times the columns it uses: every call goes through the one
-``in_proj`` module that is quantized and deployed.
+Rewritten: self-attention (one tensor as query, key and value: one packed GEMM, as before) in the packed case
+(``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``, which is what
+``nn.TransformerEncoderLayer`` and torchvision's ViT build. `attention_forms` tells which modules a model calls
+as cross-attention (``nn.TransformerDecoderLayer``'s second attention): those stay as they are, since through one
+packed projection the query's GEMM would compute three times the columns it uses. Every module left is named
+with its reason. An `ExplicitAttention` called as cross-attention after all still computes the right function
+(the packed projection once per distinct input, the slice it needs kept).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ExplicitAttention", "explicit_attention"]
+__all__ = ["ExplicitAttention", "attention_forms", "explicit_attention"]
 
 
 def _unsupported(mha: torch.nn.MultiheadAttention) -> str | None:
@@ -141,19 +145,49 @@ class ExplicitAttention(torch.nn.Module):
         return t if self.batch_first else t.transpose(0, 1)
 
 
-def explicit_attention(model: torch.nn.Module) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
+def _is_mha(module: torch.nn.Module) -> bool:
+    return type(module) is torch.nn.MultiheadAttention
+
+
+def attention_forms(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str, set[str]]:
+    """How `run()` calls each ``nn.MultiheadAttention`` of `model`: {name: {"self", "cross"}} for those it calls."""
+    forms: dict[str, set[str]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            given = [*args, *(kwargs[k] for k in ("query", "key", "value") if k in kwargs)][:3]
+            same = len(given) == 3 and given[0] is given[1] and given[1] is given[2]
+            forms.setdefault(name, set()).add("self" if same else "cross")
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, m in model.named_modules() if _is_mha(m)
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return forms
+
+
+def explicit_attention(
+    model: torch.nn.Module, forms: dict[str, set[str]] | None = None
+) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
     """Replace, in place, each supported ``nn.MultiheadAttention`` under `model` by an `ExplicitAttention`.
 
-    Returns the model (a new root when the root itself was one), the names of the rewritten modules and
-    {name: why not} for those left as they are. ``nn.TransformerEncoder`` layers whose attention was rewritten
-    are taken off the nested-tensor fast path, which calls the raw in_proj weight.
+    `forms` (from `attention_forms`) names the modules called as cross-attention; those are left. Returns the model
+    (a new root when the root itself was one), the names of the rewritten modules and {name: why not} for those
+    left as they are. ``nn.TransformerEncoder`` layers whose attention was rewritten are taken off the
+    nested-tensor fast path, which calls the raw in_proj weight.
     """
     done: list[str] = []
     left: dict[str, str] = {}
     for name, module in list(model.named_modules()):
-        if type(module) is not torch.nn.MultiheadAttention:
+        if not _is_mha(module):
             continue
-        why = _unsupported(module)
+        why = _unsupported(module) or _cross(name, forms or {})
         if why is not None:
             left[name] = f"kept as nn.MultiheadAttention ({why}): its projections are not quantized"
             continue
@@ -167,6 +201,12 @@ def explicit_attention(model: torch.nn.Module) -> tuple[torch.nn.Module, list[st
         if isinstance(module, torch.nn.TransformerEncoder) and module.layers and _rewritten(module.layers[0]):
             module.use_nested_tensor = False
     return model, done, left
+
+
+def _cross(name: str, forms: dict[str, set[str]]) -> str | None:
+    if "cross" not in forms.get(name, ()):
+        return None
+    return "called as cross-attention (key/value other than the query), where one packed projection wastes GEMM work"
 
 
 def _rewritten(layer: torch.nn.Module) -> bool:
