@@ -11,7 +11,7 @@ import torchopt
 from torchopt import InputSpec, Recipe
 from torchopt.backends import BackendUnavailableError
 from torchopt.recipes import CompileConfig, ValidateConfig
-from torchopt.saving import DamagedSaveError
+from torchopt.saving import DamagedSaveError, check_saved
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,35 @@ def test_missing_module_file(saved, tmp_path):
     (path / "module.pt2").unlink()
     with pytest.raises(DamagedSaveError, match=r"is damaged: module\.pt2 is missing"):
         torchopt.load(path)
+
+
+def test_check_saved_passes_an_intact_save_without_loading_it(saved):
+    assert check_saved(saved) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: data[: len(data) // 2], lambda data: b"this is not a zip archive\n" * 10, lambda data: b""],
+    ids=["truncated", "text", "empty"],
+)
+def test_check_saved_finds_a_damaged_module_file(saved, tmp_path, damage):
+    path = _copy(saved, tmp_path)
+    pt2 = path / "module.pt2"
+    pt2.write_bytes(damage(pt2.read_bytes()))
+    with pytest.raises(DamagedSaveError, match=r"module\.pt2' is damaged: it is not the zip archive torch writes"):
+        check_saved(path)
+
+
+def test_check_saved_finds_a_missing_module_file_and_a_damaged_meta(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    (path / "module.pt2").unlink()
+    with pytest.raises(DamagedSaveError, match=r"is damaged: module\.pt2 is missing"):
+        check_saved(path)
+    (path / "meta.json").write_text("{")
+    with pytest.raises(DamagedSaveError, match=r"meta\.json' is damaged: not valid JSON"):
+        check_saved(path)
+    with pytest.raises(ValueError, match="is not a saved torchopt module"):
+        check_saved(tmp_path)
 
 
 def test_path_must_be_a_path(saved):

@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,17 @@ from torchopt.recipe import Recipe
 from torchopt.report import OptimizeReport
 from torchopt.runtime import Runtime
 
-__all__ = ["AOTI_PACKAGE", "FORMAT_VERSION", "SAVE_FORMATS", "DamagedSaveError", "Loaded", "load", "read_meta", "save"]
+__all__ = [
+    "AOTI_PACKAGE",
+    "FORMAT_VERSION",
+    "SAVE_FORMATS",
+    "DamagedSaveError",
+    "Loaded",
+    "check_saved",
+    "load",
+    "read_meta",
+    "save",
+]
 
 FORMAT_VERSION = 1
 # What `save(format=...)` writes besides the directory (see the module docstring).
@@ -358,6 +369,25 @@ def read_meta(path: Path) -> dict:
     if meta["module_format"] not in _MODULE_FILES:
         raise _damaged(meta_file, f"module_format is {meta['module_format']!r}, expected one of {list(_MODULE_FILES)}")
     return meta
+
+
+def check_saved(path: str | os.PathLike) -> None:
+    """Whether `path` holds what `save` writes, without loading it: meta.json with every key `load` reads, the
+    module file and, for "aoti", the package, each present and readable as the zip archive torch writes (only
+    its directory is read). DamagedSaveError naming the file, or ValueError for no saved module, otherwise.
+
+    For a process that must not load the module itself, e.g. before a server does (`torchopt.serve`).
+    """
+    path = _as_path(path)
+    meta = read_meta(path)
+    files = [path / _MODULE_FILES[meta["module_format"]]]
+    if (meta.get("artifact") or {}).get("format") == "aoti":
+        files.append(path / AOTI_PACKAGE)
+    for file in files:
+        if not file.is_file():
+            raise _damaged(path, f"{file.name} is missing (meta.json lists it)")
+        if not zipfile.is_zipfile(file):
+            raise _damaged(file, "it is not the zip archive torch writes (truncated or overwritten)")
 
 
 def _read_module(path: Path, module_format: str) -> torch.nn.Module:

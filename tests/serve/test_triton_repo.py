@@ -11,7 +11,7 @@ import torchopt
 from torchopt.kernels import PreprocessConfig
 from torchopt.saving import DamagedSaveError
 from torchopt.serve.triton_config import TritonConfigError, parse_model_config
-from torchopt.serve.triton_repo import export_triton
+from torchopt.serve.triton_repo import damaged_models, export_triton
 
 pytest.importorskip(
     "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
@@ -157,3 +157,14 @@ def test_gpus_for_a_cpu_module_with_auto_instances_is_refused(saved_tiny, tmp_pa
     with pytest.raises(ValueError, match=r"TritonConfig.gpus=\[0, 1\] places gpu instances, but the module was"):
         export_triton(saved, tmp_path / "repo", gpus=[0, 1])
     assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []
+
+
+def test_damaged_models_names_each_torchopt_model_whose_saved_module_is_damaged(saved_tiny, tmp_path):
+    repo = tmp_path / "repo"
+    export_triton(saved_tiny[1], repo, name="tiny", preprocess=PreprocessConfig())
+    assert damaged_models(repo) == {}  # the preprocess and ensemble models hold no saved module: not checked
+    (repo / "tiny" / "1" / "artifact" / "module.pt2").write_bytes(b"garbage")
+    assert list(damaged_models(repo)) == ["tiny"]
+    assert "module.pt2' is damaged: it is not the zip archive" in damaged_models(repo)["tiny"]
+    shutil.rmtree(repo / "tiny" / "1" / "artifact")
+    assert "is not a saved torchopt module" in damaged_models(repo)["tiny"]

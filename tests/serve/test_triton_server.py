@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torchopt
 from torchopt.kernels import PreprocessConfig, preprocess_ref
 from torchopt.serve.triton_repo import export_triton
-from torchopt.serve.triton_server import TritonServer, TritonServerError, smoke_test
+from torchopt.serve.triton_server import SHARED_MEMORY, TritonServer, TritonServerError, smoke_test
 
 pytest.importorskip(
     "tritonclient.grpc", reason="the serve extra (tritonclient) is not installed; .ci/setup installs it"
@@ -97,6 +98,30 @@ def test_batch_above_max_and_wrong_shape_or_dtype_are_refused(served):
         _infer(server, "x", np.zeros((1, 3, 8, 8), np.float64))
 
 
+def _regions(server):
+    return list(SHARED_MEMORY.glob(f"{server.shm_prefix}*"))
+
+
+def _answers_all(server, model, requests):
+    reference = _eager(model)
+    result = smoke_test(server, "tiny", make_inputs=_x, reference=reference, requests=requests, concurrency=8, **TOL)
+    assert result.mismatches == [] and result.answered == requests
+
+
+def test_two_servers_side_by_side_keep_their_shared_memory_apart(served, saved_tiny, tmp_path):
+    """The Python backend's shared-memory regions are named prefix + counter: with one default prefix a second
+    server on the machine opened the first one's regions (tritonserver aborted with a boost lock_exception)."""
+    model, first = served
+    export_triton(saved_tiny[1], tmp_path / "repo", name="tiny")
+    with TritonServer(tmp_path / "repo", exit_timeout_s=1) as second:
+        assert first.shm_prefix != second.shm_prefix
+        for server in (first, second, first):
+            _answers_all(server, model, 64)
+        assert _regions(first) and _regions(second)  # each server's regions under its own prefix
+    assert not _regions(second)  # unlinked when it stopped
+    _answers_all(first, model, 16)  # and the first one is untouched
+
+
 def test_server_killed_mid_run_is_reported(saved_tiny, tmp_path):
     model, saved = saved_tiny
     export_triton(saved, tmp_path / "repo", name="tiny")
@@ -111,6 +136,7 @@ def test_server_killed_mid_run_is_reported(saved_tiny, tmp_path):
     finally:
         server.stop()
         server.cleanup()
+    assert not _regions(server)  # a killed server's shared memory is unlinked by stop()
 
 
 def _assert_failed_start_left_only_its_log(server):
@@ -127,7 +153,21 @@ def test_damaged_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     export_triton(saved, tmp_path / "repo", name="tiny")
     (tmp_path / "repo" / "tiny" / "1" / "artifact" / "module.pt2").write_bytes(b"garbage")
     server = TritonServer(tmp_path / "repo", exit_timeout_s=1)
-    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*module\.pt2"):
+    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load: '.*module\.pt2' is damaged"):
+        server.start()
+    assert server.process is None and server.log_path is None  # refused before anything started
+
+
+def test_a_model_failing_inside_the_server_stops_it_and_leaves_only_its_log(saved_tiny, tmp_path):
+    """A module file that passes the pre-start check (a zip archive) but is no exported program: the stub's load
+    fails inside the server. tritonserver then reports the model as failed, or on a loaded machine may abort
+    (exit -6); either way the start fails, the server is stopped and only its log stays."""
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny")
+    with zipfile.ZipFile(tmp_path / "repo" / "tiny" / "1" / "artifact" / "module.pt2", "w") as archive:
+        archive.writestr("junk", "not an exported program")
+    server = TritonServer(tmp_path / "repo", exit_timeout_s=1)
+    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load|tritonserver exited with code"):
         server.start()
     _assert_failed_start_left_only_its_log(server)
 
@@ -137,9 +177,9 @@ def test_missing_artifact_fails_naming_the_file(saved_tiny, tmp_path):
     export_triton(saved, tmp_path / "repo", name="tiny")
     shutil.rmtree(tmp_path / "repo" / "tiny" / "1" / "artifact")
     server = TritonServer(tmp_path / "repo", exit_timeout_s=1)
-    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load.*artifact"):
+    with pytest.raises(TritonServerError, match=r"model 'tiny' failed to load: path '.*artifact' is not a saved"):
         server.start()
-    _assert_failed_start_left_only_its_log(server)
+    assert server.process is None and server.log_path is None
 
 
 class TokenEncoder(torch.nn.Module):

@@ -37,6 +37,7 @@ from torchopt.engine import OptimizedModule
 from torchopt.engine import load as load_optimized
 from torchopt.inputs import InputSpec
 from torchopt.kernels import PreprocessConfig
+from torchopt.saving import check_saved
 from torchopt.serve._common import full_batch_ms
 from torchopt.serve.triton_config import (
     PLATFORMS,
@@ -50,7 +51,7 @@ from torchopt.serve.triton_config import (
     profile_dims,
 )
 
-__all__ = ["TritonExport", "export_triton"]
+__all__ = ["TritonExport", "damaged_models", "export_triton"]
 
 ARTIFACT_DIR = "artifact"  # the saved torchopt module inside <name>/1/ (Python backend)
 PLATFORM_FILES = {"tensorrt_plan": "model.plan", "torch_aoti": "model.pt2"}
@@ -471,3 +472,27 @@ def _write(repo: Path, models: list[_Model], overwrite: bool, export: TritonExpo
             export.files.append(repo / model.name / "config.pbtxt")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def damaged_models(repo: Path) -> dict[str, str]:
+    """{model name: what is wrong} for each model of the repository whose saved torchopt module (the Python
+    backend's ``artifact``) is missing or damaged, found without loading any of them (`torchopt.saving.check_saved`).
+
+    A server finds the same when it loads the model, but tritonserver 2.51 can abort on a Python model whose
+    initialize fails (a boost lock_exception, exit -6, seen on a loaded machine), and the stub's error naming the
+    file is lost with it: checked here, the error always names the file.
+    """
+    problems: dict[str, str] = {}
+    for config_file in sorted(Path(repo).glob("*/config.pbtxt")):
+        model_dir = config_file.parent
+        params = parse_model_config(config_file.read_text(), str(config_file)).parameters
+        role = params["torchopt_role"].string_value if "torchopt_role" in params else None
+        if role != "model":
+            continue
+        artifact = params["artifact"].string_value
+        for version in sorted(d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()):
+            try:
+                check_saved(version / artifact)
+            except ValueError as exc:  # DamagedSaveError included
+                problems[model_dir.name] = str(exc)
+    return problems

@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from torchopt.serve._common import percentile
+from torchopt.serve.triton_repo import damaged_models
 
 __all__ = [
     "INSTALL_HINT",
@@ -55,6 +57,17 @@ _LOG_TAIL_LINES = 40
 
 class ServeExtraMissing(ImportError):
     """The bundled tritonserver or tritonclient is not installed (the `serve` extra)."""
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def _remove_shared_memory(prefix: str) -> None:
+    """Unlink the Python backend's regions a server left: a killed server or stub never unlinks its own, and each
+    holds its default 1 MiB of the machine's memory until reboot. The prefix is unique to one server."""
+    for region in SHARED_MEMORY.glob(f"{prefix}*"):
+        with contextlib.suppress(FileNotFoundError):
+            region.unlink()
 
 
 class TritonServerError(RuntimeError):
@@ -124,6 +137,8 @@ class TritonServer:
         self.http_port = http_port or _free_port()
         self.grpc_port = grpc_port or _free_port()
         self.metrics_port = metrics_port or _free_port()
+        # Unique per server: the Python backend's shared-memory regions of servers running side by side.
+        self.shm_prefix = f"torchopt_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self._workdir: Path | None = None
@@ -161,8 +176,14 @@ class TritonServer:
         return backends, env
 
     def start(self) -> TritonServer:
-        """Start the server and wait until it and all its models are ready; TritonServerError otherwise."""
+        """Start the server and wait until it and all its models are ready; TritonServerError otherwise (a
+        torchopt model whose saved module is missing or damaged is refused before anything starts)."""
         binary = find_tritonserver()
+        problems = damaged_models(self.repo)
+        if problems:
+            raise TritonServerError(
+                "; ".join(f"model {name!r} failed to load: {why}" for name, why in problems.items())
+            )
         self._workdir = Path(tempfile.mkdtemp(prefix="torchopt-triton-"))
         backends, env = self._prepare_backends(binary)
         cmd = [
@@ -178,6 +199,9 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--strict-readiness=true",
             "--log-verbose=0",
+            # The Python backend names its shared-memory regions prefix + a counter from 1, so two servers on one
+            # machine with the default prefix open each other's regions (crashes: boost lock_exception, exit -6).
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         t0 = time.perf_counter()
@@ -255,6 +279,7 @@ class TritonServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
             self._dead_process = proc
+            _remove_shared_memory(self.shm_prefix)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
