@@ -2,8 +2,8 @@
 # The GPU work still open, one step per call of the lent machine (each under its 600 s limit), in priority order:
 #
 #   bash benchmarks/lease.sh suite   # ModelOpt from .whl/ and torchopt, then the GPU-marked suite   (carry .whl)
-#   bash benchmarks/lease.sh serve   # the serve extra from .srv/, its GPU tests, diag_serve_threads,
-#                                    # bench_serve on ResNet-50 fp16 from 8 client processes        (carry .srv)
+#   bash benchmarks/lease.sh serve   # the serve extra from .srv/, its GPU tests, diag_serve_threads (carry .srv)
+#   bash benchmarks/lease.sh resnet  # bench_serve on ResNet-50 fp16 from 8 client processes       (after serve)
 #   bash benchmarks/lease.sh bert    # bench_serve on the BERT-base-sized encoder                  (after serve)
 #   bash benchmarks/lease.sh lowp    # bench_lowp fp8 against fp8 fast-accum (64x128, b64), diag_lowp (after suite)
 #   bash benchmarks/lease.sh small   # bench_lowp int8 / int4_awq at 1x128 and b1, calibrated on the GPU
@@ -11,9 +11,10 @@
 #
 # .whl/ and .srv/ come from fetch_gpu_wheels.sh / fetch_gpu_serve_wheels.sh; together they exceed one call's
 # carry, so each step installs what it needs (a warm machine keeps what earlier steps installed). Everything a step
-# writes goes to $OUT (the call's returned folder), logs included.
+# writes goes to $OUT (the call's returned folder), logs included; resnet and bert both write bench_serve_cuda.*,
+# each into its own call's folder.
 set -uo pipefail
-steps="suite serve bert lowp small cpu"
+steps="suite serve resnet bert lowp small cpu"
 if [[ " $steps " != *" ${1:-none} "* ]]; then
     echo "usage: bash benchmarks/lease.sh ${steps// /|}" >&2
     exit 2
@@ -55,9 +56,11 @@ suite)
 serve)
     install .srv
     gpu_tests gpu_serve_tests.log tests/serve
-    (cd benchmarks && timeout 150 python3 diag_serve_threads.py >"$out/diag_serve_threads.txt" 2>&1)
+    (cd benchmarks && timeout 240 python3 diag_serve_threads.py >"$out/diag_serve_threads.txt" 2>&1)
     tail -6 "$out/diag_serve_threads.txt"
-    bench 330 serve_resnet50.log bench_serve.py --device cuda --client-procs 8 --repeats 2 --workloads resnet50_fp16
+    ;;
+resnet)
+    bench 560 serve_resnet50.log bench_serve.py --device cuda --client-procs 8 --repeats 2 --workloads resnet50_fp16
     ;;
 bert)
     bench 560 serve_bert.log bench_serve.py --device cuda --client-procs 8 --repeats 2 --workloads bert_base_fp16
