@@ -109,8 +109,8 @@ def _answers_all(server, model, requests):
 
 
 def test_two_servers_side_by_side_keep_their_shared_memory_apart(served, saved_tiny, tmp_path):
-    """The Python backend's shared-memory regions are named prefix + counter: with one default prefix a second
-    server on the machine opened the first one's regions (tritonserver aborted with a boost lock_exception)."""
+    """Each server names its Python-backend shared-memory regions with its own prefix, so a server stopping
+    unlinks its own regions only and the other one keeps serving."""
     model, first = served
     export_triton(saved_tiny[1], tmp_path / "repo", name="tiny")
     with TritonServer(tmp_path / "repo", exit_timeout_s=1) as second:

@@ -137,7 +137,7 @@ class TritonServer:
         self.http_port = http_port or _free_port()
         self.grpc_port = grpc_port or _free_port()
         self.metrics_port = metrics_port or _free_port()
-        # Unique per server: the Python backend's shared-memory regions of servers running side by side.
+        # Unique per server: names the Python backend's shared-memory regions of this server (see start, stop).
         self.shm_prefix = f"torchopt_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
@@ -199,8 +199,9 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--strict-readiness=true",
             "--log-verbose=0",
-            # The Python backend names its shared-memory regions prefix + a counter from 1, so two servers on one
-            # machine with the default prefix open each other's regions (crashes: boost lock_exception, exit -6).
+            # The Python backend's shared-memory regions are named prefix + a UUID. A prefix of this server's own
+            # tells its regions from every other server's (Triton's advice for servers side by side), so that
+            # stop() can unlink the ones a killed server or stub leaves.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
