@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchopt.quantize as tq
 from torchopt.quantize.attention import ExplicitAttention, attention_forms, explicit_attention
@@ -243,11 +244,32 @@ def test_attention_forms_tell_self_from_cross_attention():
     assert not model.layer.self_attn._forward_pre_hooks  # the recording hooks are gone
 
 
-def test_quantize_rewrites_the_self_attention_and_leaves_the_cross_attention():
+def test_quantize_gives_the_cross_attention_the_split_layout():
     model = _Decoder().eval()
+    reference, x = copy.deepcopy(model), _x(B, L, E)
     q = tq.quantize(model, "int8", [_x(2, L, E)], progress=False)
-    assert isinstance(q.layer.self_attn, ExplicitAttention)
-    assert type(q.layer.multihead_attn) is torch.nn.MultiheadAttention
-    notes = " ".join(q.torchopt_quant.notes)
-    assert "1 nn.MultiheadAttention rewritten ('layer.self_attn')" in notes
-    assert "'layer.multihead_attn': kept as nn.MultiheadAttention (called as cross-attention" in notes
+    assert not q.layer.self_attn.split and q.layer.multihead_attn.split
+    quantized = tq.summary(q).quantized
+    for name in ("self_attn.in_proj", "multihead_attn.q_proj", "multihead_attn.kv_proj", "multihead_attn.out_proj"):
+        assert f"layer.{name}" in quantized
+    assert "2 nn.MultiheadAttention rewritten" in q.torchopt_quant.notes[0]
+    with torch.no_grad():
+        assert F.cosine_similarity(q(x).flatten(), reference(x).flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("form", ["value_is_key", "all_distinct", "self"])
+def test_the_split_layout_matches(form):
+    mha = _mha(batch_first=True)
+    explicit = ExplicitAttention(copy.deepcopy(mha), split=True)
+    q, k = _x(B, L, E), _x(B, S, E, seed=2)
+    args = {"value_is_key": (q, k, k), "all_distinct": (q, k, _x(B, S, E, seed=3)), "self": (q, q, q)}[form]
+    _same(mha(*args), explicit(*args))
+
+
+def test_the_split_projections_are_views_of_the_packed_parameters():
+    mha = _mha()
+    explicit = ExplicitAttention(mha, split=True)
+    assert explicit.q_proj.weight.shape == (E, E) and explicit.kv_proj.weight.shape == (2 * E, E)
+    assert explicit.q_proj.weight.data_ptr() == mha.in_proj_weight.data_ptr()
+    assert explicit.kv_proj.bias.data_ptr() == mha.in_proj_bias[E:].data_ptr()
+    assert not hasattr(explicit, "in_proj") and explicit.in_proj_bias is explicit.q_proj.bias

@@ -140,9 +140,9 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
 def _explicit_attention(model: torch.nn.Module, data: CalibData) -> tuple[torch.nn.Module, list[str]]:
     """`explicit_attention` on the model, with one note for the rewritten modules and one per module left.
 
-    Which attention modules run as cross-attention is seen on the first calibration batch (one more forward, for
-    models with an nn.MultiheadAttention only); a callable calib_data cannot be run for it, so there every
-    supported module is rewritten.
+    Which attention modules run as cross-attention (split layout) is seen on the first calibration batch (one more
+    forward, for models with an nn.MultiheadAttention only); a callable calib_data cannot be run for it, so there
+    every supported module gets the packed layout.
     """
     has_attention = any(type(m) is torch.nn.MultiheadAttention for m in model.modules())
     forms = attention_forms(model, lambda: data.check_fits(model)) if has_attention and not data.is_callable else {}
@@ -151,7 +151,7 @@ def _explicit_attention(model: torch.nn.Module, data: CalibData) -> tuple[torch.
     return model, notes + [f"{name!r}: {why}" for name, why in left.items()]
 
 
-_DONE_WHY = "in_proj and out_proj are Linear modules that ModelOpt quantizes (torchopt.quantize.attention)"
+_DONE_WHY = "their projections are Linear modules that ModelOpt quantizes (torchopt.quantize.attention)"
 
 
 def _names(names: list[str], shown: int = 3) -> str:

@@ -6,19 +6,19 @@ first and the quantizers it puts on ``out_proj`` never run (the summary calls th
 leaves a third of its Linear FLOPs in float under every INT8/FP8 recipe, where production deployments (TensorRT on
 the exported graph) quantize both projections and keep only the attention scores and softmax in float.
 
-`ExplicitAttention` computes the same function with the projections as modules: ``in_proj`` an ``nn.Linear``
-(embed_dim -> 3 x embed_dim, the same parameter objects), ``out_proj`` the original one, called as modules, and
-the attention between them through ``F.scaled_dot_product_attention`` (or explicit softmax when the weights are
-asked for). ModelOpt then quantizes ``in_proj`` and ``out_proj`` like any Linear, keep rules see them by name, and
+`ExplicitAttention` computes the same function with the projections as modules, called as modules: for
+self-attention (one tensor as query, key and value) ``in_proj``, an ``nn.Linear`` embed_dim -> 3 x embed_dim on the
+same parameter objects (one packed GEMM, as before); for a module the model calls as cross-attention
+(`attention_forms`: ``nn.TransformerDecoderLayer``'s second attention) ``q_proj`` and ``kv_proj`` on views of the
+same parameters, so that the query's GEMM computes only its third; ``out_proj`` the original one. The attention
+between them runs through ``F.scaled_dot_product_attention`` (or explicit softmax when the weights are asked
+for). ModelOpt then quantizes the projections like any Linear, keep rules see them by name, and
 `torchopt.quantize.deploy` runs them in low precision.
 
-Rewritten: self-attention (one tensor as query, key and value: one packed GEMM, as before) in the packed case
-(``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``, which is what
-``nn.TransformerEncoderLayer`` and torchvision's ViT build. `attention_forms` tells which modules a model calls
-as cross-attention (``nn.TransformerDecoderLayer``'s second attention): those stay as they are, since through one
-packed projection the query's GEMM would compute three times the columns it uses. Every module left is named
-with its reason. An `ExplicitAttention` called as cross-attention after all still computes the right function
-(the packed projection once per distinct input, the slice it needs kept).
+Rewritten: the packed case (``kdim == vdim == embed_dim``) without ``bias_k`` / ``bias_v`` / ``add_zero_attn``,
+which is what ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and torchvision's ViT build. Others
+stay as they are, each named with its reason. Without `attention_forms` (no calibration batch to watch) every module
+gets the packed layout, which computes cross-attention correctly too, through three times the query's columns.
 """
 
 from __future__ import annotations
@@ -30,6 +30,20 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ExplicitAttention", "attention_forms", "explicit_attention"]
+
+
+def _linear(weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> torch.nn.Linear:
+    """An nn.Linear holding exactly these parameters (built on the meta device: nothing is allocated)."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
+
+
+def _view(packed: torch.nn.Parameter | None, start: int, stop: int) -> torch.nn.Parameter | None:
+    """Rows start:stop of a packed parameter as a parameter of their own, on the same storage."""
+    return None if packed is None else torch.nn.Parameter(packed[start:stop], requires_grad=packed.requires_grad)
 
 
 def _unsupported(mha: torch.nn.MultiheadAttention) -> str | None:
@@ -50,41 +64,45 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 class ExplicitAttention(torch.nn.Module):
-    """``nn.MultiheadAttention``'s forward with ``in_proj`` and ``out_proj`` as Linear modules (same parameters)."""
+    """``nn.MultiheadAttention``'s forward with its projections as Linear modules on the same parameters: the packed
+    ``in_proj``, or with `split` (cross-attention) ``q_proj`` and ``kv_proj``; then ``out_proj``."""
 
     stands_for = (torch.nn.MultiheadAttention,)  # a keep rule's module_type MultiheadAttention selects it
     # Read by nn.TransformerEncoderLayer / nn.MultiheadAttention's fused fast paths, which would hand the raw
     # in_proj weight (after `deploy`, FP8 or INT8 codes) to a fused kernel: False keeps them on the standard path.
     _qkv_same_embed_dim = False
 
-    def __init__(self, mha: torch.nn.MultiheadAttention):
+    def __init__(self, mha: torch.nn.MultiheadAttention, *, split: bool = False):
         super().__init__()
         why = _unsupported(mha)
         if why is not None:
             raise ValueError(f"ExplicitAttention cannot take this nn.MultiheadAttention: {why}")
         self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
-        self.batch_first, self.dropout = mha.batch_first, mha.dropout
-        weight = mha.in_proj_weight
-        self.in_proj = torch.nn.Linear(
-            self.embed_dim, 3 * self.embed_dim, bias=mha.in_proj_bias is not None, device="meta"
-        )
-        self.in_proj.weight = weight
-        if mha.in_proj_bias is not None:
-            self.in_proj.bias = mha.in_proj_bias
+        self.batch_first, self.dropout, self.split = mha.batch_first, mha.dropout, split
+        weight, bias, e = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
+        if split:  # views of the packed parameters: the caller's storage, two GEMMs that compute what is used
+            self.q_proj = _linear(_view(weight, 0, e), _view(bias, 0, e))
+            self.kv_proj = _linear(_view(weight, e, 3 * e), _view(bias, e, 3 * e))
+        else:
+            self.in_proj = _linear(weight, bias)
         self.out_proj = mha.out_proj
         self.train(mha.training)
 
     @property
     def in_proj_bias(self) -> torch.Tensor | None:
         """Read by nn.TransformerEncoderLayer's fast-path checks (before they reach `_qkv_same_embed_dim`)."""
-        return self.in_proj.bias
+        return self.q_proj.bias if self.split else self.in_proj.bias
 
     def _project(self, query, key, value):
-        """q, k, v as [batch, heads, length, head_dim]: one GEMM for self-attention, one per distinct input else."""
+        """q, k, v as [batch, heads, length, head_dim]."""
         e = self.embed_dim
-        if query is key and key is value:
+        if self.split:
+            q = self.q_proj(query)
+            kv = self.kv_proj(key)
+            k, v = kv.chunk(2, dim=-1) if value is key else (kv[..., :e], self.kv_proj(value)[..., e:])
+        elif query is key and key is value:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
+        else:  # packed, called as cross-attention: one GEMM per distinct input, the needed slice kept
             q = self.in_proj(query)[..., :e]
             kv = self.in_proj(key)
             k = kv[..., e : 2 * e]
@@ -177,7 +195,8 @@ def explicit_attention(
 ) -> tuple[torch.nn.Module, list[str], dict[str, str]]:
     """Replace, in place, each supported ``nn.MultiheadAttention`` under `model` by an `ExplicitAttention`.
 
-    `forms` (from `attention_forms`) names the modules called as cross-attention; those are left. Returns the model
+    `forms` (from `attention_forms`) names the modules called as cross-attention: those get the split layout
+    (``q_proj``, ``kv_proj``), the others the packed ``in_proj``. Returns the model
     (a new root when the root itself was one), the names of the rewritten modules and {name: why not} for those
     left as they are. ``nn.TransformerEncoder`` layers whose attention was rewritten are taken off the
     nested-tensor fast path, which calls the raw in_proj weight.
@@ -187,11 +206,11 @@ def explicit_attention(
     for name, module in list(model.named_modules()):
         if not _is_mha(module):
             continue
-        why = _unsupported(module) or _cross(name, forms or {})
+        why = _unsupported(module)
         if why is not None:
             left[name] = f"kept as nn.MultiheadAttention ({why}): its projections are not quantized"
             continue
-        explicit = ExplicitAttention(module)
+        explicit = ExplicitAttention(module, split="cross" in (forms or {}).get(name, ()))
         if not name:
             return explicit, [""], {}
         parent_name, _, child = name.rpartition(".")
@@ -201,12 +220,6 @@ def explicit_attention(
         if isinstance(module, torch.nn.TransformerEncoder) and module.layers and _rewritten(module.layers[0]):
             module.use_nested_tensor = False
     return model, done, left
-
-
-def _cross(name: str, forms: dict[str, set[str]]) -> str | None:
-    if "cross" not in forms.get(name, ()):
-        return None
-    return "called as cross-attention (key/value other than the query), where one packed projection wastes GEMM work"
 
 
 def _rewritten(layer: torch.nn.Module) -> bool:
