@@ -16,6 +16,7 @@ from torchopt.config import (
     check_positive,
     check_range,
     check_type,
+    first_few,
     parse_dtype,
     resolve_device,
 )
@@ -138,3 +139,9 @@ def test_merge_is_the_one_way_to_apply_overrides():
         LatencyConfig.merge(None, where="latency options", iter=3)
     with pytest.raises(TypeError, match=r"config must be LatencyConfig, got dict"):
         LatencyConfig.merge({"iters": 3})
+
+
+def test_first_few_names_a_long_list_by_its_first_names_and_a_count():
+    assert first_few(["a", "b"]) == "a, b"
+    assert first_few(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert first_few(["a", "b", "c"], shown=1) == "a and 2 more"

@@ -33,6 +33,7 @@ __all__ = [
     "check_type",
     "closest",
     "dtype_name",
+    "first_few",
     "parse_dtype",
     "resolve_device",
 ]
@@ -63,6 +64,12 @@ def closest(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' hint, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def first_few(names: Sequence[str], shown: int = 3) -> str:
+    """'a, b, c and 4 more': the first `shown` names of a long list, for a message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def check_type(name: str, value: Any, types_: type | tuple[type, ...], expected: str | None = None) -> None:

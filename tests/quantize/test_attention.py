@@ -273,3 +273,8 @@ def test_the_split_projections_are_views_of_the_packed_parameters():
     assert explicit.q_proj.weight.data_ptr() == mha.in_proj_weight.data_ptr()
     assert explicit.kv_proj.bias.data_ptr() == mha.in_proj_bias[E:].data_ptr()
     assert not hasattr(explicit, "in_proj") and explicit.in_proj_bias is explicit.q_proj.bias
+
+
+def test_attention_forms_does_not_run_a_model_without_multihead_attention():
+    ran = []
+    assert attention_forms(torch.nn.Linear(E, E), lambda: ran.append(1)) == {} and not ran

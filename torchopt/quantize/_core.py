@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from torchopt._compat import import_modelopt_quantization
-from torchopt.config import check_type
+from torchopt.config import check_type, first_few
 from torchopt.quantize.attention import attention_forms, explicit_attention
 from torchopt.quantize.cache import CalibrationCache, cache_key, model_fingerprint
 from torchopt.quantize.calibrate import (
@@ -144,19 +144,14 @@ def _explicit_attention(model: torch.nn.Module, data: CalibData) -> tuple[torch.
     forward, for models with an nn.MultiheadAttention only); a callable calib_data cannot be run for it, so there
     every supported module gets the packed layout.
     """
-    has_attention = any(type(m) is torch.nn.MultiheadAttention for m in model.modules())
-    forms = attention_forms(model, lambda: data.check_fits(model)) if has_attention and not data.is_callable else {}
+    forms = {} if data.is_callable else attention_forms(model, lambda: data.check_fits(model))
     model, done, left = explicit_attention(model, forms)
-    notes = [f"{len(done)} nn.MultiheadAttention rewritten ({_names(done)}): {_DONE_WHY}"] if done else []
+    rewritten = first_few([repr(n) for n in done])
+    notes = [f"{len(done)} nn.MultiheadAttention rewritten ({rewritten}): {_DONE_WHY}"] if done else []
     return model, notes + [f"{name!r}: {why}" for name, why in left.items()]
 
 
 _DONE_WHY = "their projections are Linear modules that ModelOpt quantizes (torchopt.quantize.attention)"
-
-
-def _names(names: list[str], shown: int = 3) -> str:
-    listed = ", ".join(repr(n) for n in names[:shown])
-    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _caching(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData) -> tuple[Any, Any, Any, str]:

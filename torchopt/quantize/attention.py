@@ -168,7 +168,8 @@ def _is_mha(module: torch.nn.Module) -> bool:
 
 
 def attention_forms(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str, set[str]]:
-    """How `run()` calls each ``nn.MultiheadAttention`` of `model`: {name: {"self", "cross"}} for those it calls."""
+    """How `run()` calls each ``nn.MultiheadAttention`` of `model`: {name: {"self", "cross"}} for those it calls.
+    A model without one is not run."""
     forms: dict[str, set[str]] = {}
 
     def recorder(name: str) -> Callable[..., None]:
@@ -182,6 +183,8 @@ def attention_forms(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str,
     handles = [
         m.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, m in model.named_modules() if _is_mha(m)
     ]
+    if not handles:
+        return forms
     try:
         run()
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from torchopt.config import check_choice, check_type, dtype_name
+from torchopt.config import check_choice, check_type, dtype_name, first_few
 from torchopt.quantize.checkpoint import float_copy
 from torchopt.quantize.formats import FORMATS
 from torchopt.quantize.keep import KEEP_PRECISIONS
@@ -230,17 +230,13 @@ def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def _grouped_reasons(float_layers: dict[str, str], shown: int = 3) -> str:
+def _grouped_reasons(float_layers: dict[str, str]) -> str:
     """Layer -> reason as one line per distinct reason, naming a few layers each (a ResNet has 53 convolutions
     with the same reason)."""
     by_reason: dict[str, list[str]] = {}
     for name, why in float_layers.items():
         by_reason.setdefault(why, []).append(name)
-    parts = []
-    for why, names in by_reason.items():
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        parts.append(f"{', '.join(names[:shown])}{more}: {why}")
-    return "; ".join(parts)
+    return "; ".join(f"{first_few(names)}: {why}" for why, names in by_reason.items())
 
 
 def deploy(qmodel: torch.nn.Module, mode: str, *, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
