@@ -55,7 +55,7 @@ def top_kernels(module, x, n=16):
 def deployed_variant(model, x, mode, calib_on_cpu):
     """The deployed model of `mode`, or of fp8 with fast accumulation for bench_lowp's "fp8 fast-accum"."""
     base = "fp8" if mode == FAST_ACCUM else mode
-    fmt = "fp8" if base.startswith("fp8") else "int8"
+    fmt = next(f for f, spec in tq.FORMATS.items() if base in spec.lowp_modes)  # the first that deploys it
     deployed = tq.deploy(quantized(model, x, fmt, calib_on_cpu), base).to(x.device)
     return with_fast_accum(deployed) if mode == FAST_ACCUM else deployed
 
