@@ -146,6 +146,8 @@ def test_path_must_be_a_path(saved):
         fast.save(None)
     with pytest.raises(TypeError, match="save needs the OptimizedModule .* got NoneType"):
         torchopt.saving.save(None, saved)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike .*got NoneType None"):
+        check_saved(None)
 
 
 class DataDependent(torch.nn.Module):

@@ -37,3 +37,17 @@ def test_cli_serve_smoke(saved_tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ready in" in out and "HTTP http://127.0.0.1:" in out
     assert "smoke tiny_ensemble: 200/200 answers from 16 concurrent clients, all match" in out
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None,
+    reason="the serve extra (nvidia-pytriton --no-deps) is not installed; .ci/setup installs it",
+)
+def test_cli_serve_of_a_damaged_artifact_is_one_line_naming_the_file(saved_tiny, tmp_path, capsys):
+    _, saved = saved_tiny
+    export_triton(saved, tmp_path / "repo", name="tiny")
+    (tmp_path / "repo" / "tiny" / "1" / "artifact" / "module.pt2").write_bytes(b"garbage")
+    code = main(["serve", str(tmp_path / "repo")])
+    started, error = capsys.readouterr().err.splitlines()  # the progress line, then the refusal in one line
+    assert code != 0 and started.startswith("starting tritonserver on ")
+    assert "model 'tiny' failed to load: '" in error and "module.pt2' is damaged: it is not the zip archive" in error
