@@ -5,7 +5,9 @@ session's shared Ray starts (tests/serve/ray_cluster/conftest.py); here, collect
 a second Ray while the shared one still runs.
 """
 
-from torchopt.serve.ray_cli import main
+import pytest
+
+from torchopt.serve.ray_cli import main, one_line
 
 
 def test_cli_reports_a_missing_artifact_in_one_line(tmp_path, capsys):
@@ -19,3 +21,16 @@ def test_cli_reports_a_batch_size_above_the_profile_in_one_line(artifact, capsys
     assert main([str(artifact), "--max-batch-size", "64"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_batch_size=64 is above the artifact's profile max batch 32" in err, err
+
+
+def test_a_ray_task_error_is_reported_by_its_cause():
+    """A Ray task's error reads 'ray::ProxyActor.ready() (pid=..., ip=...)' on its first line; the cause says why."""
+    exceptions = pytest.importorskip("ray.exceptions", reason="the ray extra is not installed")
+    cause = OSError("[Errno 98] Address already in use\nmore detail")
+    error = exceptions.RayTaskError("ready", "Traceback ...", cause, proctitle="ray::ProxyActor", pid=1, ip="x")
+    assert "ray::ProxyActor()" in str(error).splitlines()[0]  # all the one line showed before
+    assert one_line(error) == "OSError: [Errno 98] Address already in use"
+    assert (
+        one_line(ValueError("bad\nvalue")) == "ValueError: bad"
+        and one_line(RuntimeError()) == "RuntimeError: RuntimeError"
+    )

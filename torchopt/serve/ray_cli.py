@@ -71,6 +71,15 @@ def serve_until_stopped(args: argparse.Namespace, stop: threading.Event) -> None
         ray.shutdown()
 
 
+def one_line(exc: BaseException) -> str:
+    """'Type: first line' of an error; for a Ray task's error, of its cause (the task's own first line is only
+    'ray::Actor.method() (pid=..., ip=...)', the cause says why)."""
+    cause = getattr(exc, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    text = str(shown).strip()
+    return f"{type(shown).__name__}: {text.splitlines()[0] if text else type(shown).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop = threading.Event()
@@ -81,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (TypeError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():
