@@ -5,6 +5,8 @@ session's shared Ray starts (tests/serve/ray_cluster/conftest.py); here, collect
 a second Ray while the shared one still runs.
 """
 
+import socket
+
 import pytest
 
 from torchopt.serve.ray_cli import main, one_line
@@ -21,6 +23,19 @@ def test_cli_reports_a_batch_size_above_the_profile_in_one_line(artifact, capsys
     assert main([str(artifact), "--max-batch-size", "64"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_batch_size=64 is above the artifact's profile max batch 32" in err, err
+
+
+def test_cli_refuses_a_port_in_use_in_one_line_before_ray_starts(artifact, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([str(artifact), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: ValueError: --port {port}: 127.0.0.1:{port} is already in use or cannot be bound;"
+        " choose another --port\n"
+    ), err
 
 
 def test_a_ray_task_error_is_reported_by_its_cause():

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from torchopt.serve.ports import check_port
 from torchopt.serve.ray_serving import RayServeConfig, plan_ray_serving, ray_deployment, replica_failure
 
 
@@ -50,6 +51,7 @@ def serve_until_stopped(args: argparse.Namespace, stop: threading.Event) -> None
     """Start a local Ray, deploy, print the plan and the endpoint, wait for `stop`, shut everything down."""
     config = _config(args)
     plan = plan_ray_serving(args.path, config)  # a bad artifact fails here, before Ray starts
+    check_port(args.port, args.host, "--port")  # so does a taken port (Serve's proxy would fail after Ray's start)
     import ray  # the optional extra: imported once there is something to serve
     from ray import serve
 

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from torchopt.serve._common import percentile
+from torchopt.serve.ports import free_ports
 from torchopt.serve.triton_repo import damaged_models
 
 __all__ = [
@@ -99,12 +99,6 @@ def find_tritonserver() -> Path:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _site_dirs() -> list[str]:
     import site
 
@@ -134,9 +128,12 @@ class TritonServer:
             raise ValueError(f"repo {str(repo)!r} is not a directory (a model repository written by export-triton)")
         self.ready_timeout_s = ready_timeout_s
         self.exit_timeout_s = exit_timeout_s
-        self.http_port = http_port or _free_port()
-        self.grpc_port = grpc_port or _free_port()
-        self.metrics_port = metrics_port or _free_port()
+        # Three distinct ports (three bind(0) calls may return one port twice), away from the ephemeral range.
+        given = {p for p in (http_port, grpc_port, metrics_port) if p}
+        spare = iter([p for p in free_ports(3 + len(given)) if p not in given])
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         # Unique per server: names the Python backend's shared-memory regions of this server (see start, stop).
         self.shm_prefix = f"torchopt_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None

@@ -6,11 +6,12 @@ Ray 2.60 turns token authentication on by default: a local `ray.init` generates 
 (~/.ray/auth_token), which the tests keep (no opt-out). HTTP goes to 127.0.0.1 on a free port only.
 """
 
-import socket
 import time
 
 import psutil
 import pytest
+
+from torchopt.serve.ports import free_ports
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra torchopt-infer[ray] (pip install 'ray[serve,data]')")
 
@@ -18,12 +19,6 @@ ray = pytest.importorskip("ray", reason="Ray is the optional extra torchopt-infe
 RAY_DAEMONS = ("raylet", "gcs_server")
 # Failure bound for anything the tests wait for over HTTP or on Ray; never reached when the code works.
 WAIT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_daemons(processes) -> list[psutil.Process]:
@@ -58,7 +53,7 @@ def ray_serve():
     after which none of its raylet / gcs_server processes may remain."""
     from ray import serve
 
-    port = free_port()
+    (port,) = free_ports(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     daemons = ray_daemons(psutil.Process().children(recursive=True))
     assert {p.name() for p in daemons} == set(RAY_DAEMONS), f"ray.init started {daemons}, expected {RAY_DAEMONS}"

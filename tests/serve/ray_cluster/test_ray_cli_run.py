@@ -16,6 +16,8 @@ import pytest
 import requests
 import torch
 
+from torchopt.serve.ports import free_ports
+
 WAIT_S = 180.0  # failure bound for the CLI's Ray start and deploy on a loaded 2-core machine
 
 
@@ -42,7 +44,7 @@ def _wait_for(lines: queue.Queue, text: str, seen: list[str]) -> str:
 @pytest.mark.slow
 def test_cli_serves_prints_the_endpoint_and_leaves_no_ray_processes(artifact, mlp, ray_processes):
     ray_daemons, wait_gone = ray_processes
-    port = _free_port()
+    (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "torchopt.serve.ray_cli", str(artifact), "--ray-cpus", "1", "--num-cpus", "0.5"]
     popen = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
@@ -66,11 +68,3 @@ def test_cli_serves_prints_the_endpoint_and_leaves_no_ray_processes(artifact, ml
                 proc.kill()
     left = wait_gone(daemons)
     assert not left, f"Ray processes left after the CLI stopped: {[(p.pid, p.name()) for p in left]}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
