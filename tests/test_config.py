@@ -16,7 +16,9 @@ from torchopt.config import (
     check_positive,
     check_range,
     check_type,
+    error_line,
     first_few,
+    first_line,
     parse_dtype,
     resolve_device,
 )
@@ -145,3 +147,12 @@ def test_first_few_names_a_long_list_by_its_first_names_and_a_count():
     assert first_few(["a", "b"]) == "a, b"
     assert first_few(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
     assert first_few(["a", "b", "c"], shown=1) == "a and 2 more"
+
+
+def test_first_line_of_an_error_is_its_message_start_or_its_type():
+    assert first_line(ValueError("bad value\n  at line 3")) == "bad value"
+    assert first_line(RuntimeError("  \n")) == "RuntimeError"
+    assert first_line(ValueError("x" * 500)) == "x" * 300
+    assert first_line(ValueError("abcdef"), limit=3) == "abc"
+    assert error_line(KeyError("k")) == "KeyError: 'k'"
+    assert error_line(OSError()) == "OSError: OSError"

@@ -14,6 +14,7 @@ from types import ModuleType
 
 import torch
 
+from torchopt.config import first_line
 from torchopt.torchvision_compat import enable_cpu_torchvision
 
 __all__ = [
@@ -39,8 +40,7 @@ def tensorrt_status() -> tuple[ModuleType | None, str]:
     except ImportError as exc:
         return None, f"no torch_tensorrt ({exc}); install with `pip install torch-tensorrt` on a CUDA machine"
     except Exception as exc:  # torch_tensorrt raises a bare Exception when libnvinfer is missing
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"torch_tensorrt is installed but TensorRT is not loadable: {first}"
+        return None, f"torch_tensorrt is installed but TensorRT is not loadable: {first_line(exc)}"
     return torch_tensorrt, ""
 
 

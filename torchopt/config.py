@@ -72,6 +72,18 @@ def first_few(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of `exc`'s message (at most `limit` characters), its type's name when the message is empty:
+    what a one-line error or a report shows of an exception whose text can run to pages."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def error_line(exc: BaseException) -> str:
+    """'Type: first line' of an exception (see `first_line`)."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def check_type(name: str, value: Any, types_: type | tuple[type, ...], expected: str | None = None) -> None:
     """Raise TypeError naming `name`, the given value and the expected type."""
     if isinstance(value, bool) and bool not in (types_ if isinstance(types_, tuple) else (types_,)):

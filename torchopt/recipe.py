@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from torchopt.accuracy import flatten_outputs
-from torchopt.config import DTYPES, ConfigBase, StepConfig, check_type, closest
+from torchopt.config import DTYPES, ConfigBase, StepConfig, check_type, closest, error_line
 from torchopt.inputs import InputSpec, StructuredInputs
 from torchopt.report import OptimizeReport
 from torchopt.runtime import Dispatch, Runtime
@@ -103,9 +103,8 @@ class StepContext:
                     out = self.model(*args)
             except Exception as exc:  # any failure of the user's forward on these shapes
                 shapes = {s.name: tuple(a.shape) for s, a in zip(profile, args, strict=True)}
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
                 raise ValueError(
-                    f"the model fails on profile {p}'s min shapes {shapes} ({type(exc).__name__}: {first});"
+                    f"the model fails on profile {p}'s min shapes {shapes} ({error_line(exc)});"
                     f" check that each InputSpec has the rank and static dims {type(self.model).__name__}.forward"
                     " expects"
                 ) from exc

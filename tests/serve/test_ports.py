@@ -68,10 +68,10 @@ def test_the_ephemeral_range_falls_back_to_linux_default(tmp_path):
 
 @pytest.mark.parametrize(
     ("n", "error", "text"),
-    [(0, ValueError, "n must be at least 1 (how many ports), got 0"), ("2", TypeError, "got str '2'")],
+    [(0, ValueError, "n must be > 0, got 0"), ("2", TypeError, "n must be int, got str '2'")],
 )
 def test_a_bad_count_is_refused(n, error, text):
-    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(error, match=text):
         free_ports(n)
 
 
@@ -80,7 +80,7 @@ def test_check_port_names_the_argument(listener):
     assert check_port(free, "127.0.0.1", "--port") == free
     with pytest.raises(ValueError, match=rf"--port {listener}: 127.0.0.1:{listener} is already in use"):
         check_port(listener, "127.0.0.1", "--port")
-    with pytest.raises(ValueError, match="--port must be a port number from 1 to 65535, got 70000"):
+    with pytest.raises(ValueError, match=r"--port must be in \[1, 65535\], got 70000"):
         check_port(70000, "127.0.0.1", "--port")
-    with pytest.raises(TypeError, match="--port must be an int port number, got float 80.0"):
+    with pytest.raises(TypeError, match="--port must be int, got float 80.0"):
         check_port(80.0, "127.0.0.1", "--port")

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 
 from torchopt.batch.oom import exception_chain, is_out_of_memory
-from torchopt.config import check_type
+from torchopt.config import check_type, first_line
 from torchopt.inputs import InputSpec
 from torchopt.profile.timing import infer_device
 
@@ -143,8 +143,7 @@ def add_batch_note(exc: BaseException, batch: int, where: str) -> None:
 
 def oom_text(exc: BaseException) -> str:
     """The first line of an OOM message (for probe records and reports)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    return first_line(exc)
 
 
 def _detach_tracebacks(exc: BaseException) -> BaseException:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from torchopt._compat import import_modelopt_quantization
+from torchopt.config import error_line
 from torchopt.quantize.calibrate import model_device
 
 __all__ = ["CalibrationCache", "cache_key", "model_fingerprint"]
@@ -104,9 +105,8 @@ class CalibrationCache:
         try:
             restored = _mto().restore(model, str(path))
         except Exception as exc:  # a truncated or foreign file: say which one, so it can be deleted
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise RuntimeError(
-                f"calibration cache entry {str(path)!r} cannot be restored ({type(exc).__name__}: {first});"
+                f"calibration cache entry {str(path)!r} cannot be restored ({error_line(exc)});"
                 " delete it to recalibrate"
             ) from exc
         return restored.to(device)  # mto.restore loads tensors on the CPU

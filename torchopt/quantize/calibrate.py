@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from torchopt._compat import import_modelopt_quantization
-from torchopt.config import check_positive
+from torchopt.config import check_positive, error_line
 
 __all__ = ["CalibData", "bypassed_modules", "calibrate_histograms", "disable_fused_fast_paths", "model_device"]
 
@@ -251,10 +251,9 @@ class CalibData:
         try:
             return model(*args, **kwargs)
         except Exception as exc:  # a failure on a batch is a data/model mismatch: say which batch and shapes
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ValueError(
                 f"{self.name} batch {index} with inputs {_describe(args, kwargs)} does not fit"
-                f" {type(model).__name__}: {type(exc).__name__}: {first}"
+                f" {type(model).__name__}: {error_line(exc)}"
             ) from exc
 
     def forward_loop(self, *, progress: bool = True, desc: str = "calibrating") -> Callable[[torch.nn.Module], None]:

@@ -14,6 +14,8 @@ import random
 import socket
 from pathlib import Path
 
+from torchopt.config import check_positive, check_range
+
 LOWEST = 20000  # above Ray's default worker ports (10002-19999)
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LINUX_DEFAULT_EPHEMERAL = (32768, 60999)
@@ -53,10 +55,7 @@ def free_ports(
     """`n` distinct TCP ports free on `host` now, below the ephemeral range where it leaves room (see the module
     docstring); from the kernel (`bind(0)`) where it does not, or where no free one turns up in a few hundred
     tries."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (how many ports), got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1 (how many ports), got {n}")
+    check_positive("n", n)
     rng = rng or random.Random()
     top = ephemeral_range(range_file)[0]
     chosen: list[int] = []
@@ -76,10 +75,7 @@ def free_ports(
 def check_port(port: object, host: str, name: str) -> int:
     """`port` if it is a TCP port number that `host` can bind now; ValueError naming the argument `name`
     otherwise (a server started on a taken port fails only after its slow start, and less clearly)."""
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{name} must be an int port number, got {type(port).__name__} {port!r}")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{name} must be a port number from 1 to 65535, got {port}")
+    check_range(name, port, low=1, high=65535, types_=int)
     if not port_is_free(port, host):
         raise ValueError(f"{name} {port}: {host}:{port} is already in use or cannot be bound; choose another {name}")
     return port

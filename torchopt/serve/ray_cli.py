@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from torchopt.config import error_line
 from torchopt.serve.ports import check_port
 from torchopt.serve.ray_serving import RayServeConfig, plan_ray_serving, ray_deployment, replica_failure
 
@@ -78,8 +79,7 @@ def one_line(exc: BaseException) -> str:
     'ray::Actor.method() (pid=..., ip=...)', the cause says why)."""
     cause = getattr(exc, "cause", None)
     shown = cause if isinstance(cause, BaseException) else exc
-    text = str(shown).strip()
-    return f"{type(shown).__name__}: {text.splitlines()[0] if text else type(shown).__name__}"
+    return error_line(shown)
 
 
 def main(argv: list[str] | None = None) -> int:
