@@ -350,6 +350,37 @@ def export_triton(
     is written; an existing model folder is only replaced with `overwrite=True`.
     """
     config = TritonConfig.merge(config, where="export_triton options", **options)
+    repo = _checked_arguments(name, platform, preprocess, repo)
+    optimized, saved_path = _load_source(source)
+    profiles = optimized.profiles
+    if preprocess is not None and len(profiles[0]) != 1:
+        raise ValueError(f"a preprocessing ensemble needs a model with one image input, got {len(profiles[0])}")
+    batching = _batching(config, platform, profiles, optimized.report.to_dict())
+    kind = _instance_kind(config, platform, optimized)
+    outputs, _ = _output_specs(optimized, output_names)
+    text, warm_data = _model_config(name, platform, profiles, outputs, config, batching, kind)
+    if platform == "python":
+        version_files: dict[str, Path | str] = {"model.py": Path(__file__).with_name("triton_model.py")}
+        version_files[ARTIFACT_DIR] = saved_path if saved_path is not None else optimized
+    else:
+        version_files = {PLATFORM_FILES[platform]: _platform_artifact(platform, artifact)}
+    models = [_Model(name, text, version_files, dict(warm_data.values()))]
+    mbs = batching.max_batch_size
+    export = TritonExport(repo, name, platform, mbs, batching.queue_delay_us, batching.queue_delay_reason)
+    if preprocess is not None:
+        models += _preprocess_models(name, profiles[0][0], preprocess, frame_size, mbs, config, kind, outputs)
+        export.ensemble = f"{name}_ensemble"
+    _write(repo, models, overwrite, export)
+    for file_name, content in (
+        ("model_analyzer.yaml", _analyzer_yaml(repo, export, config, kind, batching.profile_max)),
+        ("README.md", _readme(export, platform, batching.queue_delay_reason)),
+    ):
+        (repo / file_name).write_text(content)
+        export.files.append(repo / file_name)
+    return export
+
+
+def _checked_arguments(name: Any, platform: Any, preprocess: Any, repo: Any) -> Path:
     check_type("name", name, str)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"name must be a folder name for the model (no '/', not hidden), got {name!r}")
@@ -358,15 +389,27 @@ def export_triton(
     if preprocess is not None:
         check_type("preprocess", preprocess, PreprocessConfig)
     check_type("repo", repo, (str, os.PathLike))
-    repo = Path(repo)
-    optimized, saved_path = _load_source(source)
-    profiles = optimized.profiles
-    if preprocess is not None and len(profiles[0]) != 1:
-        raise ValueError(f"a preprocessing ensemble needs a model with one image input, got {len(profiles[0])}")
+    return Path(repo)
 
+
+@dataclasses.dataclass
+class _Batching:
+    """The batching an export chose: the batch range of the profile, max_batch_size, queue delay, preferred sizes."""
+
+    profile_min: int
+    profile_opt: int
+    profile_max: int
+    max_batch_size: int
+    queue_delay_us: int
+    queue_delay_reason: str
+    preferred: list[int]
+
+
+def _batching(config: TritonConfig, platform: str, profiles: list[list[InputSpec]], report: dict) -> _Batching:
+    """max_batch_size (the option, else the batch finder's result, else the profile max), the queue delay from the
+    latency budget and the measured latency, and preferred batch sizes only where they pay."""
     lo, opt, hi = _batch_range(profiles)
-    report = optimized.report.to_dict()  # a loaded module's report is the one saved, measurements included
-    auto = _auto_batch_result(report)
+    auto = _auto_batch_result(report)  # a loaded module's report is the one saved, measurements included
     default_mbs = int(auto["size"]) if auto is not None else hi
     mbs = config.max_batch_size if config.max_batch_size is not None else default_mbs
     delay, delay_reason = derive_queue_delay_us(config, _measured_latency_ms(report, auto, mbs))
@@ -383,10 +426,21 @@ def export_triton(
         raise TritonConfigError(
             f"cuda_graphs=True: optimization.cuda.graphs is only read by the TensorRT backend, not by {platform!r}"
         )
-    kind = _instance_kind(config, platform, optimized)
+    return _Batching(lo, opt, hi, mbs, delay, delay_reason, list(preferred or ()))
+
+
+def _model_config(
+    name: str,
+    platform: str,
+    profiles: list[list[InputSpec]],
+    outputs: list[TensorSpec],
+    config: TritonConfig,
+    batching: _Batching,
+    kind: str,
+) -> tuple[str, dict[str, tuple[str, bytes]]]:
+    """The model's config.pbtxt, checked against Triton's schema and the profile, and its warm-up sample files."""
     inputs = profile_dims(profiles[0], profiles[1:])
-    outputs, _ = _output_specs(optimized, output_names)
-    warm = min(opt, mbs)
+    mbs = batching.max_batch_size
     warm_inputs = [TensorSpec(s.name, s.dtype, tuple(s.opt[1:])) for s in profiles[0]]
     warm_data = _warmup_samples(profiles[0]) if config.warmup else {}
     parameters = {"threads": str(config.threads)}
@@ -399,33 +453,16 @@ def export_triton(
         inputs=inputs,
         outputs=outputs,
         config=config,
-        queue_delay_us=delay,
+        queue_delay_us=batching.queue_delay_us,
         instance_kind=kind,
-        preferred_batch_sizes=preferred or (),
-        warmup_batch=warm if config.warmup else None,
+        preferred_batch_sizes=batching.preferred,
+        warmup_batch=min(batching.profile_opt, mbs) if config.warmup else None,
         warmup_inputs=warm_inputs,
         warmup_files={name: file_name for name, (file_name, _) in warm_data.items()},
         parameters=parameters,
     )
-    text = _checked(text, f"{name}/config.pbtxt", inputs, (lo, hi), platform)
-    if platform == "python":
-        version_files: dict[str, Path | str] = {"model.py": Path(__file__).with_name("triton_model.py")}
-        version_files[ARTIFACT_DIR] = saved_path if saved_path is not None else optimized
-    else:
-        version_files = {PLATFORM_FILES[platform]: _platform_artifact(platform, artifact)}
-    models = [_Model(name, text, version_files, dict(warm_data.values()))]
-    export = TritonExport(repo, name, platform, mbs, delay, delay_reason)
-    if preprocess is not None:
-        models += _preprocess_models(name, profiles[0][0], preprocess, frame_size, mbs, config, kind, outputs)
-        export.ensemble = f"{name}_ensemble"
-    _write(repo, models, overwrite, export)
-    for file_name, content in (
-        ("model_analyzer.yaml", _analyzer_yaml(repo, export, config, kind, hi)),
-        ("README.md", _readme(export, platform, delay_reason)),
-    ):
-        (repo / file_name).write_text(content)
-        export.files.append(repo / file_name)
-    return export
+    bounds = (batching.profile_min, batching.profile_max)
+    return _checked(text, f"{name}/config.pbtxt", inputs, bounds, platform), warm_data
 
 
 def _warmup_samples(profile: list[InputSpec]) -> dict[str, tuple[str, bytes]]:
