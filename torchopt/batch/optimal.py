@@ -245,6 +245,29 @@ def find_optimal_batch(
     step = as_step(fn, _WHERE)
     make = as_make_inputs(make_inputs, fn, _WHERE, which="opt")
     device = batch_device(fn, build_batch(make, cfg.start, _WHERE))
+    sweep = _Sweep(_measurer(step, make, timer, cfg, device), cfg.recheck_misses)
+
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=_WHERE, unit="size", disable=not cfg.progress, leave=False) as bar:
+        stop_reason, above = _double(sweep, cfg, bar)
+        _refine(sweep, cfg, bar, above)
+    chosen = _choose(sweep.points, cfg)
+    return OptimalBatchResult(
+        size=chosen.size,
+        latency_ms=chosen.latency_ms,
+        throughput=chosen.throughput,
+        percentile=float(cfg.percentile),
+        latency_budget_ms=cfg.latency_budget_ms,
+        points=sweep.points,
+        stop_reason=stop_reason,
+        device=str(device),
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _measurer(step: Any, make: Any, timer: Callable[..., LatencyResult], cfg: OptimalBatchConfig, device: Any):
+    """`measure_once(size, phase)`: one size timed into a SweepPoint (an "oom" point when it runs out of memory)."""
     latency_options = {**cfg.latency.to_dict(), "device": str(device)}
 
     def measure_once(size: int, phase: str) -> SweepPoint:
@@ -263,56 +286,72 @@ def find_optimal_batch(
             return SweepPoint(size, "oom", phase=phase, message=oom_text(failure))
         return point
 
-    points: list[SweepPoint] = []
+    return measure_once
 
-    def measure(size: int, phase: str) -> SweepPoint:
-        point = measure_once(size, phase)
-        points.append(point)
-        if point.status == "ok" and not point.meets_budget and cfg.recheck_misses:
-            point = measure_once(size, "recheck")
-            points.append(point)
+
+@dataclasses.dataclass
+class _Sweep:
+    """The points measured so far, in order; a size that misses the budget is measured once more when `recheck`
+    (a latency spike should not end the sweep)."""
+
+    measure_once: Callable[[int, str], SweepPoint]
+    recheck: bool
+    points: list[SweepPoint] = dataclasses.field(default_factory=list)
+
+    def measure(self, size: int, phase: str) -> SweepPoint:
+        point = self.measure_once(size, phase)
+        self.points.append(point)
+        if point.status == "ok" and not point.meets_budget and self.recheck:
+            point = self.measure_once(size, "recheck")
+            self.points.append(point)
         return point
 
-    from tqdm.auto import tqdm
 
-    best = 0.0
-    stalled = 0
-    stop_reason = "max_batch"
-    above: int | None = None  # the smallest size that missed the budget or ran out of memory
-    with tqdm(desc=_WHERE, unit="size", disable=not cfg.progress, leave=False) as bar:
-        size = cfg.start
-        while True:
-            point = measure(size, "sweep")
-            bar.update(1)
-            bar.set_postfix_str(f"batch {size}: {point.status}")
-            if not point.meets_budget:
-                stop_reason = "oom" if point.status == "oom" else "latency_budget"
-                above = size
-                break
-            if point.throughput > best * (1 + cfg.plateau_pct / 100):
-                best, stalled = point.throughput, 0
-            else:
-                stalled += 1
-                if stalled >= cfg.patience:
-                    stop_reason = "plateau"
-                    break
-            if size >= cfg.cap:
-                break
-            size = min(2 * size, cfg.cap)
-        feasible = [p.size for p in {q.size: q for q in points}.values() if p.meets_budget]
-        low = max(feasible) if feasible else None
-        for _ in range(cfg.refine_steps):
-            if low is None or above is None or above - low <= 1:
-                break
-            mid = (low + above) // 2
-            point = measure(mid, "refine")
-            bar.update(1)
-            if point.meets_budget:
-                low = mid
-            else:
-                above = mid
+def _latest(points: list[SweepPoint]) -> list[SweepPoint]:
+    """Each measured size's last point (a recheck replaces the first measurement)."""
+    return list({q.size: q for q in points}.values())
 
-    candidates = [p for p in {q.size: q for q in points}.values() if p.meets_budget]
+
+def _double(sweep: _Sweep, cfg: OptimalBatchConfig, bar: Any) -> tuple[str, int | None]:
+    """Double the size from `start` until the budget is missed, memory runs out, throughput plateaus or the cap is
+    reached; returns the stop reason and the smallest size that missed the budget or ran out of memory."""
+    best, stalled, size = 0.0, 0, cfg.start
+    while True:
+        point = sweep.measure(size, "sweep")
+        bar.update(1)
+        bar.set_postfix_str(f"batch {size}: {point.status}")
+        if not point.meets_budget:
+            return ("oom" if point.status == "oom" else "latency_budget"), size
+        if point.throughput > best * (1 + cfg.plateau_pct / 100):
+            best, stalled = point.throughput, 0
+        else:
+            stalled += 1
+            if stalled >= cfg.patience:
+                return "plateau", None
+        if size >= cfg.cap:
+            return "max_batch", None
+        size = min(2 * size, cfg.cap)
+
+
+def _refine(sweep: _Sweep, cfg: OptimalBatchConfig, bar: Any, above: int | None) -> None:
+    """Bisect between the largest size within the budget and `above`, the first one past it."""
+    feasible = [p.size for p in _latest(sweep.points) if p.meets_budget]
+    low = max(feasible) if feasible else None
+    for _ in range(cfg.refine_steps):
+        if low is None or above is None or above - low <= 1:
+            return
+        mid = (low + above) // 2
+        point = sweep.measure(mid, "refine")
+        bar.update(1)
+        if point.meets_budget:
+            low = mid
+        else:
+            above = mid
+
+
+def _choose(points: list[SweepPoint], cfg: OptimalBatchConfig) -> SweepPoint:
+    """The smallest size within `tie_pct` of the best throughput among those meeting the budget."""
+    candidates = [p for p in _latest(points) if p.meets_budget]
     if not candidates:
         first = [q for q in points if q.size == points[0].size][-1]
         got = "ran out of memory" if first.status == "oom" else f"has p{cfg.percentile:g} {first.latency_ms:.3f} ms"
@@ -321,15 +360,4 @@ def find_optimal_batch(
             f" the smallest, batch {first.size}, {got}. Raise the budget or speed up the step."
         )
     best = max(p.throughput for p in candidates)
-    chosen = min((p for p in candidates if p.throughput >= best * (1 - cfg.tie_pct / 100)), key=lambda p: p.size)
-    return OptimalBatchResult(
-        size=chosen.size,
-        latency_ms=chosen.latency_ms,
-        throughput=chosen.throughput,
-        percentile=float(cfg.percentile),
-        latency_budget_ms=cfg.latency_budget_ms,
-        points=points,
-        stop_reason=stop_reason,
-        device=str(device),
-        seconds=time.perf_counter() - t_start,
-    )
+    return min((p for p in candidates if p.throughput >= best * (1 - cfg.tie_pct / 100)), key=lambda p: p.size)
