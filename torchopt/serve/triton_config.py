@@ -201,25 +201,38 @@ def model_config_text(
     `warmup_files` maps an input name to the file in the model's ``warmup/`` folder holding its warm-up sample
     (others get Triton's random data).
     """
-    lines = [f"name: {_q(name)}"]
-    if platform == "python":
-        lines.append('backend: "python"')
-    elif platform == "tensorrt_plan":
-        lines += ['backend: "tensorrt"', 'platform: "tensorrt_plan"']
-    elif platform == "torch_aoti":
-        lines += ['backend: "pytorch"', 'platform: "torch_aoti"']
-    elif platform == "ensemble":
-        lines.append('platform: "ensemble"')
-    else:
-        raise TritonConfigError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
-    lines.append(f"max_batch_size: {max_batch_size}")
+    lines = [f"name: {_q(name)}", *_platform_lines(platform), f"max_batch_size: {max_batch_size}"]
     lines.append("input [\n  " + ",\n  ".join(t.to_pbtxt() for t in inputs) + "\n]")
     lines.append("output [\n  " + ",\n  ".join(t.to_pbtxt() for t in outputs) + "\n]")
     if platform == "ensemble":
         return "\n".join(lines) + "\n"
+    lines.append(_dynamic_batching(config, queue_delay_us, preferred_batch_sizes))
+    lines.append(_instance_group(config, instance_kind))
+    if warmup_batch is not None:
+        lines.append(_warmup(warmup_batch, warmup_inputs, warmup_files or {}))
+    if platform == "tensorrt_plan" and config.cuda_graphs:
+        lines.append(_cuda_graphs(warmup_inputs, preferred_batch_sizes or [warmup_batch or max_batch_size]))
+    for key, value in (parameters or {}).items():
+        lines.append(f"parameters {{ key: {_q(key)} value {{ string_value: {_q(value)} }} }}")
+    return "\n".join(lines) + "\n"
+
+
+def _platform_lines(platform: str) -> list[str]:
+    if platform == "python":
+        return ['backend: "python"']
+    if platform == "tensorrt_plan":
+        return ['backend: "tensorrt"', 'platform: "tensorrt_plan"']
+    if platform == "torch_aoti":
+        return ['backend: "pytorch"', 'platform: "torch_aoti"']
+    if platform == "ensemble":
+        return ['platform: "ensemble"']
+    raise TritonConfigError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+
+
+def _dynamic_batching(config: TritonConfig, queue_delay_us: int, preferred: Sequence[int]) -> str:
     batching = [f"  max_queue_delay_microseconds: {queue_delay_us}"]
-    if preferred_batch_sizes:
-        batching.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred_batch_sizes)} ]")
+    if preferred:
+        batching.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]")
     if config.queue_timeout_us is not None or config.max_queue_size is not None:
         policy = []
         if config.queue_timeout_us is not None:
@@ -230,34 +243,33 @@ def model_config_text(
         if config.max_queue_size is not None:
             policy.append(f"    max_queue_size: {config.max_queue_size}")
         batching.append("  default_queue_policy {\n" + "\n".join(policy) + "\n  }")
-    lines.append("dynamic_batching {\n" + "\n".join(batching) + "\n}")
+    return "dynamic_batching {\n" + "\n".join(batching) + "\n}"
+
+
+def _instance_group(config: TritonConfig, instance_kind: str) -> str:
     group = [f"kind: KIND_{instance_kind.upper()}", f"count: {config.instance_count}"]
     if instance_kind == "gpu" and config.gpus is not None:
         group.append(f"gpus: [ {', '.join(str(g) for g in config.gpus)} ]")
-    lines.append("instance_group [ { " + " ".join(group) + " } ]")
-    if warmup_batch is not None:
-        files = warmup_files or {}
-        warm_inputs = " ".join(
-            f"inputs {{ key: {_q(t.name)} value {{ data_type: {TRITON_DTYPES[t.dtype]}"
-            f" dims: [ {', '.join(str(d) for d in t.dims)} ]"
-            f" {f'input_data_file: {_q(files[t.name])}' if t.name in files else 'random_data: true'} }} }}"
-            for t in warmup_inputs
-        )
-        lines.append(f'model_warmup [ {{ name: "batch_{warmup_batch}" batch_size: {warmup_batch} {warm_inputs} }} ]')
-    if platform == "tensorrt_plan" and config.cuda_graphs:
-        # Each graph is captured at one shape: the batch and every input's opt dims (the warm-up's).
-        shapes = " ".join(
-            f"input {{ key: {_q(t.name)} value {{ dim: [ {', '.join(str(d) for d in t.dims)} ] }} }}"
-            for t in warmup_inputs
-        )
-        specs = " ".join(
-            f"graph_spec {{ batch_size: {b} {shapes} }}"
-            for b in (preferred_batch_sizes or [warmup_batch or max_batch_size])
-        )
-        lines.append(f"optimization {{ cuda {{ graphs: true {specs} }} }}")
-    for key, value in (parameters or {}).items():
-        lines.append(f"parameters {{ key: {_q(key)} value {{ string_value: {_q(value)} }} }}")
-    return "\n".join(lines) + "\n"
+    return "instance_group [ { " + " ".join(group) + " } ]"
+
+
+def _warmup(batch: int, inputs: Sequence[TensorSpec], files: dict[str, str]) -> str:
+    warm_inputs = " ".join(
+        f"inputs {{ key: {_q(t.name)} value {{ data_type: {TRITON_DTYPES[t.dtype]}"
+        f" dims: [ {', '.join(str(d) for d in t.dims)} ]"
+        f" {f'input_data_file: {_q(files[t.name])}' if t.name in files else 'random_data: true'} }} }}"
+        for t in inputs
+    )
+    return f'model_warmup [ {{ name: "batch_{batch}" batch_size: {batch} {warm_inputs} }} ]'
+
+
+def _cuda_graphs(inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]) -> str:
+    # Each graph is captured at one shape: the batch and every input's opt dims (the warm-up's).
+    shapes = " ".join(
+        f"input {{ key: {_q(t.name)} value {{ dim: [ {', '.join(str(d) for d in t.dims)} ] }} }}" for t in inputs
+    )
+    specs = " ".join(f"graph_spec {{ batch_size: {b} {shapes} }}" for b in batch_sizes)
+    return f"optimization {{ cuda {{ graphs: true {specs} }} }}"
 
 
 def parse_model_config(text: str, where: str) -> Any:
