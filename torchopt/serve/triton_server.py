@@ -373,12 +373,7 @@ def smoke_test(
         if not hasattr(local, "client"):
             local.client = grpcclient.InferenceServerClient(server.grpc_url)
         inputs = make_inputs(i)
-        infer_inputs = []
-        for name, t in inputs.items():
-            arr = t.numpy()
-            inp = grpcclient.InferInput(name, list(arr.shape), _triton_dtype(arr.dtype))
-            inp.set_data_from_numpy(arr)
-            infer_inputs.append(inp)
+        infer_inputs = _infer_inputs(grpcclient, inputs)
         t0 = time.perf_counter()
         try:
             result = local.client.infer(model, infer_inputs, client_timeout=timeout_s)
@@ -388,13 +383,7 @@ def smoke_test(
                 raise TritonServerError(f"tritonserver died during the smoke test: {exc}") from exc
             return time.perf_counter() - t0, f"request {i}: {exc}"
         elapsed = time.perf_counter() - t0
-        expected = reference(inputs)
-        for name, want in expected.items():
-            got = torch.from_numpy(result.as_numpy(name).copy())
-            if got.shape != want.shape or not torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol):
-                err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
-                return elapsed, f"request {i} output {name!r}: shape {tuple(got.shape)}, max abs error {err:.3g}"
-        return elapsed, None
+        return elapsed, _mismatch(i, result, reference(inputs), atol, rtol)
 
     t0 = time.perf_counter()
     latencies, mismatches, answered = [], [], 0
@@ -409,6 +398,26 @@ def smoke_test(
     batches = {b: n - before.get(b, 0) for b, n in after.items() if n - before.get(b, 0) > 0}
     lat = {f"p{q}": percentile(latencies, q) * 1e3 for q in (50, 90, 99)}
     return SmokeResult(requests, concurrency, answered, mismatches, lat, seconds, batches)
+
+
+def _infer_inputs(grpcclient: Any, inputs: dict[str, torch.Tensor]) -> list[Any]:
+    infer_inputs = []
+    for name, t in inputs.items():
+        arr = t.numpy()
+        inp = grpcclient.InferInput(name, list(arr.shape), _triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        infer_inputs.append(inp)
+    return infer_inputs
+
+
+def _mismatch(i: int, result: Any, expected: dict[str, torch.Tensor], atol: float, rtol: float) -> str | None:
+    """What differs between request `i`'s answer and the expected outputs (None: every output within atol/rtol)."""
+    for name, want in expected.items():
+        got = torch.from_numpy(result.as_numpy(name).copy())
+        if got.shape != want.shape or not torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol):
+            err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+            return f"request {i} output {name!r}: shape {tuple(got.shape)}, max abs error {err:.3g}"
+    return None
 
 
 def _triton_dtype(np_dtype: Any) -> str:
