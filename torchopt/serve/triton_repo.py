@@ -189,22 +189,7 @@ def _preprocess_models(
     name: str, spec: InputSpec, pre: PreprocessConfig, frame_size, mbs: int, config: TritonConfig, kind: str, outputs
 ) -> list[_Model]:
     """The preprocessing model (uint8 frames → the model's input) and the ensemble chaining it to `name`."""
-    if pre.dtype != spec.dtype:
-        raise ValueError(f"preprocess dtype {pre.dtype!r} differs from the model input {spec.name!r} ({spec.dtype})")
-    chw = spec.opt[1:]
-    if len(chw) != 3 or any(spec.min[d] != spec.max[d] for d in range(1, 4)):
-        raise ValueError(
-            f"a preprocessing ensemble needs a static image input (N, 3, H, W) or (N, H, W, 3); input"
-            f" {spec.name!r} has min {spec.min} max {spec.max}"
-        )
-    size = chw[1:3] if pre.layout == "NCHW" else chw[0:2]
-    if frame_size is None:
-        h, w = -1, -1
-    else:
-        h, w = frame_size
-    frame_dims = (h, w, 3) if not pre.is_yuv else ((h * 3 // 2 if h > 0 else -1), w)
-    frames = TensorSpec(FRAMES, "uint8", frame_dims)
-    model_input = TensorSpec(spec.name, spec.dtype, tuple(chw))
+    frames, model_input, size = _frame_tensors(spec, pre, frame_size)
     pre_name, ens_name = f"{name}_preprocess", f"{name}_ensemble"
     pre_text = model_config_text(
         name=pre_name,
@@ -233,19 +218,43 @@ def _preprocess_models(
         queue_delay_us=0,
         instance_kind=kind,
     )
-    out_map = " ".join(f"output_map {{ key: {json.dumps(o.name)} value: {json.dumps(o.name)} }}" for o in outputs)
-    ens_text += (
-        "ensemble_scheduling { step [\n"
-        f'  {{ model_name: "{pre_name}" model_version: -1 input_map {{ key: "{FRAMES}" value: "{FRAMES}" }}'
-        f' output_map {{ key: "{spec.name}" value: "preprocessed" }} }},\n'
-        f'  {{ model_name: "{name}" model_version: -1 input_map {{ key: "{spec.name}" value: "preprocessed" }}'
-        f" {out_map} }}\n] }}\n"
-    )
+    ens_text += _ensemble_steps(pre_name, name, spec.name, outputs)
     ens_text = _checked(ens_text, f"{ens_name}/config.pbtxt", [frames], None, "ensemble")
     return [
         _Model(pre_name, pre_text, {"model.py": Path(__file__).with_name("triton_model.py")}),
         _Model(ens_name, ens_text, {}),
     ]
+
+
+def _frame_tensors(
+    spec: InputSpec, pre: PreprocessConfig, frame_size: tuple[int, int] | None
+) -> tuple[TensorSpec, TensorSpec, tuple[int, ...]]:
+    """The ensemble's uint8 frame input (-1 dims where `frame_size` is None), the model input the preprocessing
+    writes, and the (H, W) it resizes to; ValueError unless the model's input is one static image."""
+    if pre.dtype != spec.dtype:
+        raise ValueError(f"preprocess dtype {pre.dtype!r} differs from the model input {spec.name!r} ({spec.dtype})")
+    chw = spec.opt[1:]
+    if len(chw) != 3 or any(spec.min[d] != spec.max[d] for d in range(1, 4)):
+        raise ValueError(
+            f"a preprocessing ensemble needs a static image input (N, 3, H, W) or (N, H, W, 3); input"
+            f" {spec.name!r} has min {spec.min} max {spec.max}"
+        )
+    size = chw[1:3] if pre.layout == "NCHW" else chw[0:2]
+    h, w = (-1, -1) if frame_size is None else frame_size
+    frame_dims = (h, w, 3) if not pre.is_yuv else ((h * 3 // 2 if h > 0 else -1), w)
+    return TensorSpec(FRAMES, "uint8", frame_dims), TensorSpec(spec.name, spec.dtype, tuple(chw)), tuple(size)
+
+
+def _ensemble_steps(pre_name: str, name: str, input_name: str, outputs: Sequence[TensorSpec]) -> str:
+    """frames → `pre_name` → "preprocessed" → `name`'s input → its outputs, as ensemble_scheduling text."""
+    out_map = " ".join(f"output_map {{ key: {json.dumps(o.name)} value: {json.dumps(o.name)} }}" for o in outputs)
+    return (
+        "ensemble_scheduling { step [\n"
+        f'  {{ model_name: "{pre_name}" model_version: -1 input_map {{ key: "{FRAMES}" value: "{FRAMES}" }}'
+        f' output_map {{ key: "{input_name}" value: "preprocessed" }} }},\n'
+        f'  {{ model_name: "{name}" model_version: -1 input_map {{ key: "{input_name}" value: "preprocessed" }}'
+        f" {out_map} }}\n] }}\n"
+    )
 
 
 def _analyzer_yaml(repo: Path, export: TritonExport, config: TritonConfig, kind: str, batch_cap: int) -> str:
