@@ -20,7 +20,7 @@ import dataclasses
 import glob
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -287,68 +287,90 @@ def auto_keep(
         print(res.keep, res.achieved)
         qmodel = torchopt.quantize.quantize(model, "int8", calib, keep=res.keep_rules)
     """
-    if budget is None:
-        budget = Budget()
-    elif isinstance(budget, dict):
-        budget = Budget.from_dict(budget, where="budget")
-    elif not isinstance(budget, Budget):
-        raise TypeError(f"budget must be a Budget or a {{metric, min}} mapping, got {type(budget).__name__}")
+    budget = _as_budget(budget)
     if budget.metric == "accuracy" and labels is None:
         raise ValueError("budget metric 'accuracy' needs labels=... (class ids of the evaluation samples)")
     cfg, calib, evals = _prepare(model, calib_data, eval_data, config, labels, num_inputs)
     qmodel = quantize_plain(copy.deepcopy(model), cfg, calib, progress=progress)
     sens = _measure(qmodel, evals, budget.metric, "all_but_one", progress)
-    target, limit = budget.min, budget.max_keep or len(sens.ranking)
-    layers = _layers(qmodel)
+    limit = budget.max_keep or len(sens.ranking)
+    kept, history = _greedy_keep(qmodel, evals, sens, budget, limit)
 
-    # Greedy along the ranking, on the calibrated model (quantizers toggled: cheap estimates).
+    def fresh_metric(kept: list[str]) -> float:
+        """The metric of a fresh quantization with `kept` left out (precision casts included)."""
+        rules = [*cfg.keep, *_keep_rules(kept, budget)]
+        vmodel = quantize_plain(
+            copy.deepcopy(model), cfg.replace(keep=[r.to_dict() for r in rules]), calib, progress=progress
+        )
+        return evals.metric(vmodel, budget.metric)
+
+    achieved, verified = _verify_keep(kept, sens, budget, limit, fresh_metric)
+    met = _meets(achieved, budget.min)
+    message = _search_message(budget, kept, achieved, len(sens.ranking), limit, met)
+    return KeepSearch(budget, kept, achieved, sens.baseline, met, sens, history, verified, message)
+
+
+def _as_budget(budget: Budget | dict | None) -> Budget:
+    if budget is None:
+        return Budget()
+    if isinstance(budget, dict):
+        return Budget.from_dict(budget, where="budget")
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a Budget or a {{metric, min}} mapping, got {type(budget).__name__}")
+    return budget
+
+
+def _greedy_keep(
+    qmodel: torch.nn.Module, evals: EvalSet, sens: Sensitivity, budget: Budget, limit: int
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Keep layers along the sensitivity ranking until the budget is met, then drop those it does not need (least
+    sensitive first), on the calibrated model with quantizers toggled: cheap estimates. Leaves every quantizer of
+    the kept layers off."""
+    layers = _layers(qmodel)
     kept: list[str] = []
     value, history = sens.baseline, [{"kept": [], "metric": sens.baseline}]
     for name in sens.ranking:
-        if _meets(value, target) or len(kept) >= limit:
+        if _meets(value, budget.min) or len(kept) >= limit:
             break
         kept.append(name)
         _set(layers[name], False)
         value = evals.metric(qmodel, budget.metric)
         history.append({"added": name, "kept": list(kept), "metric": value})
-    # Drop layers the budget does not need, least sensitive first.
-    if _meets(value, target):
+    if _meets(value, budget.min):
         for name in reversed(kept[:-1]):
             _set(layers[name], True)
             trial = evals.metric(qmodel, budget.metric)
-            if _meets(trial, target):
+            if _meets(trial, budget.min):
                 kept.remove(name)
                 value = trial
                 history.append({"dropped": name, "kept": list(kept), "metric": value})
             else:
                 _set(layers[name], False)
+    return kept, history
 
-    # Verify on a fresh quantization with the keep rules (precision casts included); extend while it misses.
+
+def _verify_keep(
+    kept: list[str], sens: Sensitivity, budget: Budget, limit: int, fresh_metric: Callable[[list[str]], float]
+) -> tuple[float, list[dict[str, Any]]]:
+    """Check `kept` on fresh quantizations, adding the next layers of the ranking while the budget is missed
+    (extends `kept` in place); returns the metric reached and each check."""
     verified: list[dict[str, Any]] = []
     rest = [n for n in sens.ranking if n not in kept]
     while True:
-        if kept:
-            rules = [*cfg.keep, *_keep_rules(kept, budget)]
-            vmodel = quantize_plain(
-                copy.deepcopy(model), cfg.replace(keep=[r.to_dict() for r in rules]), calib, progress=progress
-            )
-            achieved = evals.metric(vmodel, budget.metric)
-        else:
-            achieved = sens.baseline
+        achieved = fresh_metric(kept) if kept else sens.baseline
         verified.append({"kept": list(kept), "metric": achieved})
-        if _meets(achieved, target) or not rest or len(kept) >= limit:
-            break
+        if _meets(achieved, budget.min) or not rest or len(kept) >= limit:
+            return achieved, verified
         kept.append(rest.pop(0))
-    met = _meets(achieved, target)
-    total = len(sens.ranking)
+
+
+def _search_message(budget: Budget, kept: list[str], achieved: float, total: int, limit: int, met: bool) -> str:
     if met:
-        message = (
-            f"{budget.metric} {achieved:.4g} >= {target:g} keeping {len(kept)} of {total} layers {kept} unquantized"
+        return (
+            f"{budget.metric} {achieved:.4g} >= {budget.min:g} keeping {len(kept)} of {total} layers {kept} unquantized"
         )
-    else:
-        message = (
-            f"budget {budget.metric} >= {target:g} is not met: {achieved:.4g} keeping {len(kept)} of {total}"
-            f" layers {kept} (limit {limit}); the format is too coarse for this model — try a finer format,"
-            " another calibration method, or a lower budget"
-        )
-    return KeepSearch(budget, kept, achieved, sens.baseline, met, sens, history, verified, message)
+    return (
+        f"budget {budget.metric} >= {budget.min:g} is not met: {achieved:.4g} keeping {len(kept)} of {total}"
+        f" layers {kept} (limit {limit}); the format is too coarse for this model — try a finer format,"
+        " another calibration method, or a lower budget"
+    )
