@@ -84,3 +84,14 @@ def test_check_port_names_the_argument(listener):
         check_port(70000, "127.0.0.1", "--port")
     with pytest.raises(TypeError, match="--port must be int, got float 80.0"):
         check_port(80.0, "127.0.0.1", "--port")
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_an_ipv6_host_is_checked_as_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    (port,) = free_ports(1, "::1")
+    assert check_port(port, "::1", "--port") == port
