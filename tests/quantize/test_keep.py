@@ -123,7 +123,11 @@ def test_keeping_everything_is_an_error(cnn, digits):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"pattern": "a", "module_type": "Linear"}, ValueError, r"takes one of 'pattern'.*got both"),
+        (
+            {"pattern": "a", "module_type": "Linear"},
+            ValueError,
+            r"takes one of 'pattern'.*got 2: pattern='a', module_type='Linear'",
+        ),
         ({"pattern": ""}, ValueError, r"keep.pattern must not be empty"),
         ({"pattern": 3}, TypeError, r"keep.pattern must be a glob on module names"),
         ({"pattern": "a", "precision": "int4"}, ValueError, r"keep.precision must be one of \['auto', 'fp32'"),
@@ -137,7 +141,7 @@ def test_bad_keep_rules(kwargs, error, match):
 
 
 def test_rule_selecting_nothing_is_refused(cnn):
-    with pytest.raises(ValueError, match=r"quantize.keep\[0\] needs 'pattern' \(glob on module names.*got neither"):
+    with pytest.raises(ValueError, match=r"quantize.keep\[0\] needs 'pattern' \(glob on module names.*got none"):
         tq.QuantizeConfig(keep=[{"precision": "fp16"}])
     with pytest.raises(ValueError, match=r"keep\[0\] needs 'pattern'"):
         resolve_keep(cnn, [KeepRule()])
@@ -169,3 +173,69 @@ def test_keep_precision_takes_every_name_the_cast_step_takes(name):
     assert stored in ("fp32", "fp16", "bf16")  # one stored spelling per dtype (config, summary, cache key)
     assert KEEP_PRECISIONS[stored] == DTYPES[parse_dtype("dtype", name)]
     assert Budget(precision=name).precision == stored
+
+
+def test_reads_input_keeps_the_layer_that_reads_the_image(cnn, digits):
+    q = tq.quantize(cnn, "fp8", digits.calib(2), keep=[{"reads_input": True, "reason": "stem"}], progress=False)
+    rows = _status(q)
+    assert [n for n, r in rows.items() if r["status"] == "kept"] == ["conv1"]
+    assert q.torchopt_quant.kept["conv1"]["why"] == "stem"
+    assert all(r["status"] == "quantized" for n, r in rows.items() if n != "conv1")
+
+
+class TwoInputs(torch.nn.Module):
+    """Reads `image` through a normalization first, `extra` directly: only `extra`'s layer reads an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.side = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, image, extra):
+        features = self.conv((image - 0.5) * 2).mean((2, 3))
+        return self.head(torch.cat([features, self.side(extra)], 1))
+
+
+def _two_input_batches(n=2):
+    torch.manual_seed(0)
+    return [(torch.rand(4, 1, 8, 8), torch.randn(4, 3)) for _ in range(n)]
+
+
+def test_reads_input_sees_the_tensor_itself_not_a_derived_one():
+    q = tq.quantize(TwoInputs(), "int8", _two_input_batches(), keep=[{"reads_input": True}], progress=False)
+    assert [n for n, r in _status(q).items() if r["status"] == "kept"] == ["side"]
+    assert "keep rule reads_input (keep[0])" in q.torchopt_quant.kept["side"]["why"]
+
+
+def test_reads_input_that_selects_nothing_is_refused_or_skipped_when_optional():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))  # Flatten (no weight) reads the input
+    batches = [torch.randn(4, 3, 4)]
+    with pytest.raises(ValueError, match=r"keep\[0\]: reads_input selects no layer: no module with weights"):
+        tq.quantize(copy.deepcopy(model), "int8", batches, keep=[{"reads_input": True}], progress=False)
+    q = tq.quantize(model, "int8", batches, keep=[{"reads_input": True, "optional": True}], progress=False)
+    assert not q.torchopt_quant.kept
+
+
+def test_reads_input_needs_calibration_it_can_run(cnn, digits):
+    batches = digits.calib(2)
+
+    def calibrate(model):
+        for x in batches:
+            model(x if isinstance(x, torch.Tensor) else x[0])
+
+    with pytest.raises(ValueError, match=r"reads_input needs a calibration batch .* calib_data is a callable"):
+        tq.quantize(cnn, "int8", calibrate, keep=[{"reads_input": True}], progress=False)
+    assert tq.detect_format(cnn) is None  # left as it was
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"reads_input": "yes"}, TypeError, r"keep.reads_input must be bool, got str 'yes'"),
+        ({"reads_input": True, "pattern": "a"}, ValueError, r"got 2: pattern='a', reads_input=True"),
+    ],
+)
+def test_bad_reads_input_rules(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        KeepRule(**kwargs)

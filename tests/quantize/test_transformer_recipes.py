@@ -180,12 +180,17 @@ def test_optimize_with_the_transformer_recipe_reports_what_it_kept_and_why(encod
     assert fast.report.accuracy_passed and fast.report.accuracy["cosine"] >= 0.98
 
 
-def test_int8_and_fp8_transformer_recipes_keep_the_same_layers():
-    def rules(fmt):
-        return [(r.pattern, r.module_type, r.precision, r.optional) for r in _transformer_keep(fmt)]
+def test_int8_and_fp8_transformer_recipes_keep_the_same_layers_but_fp8_also_the_input_layer():
+    """FP8 alone keeps the layer reading the input: E4M3 cannot carry an 8-bit image, INT8 can."""
 
-    assert rules("int8") == rules("fp8")
-    assert ("*pooler*", None, "auto", True) in rules("int8") and (None, "LayerNorm", "auto", True) in rules("int8")
+    def rules(fmt):
+        return [(r.pattern, r.module_type, r.reads_input, r.precision, r.optional) for r in _transformer_keep(fmt)]
+
+    input_rule = (None, None, True, "auto", True)
+    assert input_rule in rules("fp8") and input_rule not in rules("int8")
+    assert rules("int8") == [r for r in rules("fp8") if r != input_rule]
+    assert ("*pooler*", None, False, "auto", True) in rules("int8")
+    assert (None, "LayerNorm", False, "auto", True) in rules("int8")
     assert all(r.reason for r in _transformer_keep("int8"))
 
 

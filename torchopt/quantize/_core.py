@@ -109,7 +109,8 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     try:
         model, attention_notes = _explicit_attention(model, data)
         method = cfg.resolved_method
-        kept = resolve_keep(model, cfg.keep)
+        readers = data.input_readers(model) if any(rule.reads_input for rule in cfg.keep) else None
+        kept = resolve_keep(model, cfg.keep, readers)
         mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
         _check_quantizable(model, kept, cfg, mo_cfg, mtq)
         called = data.check_fits(model)  # on the float model, before ModelOpt changes it

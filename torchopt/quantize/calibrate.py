@@ -247,6 +247,32 @@ class CalibData:
                     h.remove()
         return called
 
+    def input_readers(self, model: torch.nn.Module) -> set[str] | None:
+        """The layers (modules with weights and no children) that receive one of the first batch's input tensors
+        itself, as an image stem or a patch embedding does; None for a callable (nothing is run here)."""
+        if self.is_callable:
+            return None
+        args, kwargs = next(iter(self.calls(model)))
+        inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        readers: set[str] = set()
+
+        def record(name: str, call_args: tuple, call_kwargs: dict) -> None:
+            if any(a is t for a in (*call_args, *call_kwargs.values()) for t in inputs):
+                readers.add(name)
+
+        layers = [(n, m) for n, m in model.named_modules() if not any(m.children()) and hasattr(m, "weight")]
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a, k, name=name: record(name, a, k), with_kwargs=True)
+            for name, m in layers
+        ]
+        with _eval_no_grad(model):
+            try:
+                self._run(model, 0, args, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        return readers
+
     def _run(self, model: torch.nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
         try:
             return model(*args, **kwargs)

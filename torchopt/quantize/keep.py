@@ -1,9 +1,12 @@
-"""Layer-precision overrides: keep modules out of quantization, by glob on module names or by module type.
+"""Layer-precision overrides: keep modules out of quantization, by glob on module names, by module type, or as the
+layers that read the model's input.
 
 A `KeepRule` selects modules by ``pattern`` (``fnmatch`` glob on ``model.named_modules()`` names, e.g.
-``"conv1"``, ``"*head*"``, ``"layer4.*"``) or by ``module_type`` (a class name such as ``"LayerNorm"``,
-``"nn.Linear"``, ``"torch.nn.Conv2d"`` or a user class; subclasses match). A kept module and everything under it
-get no Q/DQ. ``precision`` says what the kept module runs in:
+``"conv1"``, ``"*head*"``, ``"layer4.*"``), by ``module_type`` (a class name such as ``"LayerNorm"``,
+``"nn.Linear"``, ``"torch.nn.Conv2d"`` or a user class; subclasses match) or with ``reads_input: true``: the layers
+(modules with weights and no children) that receive one of the model's input tensors itself on the first
+calibration batch, such as an image stem or a patch embedding. A kept module and everything under it get no Q/DQ.
+``precision`` says what the kept module runs in:
 
 - ``auto``: the model's own dtype (float32, or what a ``cast`` step chose);
 - ``fp32`` / ``fp16`` / ``bf16`` (or ``float32`` / ``float16`` / ``bfloat16`` and the other names
@@ -68,6 +71,7 @@ class KeepRule(ConfigBase):
 
     pattern: str | None = None
     module_type: str | None = None
+    reads_input: bool = False
     precision: str = "auto"
     reason: str = ""
     optional: bool = False
@@ -76,10 +80,13 @@ class KeepRule(ConfigBase):
         if isinstance(self.module_type, type):
             cls = self.module_type
             self.module_type = f"{cls.__module__}.{cls.__qualname__}"
-        if self.pattern is not None and self.module_type is not None:
+        check_type("keep.reads_input", self.reads_input, bool)
+        chosen = {k: v for k, v in self._selectors().items() if v not in (None, False)}
+        if len(chosen) > 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
             raise ValueError(
-                f"a keep rule takes one of 'pattern' (glob on module names) or 'module_type', got both:"
-                f" pattern={self.pattern!r}, module_type={self.module_type!r}"
+                f"a keep rule takes one of 'pattern' (glob on module names), 'module_type' or 'reads_input', got"
+                f" {len(chosen)}: {given}"
             )
         if self.pattern is not None:
             check_type("keep.pattern", self.pattern, str, "a glob on module names (e.g. 'conv1', '*head*')")
@@ -107,15 +114,20 @@ class KeepRule(ConfigBase):
             f" module class, got {type(value).__name__} {value!r}"
         )
 
+    def _selectors(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "module_type": self.module_type, "reads_input": self.reads_input}
+
     def check_selects(self, where: str = "keep") -> None:
         """ValueError unless the rule selects something (a default-constructed rule does not)."""
-        if self.pattern is None and self.module_type is None:
+        if self.pattern is None and self.module_type is None and not self.reads_input:
             raise ValueError(
-                f"{where} needs 'pattern' (glob on module names, e.g. 'conv1', '*head*') or 'module_type'"
-                " (e.g. 'LayerNorm'), got neither"
+                f"{where} needs 'pattern' (glob on module names, e.g. 'conv1', '*head*'), 'module_type'"
+                " (e.g. 'LayerNorm') or 'reads_input: true', got none"
             )
 
     def describe(self) -> str:
+        if self.reads_input:
+            return "keep rule reads_input"
         what = f"pattern {self.pattern!r}" if self.pattern is not None else f"module_type {self.module_type!r}"
         return f"keep rule {what}"
 
@@ -144,7 +156,20 @@ def _user_types(model: torch.nn.Module) -> list[str]:
     return sorted({type(m).__name__ for _, m in model.named_modules()})
 
 
-def _not_found(rule: KeepRule, index: int, names: list[str], model: torch.nn.Module) -> ValueError:
+def _not_found(
+    rule: KeepRule, index: int, names: list[str], model: torch.nn.Module, readers: set[str] | None
+) -> ValueError:
+    if rule.reads_input:
+        if readers is None:
+            return ValueError(
+                f"keep[{index}]: reads_input needs a calibration batch the quantize step can run by itself, and"
+                " calib_data is a callable; name the input layers with 'pattern' instead"
+            )
+        return ValueError(
+            f"keep[{index}]: reads_input selects no layer: no module with weights received one of the model's input"
+            " tensors on the first calibration batch (an input that forward normalizes or casts first reaches the"
+            " layers as another tensor); name the layer with 'pattern' instead"
+        )
     if rule.pattern is not None:
         stem = rule.pattern.replace("*", "").replace("?", "") or rule.pattern
         near = difflib.get_close_matches(stem, names, n=5, cutoff=0.4)
@@ -162,8 +187,13 @@ def _not_found(rule: KeepRule, index: int, names: list[str], model: torch.nn.Mod
     )
 
 
-def resolve_keep(model: torch.nn.Module, rules: list[KeepRule]) -> dict[str, KeptModule]:
+def resolve_keep(
+    model: torch.nn.Module, rules: list[KeepRule], input_readers: set[str] | None = None
+) -> dict[str, KeptModule]:
     """Module name → `KeptModule` for every module the rules select (descendants included).
+
+    input_readers: the layers that read a model input (`torchopt.quantize.calibrate.CalibData.input_readers`), for
+        ``reads_input`` rules; None where it could not be seen (they then select nothing).
 
     Raises ValueError for a rule that selects nothing (unless it is ``optional``), naming the rule and the nearest
     module names.
@@ -173,14 +203,16 @@ def resolve_keep(model: torch.nn.Module, rules: list[KeepRule]) -> dict[str, Kep
     kept: dict[str, KeptModule] = {}
     for i, rule in enumerate(rules):
         rule.check_selects(f"keep[{i}]")
-        if rule.pattern is not None:
+        if rule.reads_input:
+            hits = [n for n in names if n in (input_readers or ())]
+        elif rule.pattern is not None:
             hits = [n for n in names if fnmatch.fnmatchcase(n, rule.pattern)]
         else:
             hits = [n for n in names if _type_matches(modules[n], rule.module_type)]
         if not hits:
             if rule.optional:
                 continue
-            raise _not_found(rule, i, names, model)
+            raise _not_found(rule, i, names, model, input_readers)
         why = rule.reason or f"{rule.describe()} (keep[{i}])"
         for hit in hits:
             kept[hit] = KeptModule(hit, rule.precision, why)
