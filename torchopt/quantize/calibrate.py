@@ -236,15 +236,8 @@ class CalibData:
         called: set[str] = set()
         # Hooks on every module also switch off nn.TransformerEncoderLayer's fused fast path for this call,
         # as `disable_fused_fast_paths` does for quantization, so the record matches the path Q/DQ runs on.
-        handles = [
-            m.register_forward_pre_hook(lambda _m, _a, name=name: called.add(name)) for name, m in model.named_modules()
-        ]
-        with _eval_no_grad(model):
-            try:
-                self._run(model, 0, args, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
+        hooks = [(m, lambda _m, _a, name=name: called.add(name)) for name, m in model.named_modules()]
+        self._run_hooked(model, args, kwargs, hooks)
         return called
 
     def input_readers(self, model: torch.nn.Module) -> set[str] | None:
@@ -261,17 +254,19 @@ class CalibData:
                 readers.add(name)
 
         layers = [(n, m) for n, m in model.named_modules() if not any(m.children()) and hasattr(m, "weight")]
-        handles = [
-            m.register_forward_pre_hook(lambda _m, a, k, name=name: record(name, a, k), with_kwargs=True)
-            for name, m in layers
-        ]
+        hooks = [(m, lambda _m, a, k, name=name: record(name, a, k)) for name, m in layers]
+        self._run_hooked(model, args, kwargs, hooks, with_kwargs=True)
+        return readers
+
+    def _run_hooked(self, model: torch.nn.Module, args: tuple, kwargs: dict, hooks: list, *, with_kwargs=False):
+        """Run one batch (eval, no_grad) with forward pre-hooks (module, hook) installed, removed afterwards."""
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=with_kwargs) for m, hook in hooks]
         with _eval_no_grad(model):
             try:
                 self._run(model, 0, args, kwargs)
             finally:
                 for h in handles:
                     h.remove()
-        return readers
 
     def _run(self, model: torch.nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
         try:
