@@ -109,11 +109,10 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
     try:
         model, attention_notes = _explicit_attention(model, data)
         method = cfg.resolved_method
-        readers = data.input_readers(model) if any(rule.reads_input for rule in cfg.keep) else None
-        kept = resolve_keep(model, cfg.keep, readers)
+        first = data.check_fits(model)  # on the float model, before ModelOpt changes it
+        kept = resolve_keep(model, cfg.keep, None if first is None else first.input_readers)
         mo_cfg = modelopt_config(cfg.format, method, keep_modules=top_level(kept), alpha=cfg.alpha, mtq=mtq)
         _check_quantizable(model, kept, cfg, mo_cfg, mtq)
-        called = data.check_fits(model)  # on the float model, before ModelOpt changes it
         caching = _caching(model, cfg, data)
         quantized, fingerprint, batches, cache_note, notes = _convert_and_calibrate(
             model, cfg, method, mo_cfg, kept, data, mtq, progress, caching
@@ -131,7 +130,7 @@ def _quantize(model: torch.nn.Module, cfg: QuantizeConfig, data: CalibData, mtq:
         calib_batches=batches,
         cache=cache_note,
         seconds=time.perf_counter() - t0,
-        bypassed=bypassed_modules(quantized, called),
+        bypassed=bypassed_modules(quantized, None if first is None else first.called),
         notes=[*attention_notes, *notes],
     )
     setattr(quantized, RECORD_ATTR, record)

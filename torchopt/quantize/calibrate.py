@@ -24,6 +24,7 @@ discrete values and a spike at zero (e.g. raw [0, 1] pixels): normalize inputs, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -35,7 +36,14 @@ import torch
 from torchopt._compat import import_modelopt_quantization
 from torchopt.config import check_positive, error_line
 
-__all__ = ["CalibData", "bypassed_modules", "calibrate_histograms", "disable_fused_fast_paths", "model_device"]
+__all__ = [
+    "CalibData",
+    "FirstBatch",
+    "bypassed_modules",
+    "calibrate_histograms",
+    "disable_fused_fast_paths",
+    "model_device",
+]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -94,6 +102,16 @@ def _hash_value(h: Any, value: Any) -> None:
             _hash_value(h, value[k])
     else:
         h.update(repr(value).encode())
+
+
+@dataclasses.dataclass
+class FirstBatch:
+    """What running the first calibration batch showed: the modules whose forward ran, and the layers (modules
+    with weights and no children) that received one of its input tensors itself, as an image stem or a patch
+    embedding does (`KeepRule.reads_input`)."""
+
+    called: set[str]
+    input_readers: set[str]
 
 
 class CalibData:
@@ -225,48 +243,36 @@ class CalibData:
             _hash_value(h, (args, kwargs))
         return h.hexdigest()
 
-    def check_fits(self, model: torch.nn.Module) -> set[str] | None:
+    def check_fits(self, model: torch.nn.Module) -> FirstBatch | None:
         """Run the first batch through `model` (eval, no_grad); a clear ValueError when it does not fit.
 
-        Returns the names of the modules whose forward ran (None for a callable: nothing is run here).
+        Returns what the run showed (`FirstBatch`), None for a callable: nothing is run here.
         """
         if self.is_callable:
             return None
         args, kwargs = next(iter(self.calls(model)))
-        called: set[str] = set()
-        # Hooks on every module also switch off nn.TransformerEncoderLayer's fused fast path for this call,
-        # as `disable_fused_fast_paths` does for quantization, so the record matches the path Q/DQ runs on.
-        hooks = [(m, lambda _m, _a, name=name: called.add(name)) for name, m in model.named_modules()]
-        self._run_hooked(model, args, kwargs, hooks)
-        return called
-
-    def input_readers(self, model: torch.nn.Module) -> set[str] | None:
-        """The layers (modules with weights and no children) that receive one of the first batch's input tensors
-        itself, as an image stem or a patch embedding does; None for a callable (nothing is run here)."""
-        if self.is_callable:
-            return None
-        args, kwargs = next(iter(self.calls(model)))
         inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-        readers: set[str] = set()
+        layers = {n for n, m in model.named_modules() if not any(m.children()) and hasattr(m, "weight")}
+        seen = FirstBatch(set(), set())
 
         def record(name: str, call_args: tuple, call_kwargs: dict) -> None:
-            if any(a is t for a in (*call_args, *call_kwargs.values()) for t in inputs):
-                readers.add(name)
+            seen.called.add(name)
+            if name in layers and any(a is t for a in (*call_args, *call_kwargs.values()) for t in inputs):
+                seen.input_readers.add(name)
 
-        layers = [(n, m) for n, m in model.named_modules() if not any(m.children()) and hasattr(m, "weight")]
-        hooks = [(m, lambda _m, a, k, name=name: record(name, a, k)) for name, m in layers]
-        self._run_hooked(model, args, kwargs, hooks, with_kwargs=True)
-        return readers
-
-    def _run_hooked(self, model: torch.nn.Module, args: tuple, kwargs: dict, hooks: list, *, with_kwargs=False):
-        """Run one batch (eval, no_grad) with forward pre-hooks (module, hook) installed, removed afterwards."""
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=with_kwargs) for m, hook in hooks]
+        # Hooks on every module also switch off nn.TransformerEncoderLayer's fused fast path for this call,
+        # as `disable_fused_fast_paths` does for quantization, so the record matches the path Q/DQ runs on.
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a, k, name=name: record(name, a, k), with_kwargs=True)
+            for name, m in model.named_modules()
+        ]
         with _eval_no_grad(model):
             try:
                 self._run(model, 0, args, kwargs)
             finally:
                 for h in handles:
                     h.remove()
+        return seen
 
     def _run(self, model: torch.nn.Module, index: int, args: tuple, kwargs: dict) -> Any:
         try:

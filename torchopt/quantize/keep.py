@@ -192,7 +192,7 @@ def resolve_keep(
 ) -> dict[str, KeptModule]:
     """Module name → `KeptModule` for every module the rules select (descendants included).
 
-    input_readers: the layers that read a model input (`torchopt.quantize.calibrate.CalibData.input_readers`), for
+    input_readers: the layers that read a model input (`torchopt.quantize.calibrate.FirstBatch`), for
         ``reads_input`` rules; None where it could not be seen (they then select nothing).
 
     Raises ValueError for a rule that selects nothing (unless it is ``optional``), naming the rule and the nearest
